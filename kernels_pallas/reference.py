@@ -98,5 +98,8 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
         o = jnp.einsum("nhgt,thd->nhgd", p, v)
         return out + jnp.where(is_mine[:, None, None, None], o, 0.0)
 
-    out = jax.lax.fori_loop(0, num_seqs, one_seq, jnp.zeros_like(qf))
+    # NOTE: padded sequences (zero new tokens) sit at the end, so looping over
+    # the non-empty ones only keeps a padded bucket cheap on CPU.
+    num_active = jnp.sum(query_start_loc[1:] > query_start_loc[:-1])
+    out = jax.lax.fori_loop(0, num_active, one_seq, jnp.zeros_like(qf))
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
