@@ -77,8 +77,10 @@ class AttentionMetadata:
       context_lens:    i32[num_seqs] tokens each sequence attends to, the new
                        tokens included (0 for padded sequences).
       query_start_loc: i32[num_seqs + 1] where each sequence's new tokens
-                       start in the flat token axis; for padded sequences it
-                       repeats the last value (zero new tokens).
+                       start in the flat token axis. Every real sequence has
+                       at least one new token; padded sequences come after
+                       the real ones and repeat the last value (zero new
+                       tokens).
       is_decode:       static; True when every sequence has exactly one new
                        token and num_tokens == num_seqs (the decode kernel
                        then runs instead of the ragged one).
