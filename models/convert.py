@@ -1,0 +1,227 @@
+"""Hugging Face checkpoints -> our params, driven by a table of rules.
+
+A rule pairs an HF tensor-name template with our param-path template and a
+transform, e.g.::
+
+    Rule("model.layers.{i}.self_attn.{proj}.weight",
+         "layers_{i}/self_attn/{proj}/kernel", "T")
+
+``{i}`` matches a layer number, any other ``{name}`` one name component. The
+converter walks every HF tensor, maps it through the first matching rule,
+checks its shape against the module's own abstract params, and collects
+every unknown, unexpected, misshapen or missing tensor into one ValueError.
+
+Readers: ``read_hf_state_dict(dir)`` handles model.safetensors, sharded
+safetensors with model.safetensors.index.json, and pytorch_model.bin (with
+or without an index; needs torch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+from typing import Any, Callable, Iterable
+
+import jax.numpy as jnp
+import numpy as np
+
+TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "id": lambda x: x,
+    "T": lambda x: x.T,  # torch Linear [out, in] -> our kernel [in, out]
+}
+
+
+def _template_regex(template: str, sep: str) -> re.Pattern:
+    parts = re.split(r"(\{\w+\})", template)
+    out = []
+    for part in parts:
+        m = re.fullmatch(r"\{(\w+)\}", part)
+        if m is None:
+            out.append(re.escape(part))
+        elif m.group(1) == "i":
+            out.append(r"(?P<i>\d+)")
+        else:
+            out.append(rf"(?P<{m.group(1)}>[^{re.escape(sep)}]+)")
+    return re.compile("".join(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """HF name template -> our '/'-separated param path template + transform."""
+    hf: str
+    ours: str
+    transform: str = "id"
+
+    def __post_init__(self):
+        assert self.transform in TRANSFORMS, self.transform
+
+    def match_hf(self, name: str) -> tuple[str, ...] | None:
+        m = _template_regex(self.hf, ".").fullmatch(name)
+        return None if m is None else tuple(self.ours.format(**m.groupdict()).split("/"))
+
+    def hf_name(self, path: tuple[str, ...]) -> str | None:
+        m = _template_regex(self.ours, "/").fullmatch("/".join(path))
+        return None if m is None else self.hf.format(**m.groupdict())
+
+
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def flatten_params(tree) -> dict[tuple[str, ...], Any]:
+    """{"a": {"b": x}} -> {("a", "b"): x} (flax FrozenDicts work too)."""
+    return _flatten(dict(tree))
+
+
+def unflatten_params(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def convert_state_dict(state_dict: dict[str, np.ndarray], rules: Iterable[Rule],
+                       expected: dict, dtype, *, ignore: Iterable[str] = (),
+                       source: str = "checkpoint") -> dict:
+    """Maps HF tensors onto our param tree.
+
+    Args:
+      state_dict: HF tensor name -> array.
+      rules:      the family's Rule table.
+      expected:   our abstract params (pytree of objects with .shape), e.g.
+                  from jax.eval_shape of the module's init.
+      dtype:      dtype of the returned arrays.
+      ignore:     regexes of HF names to skip (tied lm_head, rotary buffers).
+      source:     where the tensors came from, for error messages.
+    Returns:
+      the param pytree (nested dicts of jax arrays).
+    Raises:
+      ValueError listing every unknown, unexpected, misshapen and missing tensor.
+    """
+    rules = list(rules)
+    ignore_res = [re.compile(p) for p in ignore]
+    want = flatten_params(expected)
+    got: dict[tuple[str, ...], Any] = {}
+    unknown, unexpected, misshapen = [], [], []
+    misshapen_paths = set()
+    for name, array in state_dict.items():
+        if any(r.fullmatch(name) for r in ignore_res):
+            continue
+        for rule in rules:
+            path = rule.match_hf(name)
+            if path is not None:
+                break
+        else:
+            unknown.append(name)
+            continue
+        if path not in want:
+            unexpected.append(name)
+            continue
+        value = TRANSFORMS[rule.transform](np.asarray(array))
+        want_shape = tuple(want[path].shape)
+        if value.shape != want_shape:
+            hf_shape = TRANSFORMS[rule.transform](np.empty(want_shape, np.int8)).shape
+            misshapen.append(f"{name}: shape {tuple(np.shape(array))}, expected {hf_shape}")
+            misshapen_paths.add(path)
+            continue
+        got[path] = value
+    missing = []
+    for path in want:
+        if path not in got and path not in misshapen_paths:
+            names = [r.hf_name(path) for r in rules]
+            missing.append(next((n for n in names if n), "/".join(path)))
+    problems = []
+    for title, items in (("missing tensors", missing), ("misshapen tensors", misshapen),
+                         ("unknown tensors", unknown),
+                         ("unexpected tensors (the config does not use them)", unexpected)):
+        if items:
+            shown = "\n  ".join(sorted(items)[:20])
+            more = f"\n  ... and {len(items) - 20} more" if len(items) > 20 else ""
+            problems.append(f"{len(items)} {title}:\n  {shown}{more}")
+    if problems:
+        raise ValueError(f"cannot convert {source}:\n" + "\n".join(problems))
+    jdtype = jnp.dtype(dtype)
+    return unflatten_params({p: jnp.asarray(v, jdtype) for p, v in got.items()})
+
+
+# ----------------------------------------------------------------------------
+# Readers
+
+
+def read_hf_config(model_dir) -> dict:
+    """config.json of an HF model directory as a dict."""
+    model_dir = pathlib.Path(model_dir)
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face "
+                                "model directory?")
+    return json.loads(path.read_text())
+
+
+def _read_safetensors(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+    out = {}
+    for file in files:
+        with safe_open(str(file), framework="numpy") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def _read_torch_bin(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"{files[0].name} is a PyTorch checkpoint and reading it needs torch, which "
+            "is not installed: `pip install torch` (CPU build is enough), or save the "
+            "model as safetensors") from e
+    out = {}
+    for file in files:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        for key, tensor in state.items():
+            out[key] = tensor.detach().float().numpy() if tensor.is_floating_point() \
+                else tensor.numpy()
+    return out
+
+
+def _sharded_files(model_dir: pathlib.Path, index_name: str) -> list[pathlib.Path]:
+    index = json.loads((model_dir / index_name).read_text())
+    if "weight_map" not in index:
+        raise ValueError(f"{model_dir / index_name} has no weight_map")
+    files = [model_dir / f for f in sorted(set(index["weight_map"].values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir / index_name} lists shards that are not in "
+                                f"{model_dir}: {missing}")
+    return files
+
+
+def read_hf_state_dict(model_dir) -> dict[str, np.ndarray]:
+    """All tensors of an HF model directory, by HF name.
+
+    Looks for, in order: model.safetensors, model.safetensors.index.json,
+    pytorch_model.bin, pytorch_model.bin.index.json.
+    """
+    model_dir = pathlib.Path(model_dir)
+    if (model_dir / "model.safetensors").is_file():
+        return _read_safetensors([model_dir / "model.safetensors"])
+    if (model_dir / "model.safetensors.index.json").is_file():
+        return _read_safetensors(_sharded_files(model_dir, "model.safetensors.index.json"))
+    if (model_dir / "pytorch_model.bin").is_file():
+        return _read_torch_bin([model_dir / "pytorch_model.bin"])
+    if (model_dir / "pytorch_model.bin.index.json").is_file():
+        return _read_torch_bin(_sharded_files(model_dir, "pytorch_model.bin.index.json"))
+    raise FileNotFoundError(
+        f"{model_dir} has no weights: expected model.safetensors, "
+        "model.safetensors.index.json (sharded), or pytorch_model.bin")
