@@ -1,0 +1,171 @@
+"""Engine configuration: frozen dataclasses validated in ``__post_init__``.
+
+``EngineConfig`` is what a user passes (``LLM(model=..., block_size=...)``);
+fields left ``None`` are resolved once the model is known.
+``SchedulerConfig`` is the resolved subset the scheduler reads. Host core:
+stdlib only, never imports jax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PREEMPTION_MODES = (None, "recompute", "swap")
+ATTENTION_BACKENDS = ("auto", "reference", "gpu", "tpu")
+DEFAULT_MIN_BATCHED_TOKENS = 2048
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < low:
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an int >= {low}{none}, got {value!r}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """What the scheduler needs, every field resolved.
+
+    Attributes:
+      max_num_seqs: sequences in one step (a decode batch), at most.
+      max_num_batched_tokens: tokens in one step, at most (prefill budget).
+      max_model_len: tokens a sequence may hold, prompt + output.
+      preemption_mode: None (recompute a single-sequence group, swap a
+        multi-sequence one), "recompute" or "swap".
+    """
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    preemption_mode: str | None = None
+
+    def __post_init__(self):
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _check_int("max_model_len", self.max_model_len, 1)
+        _check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+        # NOTE: without chunked prefill a prompt is computed in one step, so the
+        # step budget must hold the longest sequence and a full decode batch.
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_model_len ({self.max_model_len}): a prompt is prefilled in one step")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}): a decode step runs one token per sequence")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine is built from.
+
+    Attributes:
+      model: a registered model name (e.g. "smollm2-135m") or a checkpoint path.
+      dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+      block_size: tokens per KV block; a power of two in [1, 256].
+      max_num_seqs: sequences per step, at most.
+      max_num_batched_tokens: tokens per step; None -> max(max_model_len, 2048).
+      max_model_len: prompt + output tokens per sequence; None -> the model's.
+      num_gpu_blocks: device KV blocks (block 0, the null block, included);
+        None -> sized from gpu_memory_utilization.
+      gpu_memory_utilization: fraction of device memory the engine may use, in (0, 1].
+      swap_space: GiB of host memory for swapped-out blocks, >= 0.
+      preemption_mode: None (the paper's default), "recompute" or "swap".
+      enable_prefix_caching: reuse computed full blocks across requests.
+      watermark: fraction of device blocks kept free when admitting, in [0, 1).
+      seed: seed of the sampler's default random stream.
+      tensor_parallel_size: devices the model is sharded over, >= 1.
+      attention_backend: "auto", "reference", "gpu" or "tpu".
+    """
+    model: str = "smollm2-135m"
+    dtype: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    num_gpu_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    swap_space: float = 4.0
+    preemption_mode: str | None = None
+    enable_prefix_caching: bool = False
+    watermark: float = 0.01
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    attention_backend: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty string (a model name or path), got {self.model!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
+        if (not _is_int(self.block_size) or not 1 <= self.block_size <= 256
+                or self.block_size & (self.block_size - 1)):
+            raise ValueError(f"block_size must be a power of two in [1, 256], got {self.block_size!r}")
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, allow_none=True)
+        _check_int("max_model_len", self.max_model_len, 1, allow_none=True)
+        _check_int("num_gpu_blocks", self.num_gpu_blocks, 2, allow_none=True)
+        if not _is_number(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not _is_number(self.swap_space) or not self.swap_space >= 0:
+            raise ValueError(f"swap_space must be a number of GiB >= 0, got {self.swap_space!r}")
+        _check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if not _is_number(self.watermark) or not 0 <= self.watermark < 1:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
+        _check_int("seed", self.seed, 0)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.max_model_len is not None:
+            self._check_budget(self.max_model_len)
+
+    def _check_budget(self, max_model_len: int) -> None:
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            return
+        if budget < max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_model_len "
+                             f"({max_model_len}): a prompt is prefilled in one step")
+        if budget < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): a decode step runs one token per sequence")
+
+    def get_max_model_len(self, model_max_len: int) -> int:
+        """The resolved max_model_len, given the model's own limit."""
+        _check_int("model_max_len", model_max_len, 1)
+        if self.max_model_len is None:
+            return model_max_len
+        if self.max_model_len > model_max_len:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
+                             f"maximum context length ({model_max_len})")
+        return self.max_model_len
+
+    def get_scheduler_config(self, model_max_len: int) -> SchedulerConfig:
+        """The scheduler's config once the model's context length is known."""
+        max_model_len = self.get_max_model_len(model_max_len)
+        self._check_budget(max_model_len)
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            budget = max(max_model_len, DEFAULT_MIN_BATCHED_TOKENS, self.max_num_seqs)
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
+                               max_model_len=max_model_len, preemption_mode=self.preemption_mode)
+
+    def get_num_cpu_blocks(self, bytes_per_block: int) -> int:
+        """Host swap blocks that swap_space GiB hold, for blocks of this many bytes (all layers)."""
+        _check_int("bytes_per_block", bytes_per_block, 1)
+        return int(math.floor(self.swap_space * (1 << 30) / bytes_per_block))

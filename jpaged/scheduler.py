@@ -1,0 +1,326 @@
+"""Scheduler: which sequence groups run in the next step (vLLM V0 style).
+
+Three queues: ``waiting`` (FCFS by arrival; new requests and groups preempted
+by recomputation), ``running`` and ``swapped``. A step is all-prefill or
+all-decode, prefills first. One ``schedule()`` call:
+
+1. Drop finished groups from ``running`` and free their blocks.
+2. Prefill, only while no group is swapped out: take groups from the head of
+   ``waiting`` in arrival order. A group whose sequence is longer than
+   ``max_model_len``, that needs more blocks than the whole pool, or that
+   may run more sequences than ``max_num_seqs`` is rejected (FINISHED_IGNORED,
+   listed in ``ignored_seq_groups`` with the reason) and the queue moves on.
+   Stop at the first group that does not fit now (blocks above the
+   watermark, ``max_num_batched_tokens``, ``max_num_seqs`` counting each
+   group's ``get_max_num_running_seqs()``). Admitted groups get their block
+   tables (prefix-cache hits included) and move to ``running``. If any was
+   admitted, the step is this prefill.
+3. Decode otherwise: walk ``running`` oldest first. While a group cannot get
+   a slot for each of its sequences' next token, preempt the most recently
+   arrived running group, all its sequences together: swap it to the host
+   pool or free its blocks for recomputation (default: recompute a
+   single-sequence group, swap a multi-sequence one; recompute whenever the
+   host pool cannot take it). With no younger group left the group preempts
+   itself, and a group that cannot grow even alone is rejected. Groups that
+   fit append their slots (copy-on-write copies go to ``blocks_to_copy``).
+4. If nothing was preempted in this step, swap groups back in, oldest
+   first, while blocks and ``max_num_seqs`` allow.
+5. Every scheduled sequence's tokens are now taken as computed (the step
+   will run them; a failed step is fatal to the engine, as in vLLM):
+   ``num_computed_tokens`` advances and full blocks are registered in the
+   prefix cache.
+
+The model runner executes ``blocks_to_swap_out``, then ``blocks_to_swap_in``
+(the two never occur in the same step), then ``blocks_to_copy``, then the
+model. Host core: stdlib only, never imports jax.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+import time
+
+from jpaged.block_manager import AllocStatus, BlockSpaceManager
+from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+@dataclasses.dataclass
+class ScheduledSequenceGroup:
+    """A group that runs in this step.
+
+    Attributes:
+      seq_group: the group; its RUNNING sequences are the rows of the step.
+      token_chunk_size: new tokens of the group in this step (all its rows).
+      num_new_tokens: seq_id -> tokens that row computes: its last k tokens,
+        positions ``[seq.get_len() - k, seq.get_len())`` (decode: k = 1). The
+        keys are the group's RUNNING sequences, in order.
+    """
+    seq_group: SequenceGroup
+    token_chunk_size: int
+    num_new_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """What the next step runs.
+
+    Attributes:
+      scheduled_seq_groups: groups to run, in order.
+      is_prefill: the step computes prompts (all groups), else one token per sequence.
+      num_batched_tokens: sum of token_chunk_size; at most max_num_batched_tokens,
+        except when a single recomputed multi-sequence group alone needs more
+        (then it is the only group; each of its rows is <= max_model_len).
+      blocks_to_swap_in: (cpu_block, gpu_block) copies, host -> device.
+      blocks_to_swap_out: (gpu_block, cpu_block) copies, device -> host.
+      blocks_to_copy: (src_block, dst_block) device copies (copy-on-write).
+      ignored_seq_groups: (group, reason) of rejected requests (FINISHED_IGNORED).
+      preempted: groups preempted in this step.
+    """
+    scheduled_seq_groups: list[ScheduledSequenceGroup] = dataclasses.field(default_factory=list)
+    is_prefill: bool = False
+    num_batched_tokens: int = 0
+    blocks_to_swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    ignored_seq_groups: list[tuple[SequenceGroup, str]] = dataclasses.field(default_factory=list)
+    preempted: int = 0
+
+    def is_empty(self) -> bool:
+        return not (self.scheduled_seq_groups or self.blocks_to_swap_in
+                    or self.blocks_to_swap_out or self.blocks_to_copy)
+
+
+class Scheduler:
+    """FCFS iteration-level scheduler with preemption by recompute or swap.
+
+    Args:
+      config: a SchedulerConfig (max_num_seqs, max_num_batched_tokens,
+        max_model_len, preemption_mode).
+      block_manager: the BlockSpaceManager of the engine.
+    """
+
+    def __init__(self, config, block_manager: BlockSpaceManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: list[SequenceGroup] = []
+        self.running: list[SequenceGroup] = []
+        self.swapped: list[SequenceGroup] = []
+        self._order: dict[str, int] = {}     # request_id -> arrival rank (FCFS key)
+        self._counter = itertools.count()
+        self.num_preemptions = 0
+        self.num_swaps_out = 0
+        self.num_swaps_in = 0
+
+    # -- requests ------------------------------------------------------------
+
+    def add_seq_group(self, seq_group: SequenceGroup) -> None:
+        """Queues a new request (its sequences WAITING) behind every earlier one."""
+        if seq_group.request_id in self._order:
+            raise ValueError(f"request {seq_group.request_id!r} is already scheduled")
+        for seq in seq_group.get_seqs():
+            if seq.status != SequenceStatus.WAITING:
+                raise ValueError(f"request {seq_group.request_id!r}: a new group's sequences must be "
+                                 f"WAITING, sequence {seq.seq_id} is {seq.status.name}")
+        self._order[seq_group.request_id] = next(self._counter)
+        self.waiting.append(seq_group)
+
+    def abort_seq_group(self, request_id) -> None:
+        """Aborts one request id (or an iterable of ids): its unfinished
+        sequences become FINISHED_ABORTED and their blocks are freed. Unknown ids are ignored."""
+        ids = {request_id} if isinstance(request_id, str) else set(request_id)
+        for queue in (self.waiting, self.running, self.swapped):
+            for group in [g for g in queue if g.request_id in ids]:
+                queue.remove(group)
+                for seq in group.get_seqs():
+                    if not seq.is_finished():
+                        seq.status = SequenceStatus.FINISHED_ABORTED
+                    self.block_manager.free(seq)
+                self._order.pop(group.request_id, None)
+
+    def has_unfinished_seqs(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def get_num_unfinished_seq_groups(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
+    def fork_seq(self, parent_seq: Sequence, child_seq: Sequence) -> None:
+        """The child shares the parent's blocks (the engine adds it to the group)."""
+        self.block_manager.fork(parent_seq, child_seq)
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Frees a finished (or dropped) sequence's blocks."""
+        self.block_manager.free(seq)
+
+    def free_finished_seq_groups(self) -> None:
+        """Drops finished groups from running, freeing any blocks they still hold."""
+        keep = []
+        for group in self.running:
+            if group.is_finished():
+                for seq in group.get_seqs():
+                    self.block_manager.free(seq)
+                self._order.pop(group.request_id, None)
+                if group.finished_time is None:
+                    group.finished_time = time.monotonic()
+            else:
+                keep.append(group)
+        self.running = keep
+
+    # -- one step ------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Decides the next step (see the module docstring)."""
+        self.free_finished_seq_groups()
+        out = SchedulerOutput()
+        if not self.swapped:
+            self._schedule_prefills(out)
+        if not out.scheduled_seq_groups:
+            self._schedule_decodes(out)
+        now = time.monotonic()
+        for scheduled in out.scheduled_seq_groups:
+            group = scheduled.seq_group
+            if group.first_scheduled_time is None:
+                group.first_scheduled_time = now
+            for seq in group.get_seqs(SequenceStatus.RUNNING):
+                seq.num_computed_tokens = seq.get_len()
+            self.block_manager.mark_blocks_as_computed(group)
+        out.num_batched_tokens = sum(s.token_chunk_size for s in out.scheduled_seq_groups)
+        return out
+
+    def _schedule_prefills(self, out: SchedulerOutput) -> None:
+        cfg, bm = self.config, self.block_manager
+        num_seqs = sum(g.get_max_num_running_seqs() for g in self.running)
+        num_tokens = 0
+        while self.waiting:
+            group = self.waiting[0]
+            seqs = group.get_seqs(SequenceStatus.WAITING)
+            max_len = max(s.get_len() for s in seqs)
+            if max_len > cfg.max_model_len:
+                self._ignore(out, self.waiting.pop(0),
+                             f"the sequence holds {max_len} tokens, more than max_model_len "
+                             f"({cfg.max_model_len})")
+                continue
+            if group.get_max_num_running_seqs() > cfg.max_num_seqs:
+                self._ignore(out, self.waiting.pop(0),
+                             f"the request runs {group.get_max_num_running_seqs()} sequences "
+                             f"(best_of), more than max_num_seqs ({cfg.max_num_seqs})")
+                continue
+            status = bm.can_allocate(group)
+            if status == AllocStatus.NEVER:
+                self._ignore(out, self.waiting.pop(0),
+                             f"the request needs more KV cache blocks than the pool holds "
+                             f"({bm.get_num_total_gpu_blocks()} blocks of {bm.block_size} tokens)")
+                continue
+            if status == AllocStatus.LATER:
+                break
+            # Budget with the full length (cache hits are known only at allocate).
+            if out.scheduled_seq_groups and num_tokens + sum(s.get_len() for s in seqs) > \
+                    cfg.max_num_batched_tokens:
+                break
+            if num_seqs + group.get_max_num_running_seqs() > cfg.max_num_seqs:
+                break
+            self.waiting.pop(0)
+            bm.allocate(group)
+            new_tokens = {}
+            for seq in seqs:
+                seq.status = SequenceStatus.RUNNING
+                seq.num_computed_tokens = bm.get_num_cached_tokens(seq)
+                new_tokens[seq.seq_id] = seq.get_len() - seq.num_computed_tokens
+            chunk = sum(new_tokens.values())
+            num_tokens += chunk
+            num_seqs += group.get_max_num_running_seqs()
+            self.running.append(group)
+            out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, chunk, new_tokens))
+        out.is_prefill = bool(out.scheduled_seq_groups)
+
+    def _schedule_decodes(self, out: SchedulerOutput) -> None:
+        bm = self.block_manager
+        queue = sorted(self.running, key=self._key)
+        running: list[SequenceGroup] = []
+        while queue:
+            group = queue.pop(0)
+            while not bm.can_append_slots(group):
+                if queue:
+                    self._preempt(out, queue.pop())
+                elif running:
+                    self._preempt(out, group)
+                    break
+                else:  # it holds every used block and still cannot grow
+                    self._ignore(out, group, f"the request outgrew the KV cache "
+                                             f"({bm.get_num_total_gpu_blocks()} blocks of "
+                                             f"{bm.block_size} tokens)")
+                    break
+            else:
+                self._append_slots(out, group)
+                running.append(group)
+        self.running = running
+
+        if out.preempted == 0:
+            num_seqs = sum(g.get_max_num_running_seqs() for g in self.running)
+            self.swapped.sort(key=self._key)
+            while self.swapped:
+                group = self.swapped[0]
+                status = bm.can_swap_in(group)
+                if status == AllocStatus.NEVER or (status == AllocStatus.LATER and not self.running):
+                    # Nothing else holds device blocks, so it can never come back.
+                    self.swapped.pop(0)
+                    self._ignore(out, group, f"the request outgrew the KV cache "
+                                             f"({bm.get_num_total_gpu_blocks()} blocks of "
+                                             f"{bm.block_size} tokens)")
+                    continue
+                if status == AllocStatus.LATER:
+                    break
+                if num_seqs + group.get_max_num_running_seqs() > self.config.max_num_seqs:
+                    break
+                self.swapped.pop(0)
+                out.blocks_to_swap_in.extend(bm.swap_in(group))
+                for seq in group.get_seqs(SequenceStatus.SWAPPED):
+                    seq.status = SequenceStatus.RUNNING
+                self.num_swaps_in += 1
+                num_seqs += group.get_max_num_running_seqs()
+                self._append_slots(out, group)
+                self.running.append(group)
+
+        for group in self.running:
+            seqs = group.get_seqs(SequenceStatus.RUNNING)
+            out.scheduled_seq_groups.append(
+                ScheduledSequenceGroup(group, len(seqs), {s.seq_id: 1 for s in seqs}))
+        out.is_prefill = False
+
+    def _append_slots(self, out: SchedulerOutput, group: SequenceGroup) -> None:
+        for seq in group.get_seqs(SequenceStatus.RUNNING):
+            out.blocks_to_copy.extend(self.block_manager.append_slots(seq))
+
+    def _preempt(self, out: SchedulerOutput, group: SequenceGroup) -> None:
+        bm = self.block_manager
+        mode = self.config.preemption_mode
+        if mode is None:
+            mode = "recompute" if group.get_max_num_running_seqs() == 1 else "swap"
+        if mode == "swap" and not bm.can_swap_out(group):
+            mode = "recompute"
+        if mode == "swap":
+            out.blocks_to_swap_out.extend(bm.swap_out(group))
+            for seq in group.get_seqs(SequenceStatus.RUNNING):
+                seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(group)
+            self.num_swaps_out += 1
+        else:
+            for seq in group.get_seqs(SequenceStatus.RUNNING):
+                bm.free(seq)
+                seq.status = SequenceStatus.WAITING
+                seq.num_computed_tokens = 0
+            # Back in the waiting queue at its arrival rank (ahead of every newer request).
+            bisect.insort(self.waiting, group, key=self._key)
+        out.preempted += 1
+        self.num_preemptions += 1
+
+    def _ignore(self, out: SchedulerOutput, group: SequenceGroup, reason: str) -> None:
+        for seq in group.get_unfinished_seqs():
+            seq.status = SequenceStatus.FINISHED_IGNORED
+            self.block_manager.free(seq)
+        group.finished_time = time.monotonic()
+        self._order.pop(group.request_id, None)
+        out.ignored_seq_groups.append((group, reason))
+
+    def _key(self, group: SequenceGroup) -> int:
+        return self._order[group.request_id]

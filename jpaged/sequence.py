@@ -1,0 +1,227 @@
+"""Sequences and sequence groups: the host-side state of requests.
+
+A request is one ``SequenceGroup``; its ``Sequence``s are the samples
+(``n``/``best_of``) or the beams. A group starts with one sequence per
+prompt; the engine forks it after the prompt step (parallel sampling) or on
+every step (beam search). Block tables live in the BlockSpaceManager, keyed by
+``seq_id``. Host core: stdlib only, never imports jax.
+"""
+from __future__ import annotations
+
+import copy
+import enum
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    SWAPPED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH_CAPPED = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+    FINISHED_IGNORED = enum.auto()
+
+    @staticmethod
+    def is_finished(status: "SequenceStatus") -> bool:
+        return status in _FINISHED
+
+    @staticmethod
+    def get_finished_reason(status: "SequenceStatus") -> str | None:
+        """OpenAI-style finish reason: "stop", "length", "abort" or None (unfinished).
+
+        An ignored request (prompt too long for the model or the pool) reports
+        "length", as vLLM does.
+        """
+        return _FINISH_REASON.get(status)
+
+
+_FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED,
+                       SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_IGNORED})
+_FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop",
+                  SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
+                  SequenceStatus.FINISHED_ABORTED: "abort",
+                  SequenceStatus.FINISHED_IGNORED: "length"}
+
+
+class Sequence:
+    """One token sequence: the prompt plus what was generated so far.
+
+    Attributes:
+      seq_id: unique over the engine's lifetime (block tables are keyed by it).
+      prompt: the prompt text, or None when only token ids were given.
+      prompt_token_ids, output_token_ids: token ids.
+      output_logprobs: per output token, the engine's logprobs entry (e.g.
+        ``{token_id: logprob}`` when ``logprobs`` was asked for) or None.
+      cumulative_logprob: sum of the sampled tokens' logprobs.
+      num_computed_tokens: leading tokens whose K/V are in the KV pool. The
+        next step computes tokens ``[num_computed_tokens, get_len())``; reset
+        to 0 by recompute preemption.
+      stop_reason: the stop string or stop token id that finished it, if any.
+      output_text: detokenized output, filled by the engine (with ``tokens``,
+        ``prefix_offset``, ``read_offset`` for incremental detokenization).
+    """
+
+    def __init__(self, seq_id: int, prompt: str | None, prompt_token_ids: list[int], block_size: int):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        if len(prompt_token_ids) == 0:
+            raise ValueError(f"sequence {seq_id}: the prompt must hold at least one token")
+        self.seq_id = seq_id
+        self.prompt = prompt
+        self.block_size = block_size
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list = []
+        self.cumulative_logprob = 0.0
+        self.status = SequenceStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.output_text = ""
+        self.tokens: list[str] | None = None
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.num_computed_tokens = 0
+
+    def append_token_id(self, token_id: int, logprob: float, logprobs_entry=None) -> None:
+        """Appends a generated token; its K/V are computed by the next step."""
+        self.output_token_ids.append(token_id)
+        self.output_logprobs.append(logprobs_entry)
+        self.cumulative_logprob += logprob
+
+    def get_len(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def get_prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def get_output_len(self) -> int:
+        return len(self.output_token_ids)
+
+    def get_token_ids(self) -> list[int]:
+        """Prompt + output token ids (a new list)."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    def get_output_token_ids(self) -> list[int]:
+        return self.output_token_ids
+
+    def get_last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def get_num_uncomputed_tokens(self) -> int:
+        return self.get_len() - self.num_computed_tokens
+
+    def is_finished(self) -> bool:
+        return SequenceStatus.is_finished(self.status)
+
+    def get_beam_search_score(self, length_penalty: float = 1.0, seq_len: int | None = None,
+                              eos_token_id: int | None = None) -> float:
+        """vLLM's beam score: cumulative logprob / len**length_penalty (EOS not counted)."""
+        if seq_len is None:
+            seq_len = self.get_len()
+            if eos_token_id is not None and self.get_last_token_id() == eos_token_id:
+                seq_len -= 1
+        return self.cumulative_logprob / (seq_len ** length_penalty)
+
+    def fork(self, new_seq_id: int) -> "Sequence":
+        """A deep copy under a new id (the block manager's fork shares the blocks)."""
+        child = copy.deepcopy(self)
+        child.seq_id = new_seq_id
+        return child
+
+    def __repr__(self) -> str:
+        return (f"Sequence(seq_id={self.seq_id}, status={self.status.name}, "
+                f"len={self.get_len()}, computed={self.num_computed_tokens})")
+
+
+class SequenceGroup:
+    """The sequences of one request, with its sampling parameters and timings.
+
+    Attributes:
+      request_id: the engine-wide id of the request.
+      sampling_params: a SamplingParams (may be None in tests of the host core).
+      arrival_time: when the request arrived (seconds, any monotonic clock).
+      first_scheduled_time, first_token_time, finished_time: metrics, None until known.
+      prompt_logprobs: filled by the engine when asked for.
+    """
+
+    def __init__(self, request_id: str, seqs: list[Sequence], sampling_params, arrival_time: float):
+        if not seqs:
+            raise ValueError(f"request {request_id!r}: a sequence group needs at least one sequence")
+        self.request_id = request_id
+        self.seqs_dict: dict[int, Sequence] = {}
+        for seq in seqs:
+            self.add(seq)
+        self.sampling_params = sampling_params
+        self.arrival_time = arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
+        self.prompt_logprobs = None
+
+    @property
+    def prompt(self) -> str | None:
+        return next(iter(self.seqs_dict.values())).prompt
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return next(iter(self.seqs_dict.values())).prompt_token_ids
+
+    def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
+        if status is None:
+            return list(self.seqs_dict.values())
+        return [s for s in self.seqs_dict.values() if s.status == status]
+
+    def get_unfinished_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs_dict.values() if not s.is_finished()]
+
+    def get_finished_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs_dict.values() if s.is_finished()]
+
+    def num_seqs(self, status: SequenceStatus | None = None) -> int:
+        return len(self.get_seqs(status))
+
+    def num_unfinished_seqs(self) -> int:
+        return len(self.get_unfinished_seqs())
+
+    def find(self, seq_id: int) -> Sequence:
+        if seq_id not in self.seqs_dict:
+            raise ValueError(f"request {self.request_id!r} has no sequence {seq_id}")
+        return self.seqs_dict[seq_id]
+
+    def add(self, seq: Sequence) -> None:
+        if seq.seq_id in self.seqs_dict:
+            raise ValueError(f"request {self.request_id!r} already has sequence {seq.seq_id}")
+        self.seqs_dict[seq.seq_id] = seq
+
+    def remove(self, seq_id: int) -> None:
+        if seq_id not in self.seqs_dict:
+            raise ValueError(f"request {self.request_id!r} has no sequence {seq_id}")
+        del self.seqs_dict[seq_id]
+
+    def is_finished(self) -> bool:
+        return all(s.is_finished() for s in self.seqs_dict.values())
+
+    def is_prefill(self) -> bool:
+        """True while the group waits for a prefill (new, or preempted by recompute)."""
+        return any(s.status == SequenceStatus.WAITING for s in self.seqs_dict.values())
+
+    def get_max_num_running_seqs(self) -> int:
+        """Sequences this group may run at once: what admission must reserve.
+
+        Beam search keeps best_of beams; parallel sampling has one sequence
+        until its prompt step and best_of after it.
+        """
+        params = self.sampling_params
+        if params is None:
+            return self.num_unfinished_seqs()
+        if params.use_beam_search:
+            return params.actual_best_of
+        if params.actual_best_of > self.num_seqs():
+            return params.actual_best_of
+        return self.num_unfinished_seqs()
+
+    def maybe_set_first_token_time(self, time: float) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time
+
+    def __repr__(self) -> str:
+        return f"SequenceGroup(request_id={self.request_id!r}, seqs={list(self.seqs_dict.values())})"
