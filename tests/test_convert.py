@@ -1,0 +1,156 @@
+"""Conversion: HF dir -> params -> orbax -> params round trips, the CLI, the
+table's unit behaviour, config parsing of both transformers rope layouts."""
+from __future__ import annotations
+
+import pathlib
+import runpy
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from models import checkpoint, convert
+from models.convert import Rule
+from models.llama import LlamaConfig
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+REPO = pathlib.Path(__file__).parent.parent
+
+
+def _assert_same_params(a, b):
+    fa, fb = convert.flatten_params(a), convert.flatten_params(b)
+    assert fa.keys() == fb.keys()
+    for path in fa:
+        assert fa[path].dtype == fb[path].dtype, path
+        np.testing.assert_array_equal(np.asarray(fa[path]), np.asarray(fb[path]), err_msg=str(path))
+
+
+def test_params_match_safetensors_with_transposes():
+    """Spot-check the table against the raw HF tensors."""
+    path = GOLDEN / "tiny_llama3_bias"
+    model = models.load_model(path)
+    raw = convert.read_hf_state_dict(path)
+    p = model.params
+    np.testing.assert_array_equal(p["embed_tokens"]["embedding"], raw["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(p["layers_1"]["self_attn"]["k_proj"]["kernel"],
+                                  raw["model.layers.1.self_attn.k_proj.weight"].T)
+    np.testing.assert_array_equal(p["layers_0"]["self_attn"]["o_proj"]["bias"],
+                                  raw["model.layers.0.self_attn.o_proj.bias"])
+    np.testing.assert_array_equal(p["layers_0"]["post_attention_layernorm"]["scale"],
+                                  raw["model.layers.0.post_attention_layernorm.weight"])
+    np.testing.assert_array_equal(p["lm_head"], raw["lm_head.weight"].T)
+    num_params = sum(x.size for x in jax.tree.leaves(p))
+    assert num_params == sum(x.size for x in raw.values())
+
+
+@pytest.mark.parametrize("name,dtype", [("opt_post_proj", "float32"),
+                                        ("llama_tied_linear", "bfloat16")])
+def test_orbax_round_trip(tmp_path, name, dtype):
+    model = models.load_model(GOLDEN / f"tiny_{name}", dtype=dtype)
+    out = checkpoint.save_converted(tmp_path / "ckpt", model.params, model.hf_config)
+    saved = checkpoint.load_converted(out)
+    assert saved.hf_config == model.hf_config
+    assert saved.architecture == model.architecture and saved.dtype == dtype
+    assert saved.tokenizer is None
+    _assert_same_params(model.params, saved.params)
+    again = models.load_model(out, dtype=dtype)
+    _assert_same_params(model.params, again.params)
+    assert again.config == model.config
+
+
+def test_convert_script(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "converted"
+    monkeypatch.setattr(sys, "argv", ["convert.py", "--model", str(GOLDEN / "tiny_qwen2"),
+                                      "--out", str(out), "--dtype", "bfloat16"])
+    runpy.run_path(str(REPO / "scripts" / "convert.py"), run_name="__main__")
+    assert "Qwen2ForCausalLM" in capsys.readouterr().out
+    assert checkpoint.is_converted_dir(out)
+    loaded = models.load_model(out)  # stored bf16, cast to the requested float32
+    direct = models.load_model(GOLDEN / "tiny_qwen2", dtype="bfloat16")
+    _assert_same_params(jax.tree.map(lambda x: x.astype(jnp.float32), direct.params),
+                        loaded.params)
+    # Writing over a converted checkpoint replaces it; over other data is refused.
+    checkpoint.save_converted(out, direct.params, direct.hf_config)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a converted checkpoint"):
+        checkpoint.save_converted(tmp_path / "other", direct.params, direct.hf_config)
+
+
+def test_default_model_is_cached(tmp_path, monkeypatch):
+    """A registered name is converted once into $JPAGED_CACHE, then restored."""
+    from models import gguf
+    calls = []
+
+    def fake_find(name):
+        calls.append(name)
+        return str(tmp_path / "fake.gguf")
+
+    def fake_convert(path, dtype):
+        assert path == tmp_path / "fake.gguf"
+        return real_convert(GOLDEN / "tiny_llama_gqa", dtype)
+
+    real_convert = models._convert_source
+
+    monkeypatch.setenv("JPAGED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf, "find_default_model", fake_find)
+    monkeypatch.setattr(models, "_convert_source", fake_convert)
+    first = models.load_model("smollm2-135m")
+    assert checkpoint.is_converted_dir(tmp_path / "cache" / "smollm2-135m")
+    second = models.load_model("smollm2-135m", dtype="bfloat16")
+    assert calls == ["smollm2-135m"]
+    assert second.dtype == "bfloat16"
+    _assert_same_params(jax.tree.map(lambda x: x.astype(jnp.bfloat16), first.params),
+                        second.params)
+
+
+def test_rule_templates_map_both_ways():
+    rule = Rule("model.layers.{i}.self_attn.{proj}.weight",
+                "layers_{i}/self_attn/{proj}/kernel", "T")
+    assert rule.match_hf("model.layers.12.self_attn.q_proj.weight") == (
+        "layers_12", "self_attn", "q_proj", "kernel")
+    assert rule.match_hf("model.layers.x.self_attn.q_proj.weight") is None
+    assert rule.match_hf("model.layers.1.self_attn.q.proj.weight") is None
+    assert rule.hf_name(("layers_3", "self_attn", "o_proj", "kernel")) == \
+        "model.layers.3.self_attn.o_proj.weight"
+
+
+def test_llama_config_rope_layouts():
+    base = dict(vocab_size=10, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                num_attention_heads=4, max_position_embeddings=64)
+    old = LlamaConfig.from_hf(dict(base, rope_theta=5e5,
+                                   rope_scaling={"type": "linear", "factor": 4.0}))
+    new = LlamaConfig.from_hf(dict(base, rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                          "rope_theta": 5e5}))
+    assert old == new
+    assert (old.rope_type, old.rope_theta, old.rope_factor) == ("linear", 5e5, 4.0)
+    assert old.num_kv_heads == 4 and old.head_dim == 16
+    plain = LlamaConfig.from_hf(base)
+    assert (plain.rope_type, plain.rope_theta) == ("default", 10000.0)
+    np.testing.assert_allclose(old.inv_freq(), plain.inv_freq() * 10000.0 ** (
+        np.arange(0, 16, 2) / 16) / 5e5 ** (np.arange(0, 16, 2) / 16) / 4.0, rtol=1e-5)
+    qwen = LlamaConfig.from_hf(dict(base, model_type="qwen2", eos_token_id=[5, 6]))
+    assert qwen.qkv_bias and not qwen.o_bias and qwen.eos_token_ids == (5, 6)
+
+
+def test_random_model_presets_and_kv_pool():
+    model = models.random_model(dict(models.PRESETS["smollm2-135m-shape"], num_hidden_layers=2,
+                                     vocab_size=300), dtype="bfloat16", seed=3)
+    c = model.config
+    assert (c.num_heads, c.num_kv_heads, c.head_dim, c.tie_word_embeddings) == (9, 3, 64, True)
+    assert model.tokenizer is None
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
+    caches = model.init_kv_caches(5, 8)
+    assert len(caches) == 2 and caches[0].shape == (2, 5, 3, 8, 64)
+    assert caches[0].dtype == jnp.bfloat16
+    assert model.kv_bytes_per_block(8) == 2 * 2 * 3 * 8 * 64 * 2
+    new = model.generate_greedy([1, 2, 3], 3, block_size=8, stop_at_eos=False)
+    assert len(new) == 3 and all(0 <= t < 300 for t in new)
+    for name in models.PRESETS:
+        cfg = models.ARCHITECTURES[models.architecture_of(models.PRESETS[name])] \
+            .config_cls.from_hf(models.PRESETS[name])
+        assert cfg.num_layers > 0, name
+    assert models.PRESETS["opt-13b"]["num_hidden_layers"] == 40
