@@ -76,8 +76,8 @@ class SamplerModes:
 
     Canonical form: when all_greedy, do_top_k_top_p and do_min_p are False.
     Distinct modes: exact policy 2*(1 + 4)*len(LOGPROBS_BUCKETS) = 30;
-    `coarsen()` brings it down to 2*len(LOGPROBS_BUCKETS) = 6 (see
-    `all_modes`).
+    `coarsen()` brings it down to 4*len(LOGPROBS_BUCKETS) = 12: (greedy or
+    sampling) x (penalties or not) x logprobs bucket (see `all_modes`).
     """
 
     all_greedy: bool = True
@@ -96,10 +96,11 @@ class SamplerModes:
                              "meaningless for greedy rows, set them False")
 
     def coarsen(self) -> SamplerModes:
-        """The coarse mode covering this one: penalties always on and, unless
-        all rows are greedy, every truncation on. Results are unchanged (off
-        values are no-ops); only 2 * len(LOGPROBS_BUCKETS) modes remain."""
-        return SamplerModes(all_greedy=self.all_greedy, do_penalties=True,
+        """The coarse mode covering this one: unless all rows are greedy, every
+        truncation on. Results are unchanged (off values are no-ops); only
+        4 * len(LOGPROBS_BUCKETS) modes remain. Penalties stay exact: when
+        they are on, the host fills the token arrays, which costs host time."""
+        return SamplerModes(all_greedy=self.all_greedy, do_penalties=self.do_penalties,
                             do_top_k_top_p=not self.all_greedy,
                             do_min_p=not self.all_greedy,
                             num_logprobs=self.num_logprobs)
@@ -110,8 +111,9 @@ def all_modes(coarse: bool = True) -> list[SamplerModes]:
     out = []
     for k in LOGPROBS_BUCKETS:
         if coarse:
-            out += [SamplerModes(True, True, False, False, k),
-                    SamplerModes(False, True, True, True, k)]
+            for pen in (False, True):
+                out += [SamplerModes(True, pen, False, False, k),
+                        SamplerModes(False, pen, True, True, k)]
             continue
         for pen in (False, True):
             out.append(SamplerModes(True, pen, False, False, k))
@@ -218,14 +220,16 @@ def build_sampling_tensors(
         and defaults): temperature, top_p, top_k, min_p, presence_penalty,
         frequency_penalty, repetition_penalty, seed (int or None), logprobs
         (int or None), step (int: generated tokens so far), prompt_token_ids,
-        output_token_ids (int sequences). `sampling_row` makes one.
+        output_token_ids (int sequences; numpy int arrays are fastest: the
+        token arrays are only filled when some row has a penalty). A row made
+        by `sampling_row` fits.
       vocab_size: V, the last dim of the logits; also the padding token id.
       pad_rows_to: S, the batch bucket; extra rows are greedy and inert.
       pad_prompt_to / pad_output_to: P / L, widths of the token arrays when
         penalties are on. Pass fixed values (e.g. max_model_len) so shapes
         never change; None picks the next power of two >= 16.
-      coarse_modes: return `modes.coarsen()` (6 modes in all, see
-        SamplerModes); token arrays are then always filled.
+      coarse_modes: return `modes.coarsen()` (12 modes in all, see
+        SamplerModes).
       rng: draws seeds for rows whose seed is None (default: fresh entropy).
         An engine should rather fix one seed per sequence when it is added.
 
@@ -284,13 +288,20 @@ def build_sampling_tensors(
     def tokens(name, pad_to):
         if not modes.do_penalties:
             return np.zeros((pad_rows_to, 0), np.int32)
-        seqs = [np.asarray(r[name], np.int64).reshape(-1) for r in full]
-        width = _bucket_width(max(len(s) for s in seqs), pad_to, name.split("_")[0])
+        seqs = [r[name] for r in full]
+        lens = np.fromiter((len(q) for q in seqs), np.int64, count=len(seqs))
+        width = _bucket_width(int(lens.max()), pad_to, name.split("_")[0])
         out = np.full((pad_rows_to, width), vocab_size, np.int32)
-        for i, s in enumerate(seqs):
-            if len(s) and (s.min() < 0 or s.max() >= vocab_size):
-                raise ValueError(f"row {i}: {name} has ids outside [0, {vocab_size})")
-            out[i, :len(s)] = s
+        try:
+            for i, q in enumerate(seqs):
+                if len(q):
+                    out[i, :len(q)] = q
+        except OverflowError as e:
+            raise ValueError(f"{name} has an id outside [0, {vocab_size}): {e}") from None
+        bad = ((out < 0) | (out >= vocab_size)) & (np.arange(width)[None, :] < lens[:, None])
+        if bad.any():
+            i = int(np.argmax(bad.any(axis=1)))
+            raise ValueError(f"row {i}: {name} has ids outside [0, {vocab_size})")
         return out
 
     tensors = SamplingTensors(

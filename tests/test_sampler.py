@@ -26,7 +26,10 @@ def _run(rows, logits, S=8):
     Returns (SamplerOutput, the exact modes of rows)."""
     V = logits.shape[-1]
     t, m = build_sampling_tensors(rows, V, S, pad_prompt_to=16, pad_output_to=16, coarse_modes=True)
-    m = dataclasses.replace(m, num_logprobs=5)
+    if not m.do_penalties:  # penalties on with all-padding token arrays: a no-op
+        pad = np.full((S, 16), V, np.int32)
+        t = dataclasses.replace(t, output_token_ids=pad, prompt_token_ids=pad)
+    m = dataclasses.replace(m, do_penalties=True, num_logprobs=5)
     return _sample(jnp.asarray(logits, jnp.float32), t, m), build_sampling_tensors(rows, V, S)[1]
 
 
@@ -228,7 +231,7 @@ def test_modes_are_only_speed_switches():
     np.testing.assert_array_equal(_sample(logits, t, m).sampled_token_ids, coarse.sampled_token_ids)
     mc = build_sampling_tensors(rows, V, S, coarse_modes=True)[1]
     assert mc in smp.all_modes(coarse=True) and mc != m
-    assert len(smp.all_modes(coarse=True)) == 2 * len(smp.LOGPROBS_BUCKETS)
+    assert len(set(smp.all_modes(coarse=True))) == 4 * len(smp.LOGPROBS_BUCKETS)
     assert len(set(smp.all_modes(coarse=False))) == 10 * len(smp.LOGPROBS_BUCKETS)
 
 
@@ -291,6 +294,10 @@ def test_builder_errors_and_helpers():
     with pytest.raises(ValueError, match="num_logprobs"):
         SamplerModes(num_logprobs=3)
     assert [smp.logprobs_bucket(k) for k in (None, 0, 1, 5, 6, 20)] == [0, 0, 5, 5, 20, 20]
+    with pytest.raises(ValueError, match="outside"):
+        build_sampling_tensors([dict(repetition_penalty=1.2, prompt_token_ids=[2**40])], 10, 1)
+    t, _ = build_sampling_tensors([dict(frequency_penalty=1.0, output_token_ids=np.array([3, 4], np.int32))], 10, 2)
+    np.testing.assert_array_equal(t.output_token_ids, [[3, 4] + [10] * 14, [10] * 16])
     # Without penalties the token arrays have width 0 (nothing to transfer).
     t, m = build_sampling_tensors([dict(output_token_ids=[1, 2])], 10, 2)
     assert not m.do_penalties and t.output_token_ids.shape == (2, 0)
