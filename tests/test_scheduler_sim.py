@@ -297,7 +297,7 @@ sim_st = st.builds(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sim_st)
 def test_random_workloads_keep_invariants(cfg):
     run_sim(cfg)
