@@ -382,6 +382,12 @@ class BlockSpaceManager:
         """Device blocks that can hold tokens (the null block excluded)."""
         return self.gpu_allocator.num_usable_blocks
 
+    def get_block_usage(self) -> tuple[int, int]:
+        """(block-table entries over all device tables, distinct device blocks
+        they hold): the difference is what sharing saves."""
+        entries = sum(len(t) for t in self._gpu_tables.values())
+        return entries, len({b for t in self._gpu_tables.values() for b in t})
+
     def check_invariants(self) -> None:
         """Raises AssertionError unless: every block's refcount equals the
         number of tables holding it (cached free blocks: 0), no block is both

@@ -44,6 +44,7 @@ def test_waiting_seqs_of_a_group_share_the_prompt():
     admit(bm, g)
     tables = [bm.get_block_table(s) for s in g.get_seqs()]
     assert tables[0] == tables[1] == tables[2]
+    assert bm.get_block_usage() == (6, 2)
     assert [bm.gpu_allocator.get_ref_count(b) for b in tables[0]] == [3, 3]
 
 
