@@ -54,12 +54,13 @@ def _decode_kernel(context_lens_ref,   # SMEM i32[num_seqs] (scalar prefetch)
     def body(k, v, first_page):
         rows = k.shape[1]
         pos = first_page * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, 1, rows), 2)
+        pos_col = first_page * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, rows, 1), 1)
         scores = jnp.einsum("hgd,htd->hgt", q, k,
                             preferred_element_type=jnp.float32) * scale
         scores = jnp.where(pos < kv_limit, scores, -jnp.inf)
         # NOTE: 0 * NaN is NaN: rows past the context (stale or never-written
         # pages) must be zeroed, not only masked in the scores.
-        v = jnp.where(jnp.swapaxes(pos, 1, 2) < kv_limit, v, jnp.zeros_like(v))
+        v = jnp.where(pos_col < kv_limit, v, jnp.zeros_like(v))
         pp.online_softmax_update(m_ref, l_ref, acc_ref, scores, v)
 
     pp.PagePipeline(kv_hbm, tables_hbm, k_buf, v_buf, tbl_buf, kv_sems, tbl_sems,

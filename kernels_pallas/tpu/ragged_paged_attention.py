@@ -70,13 +70,14 @@ def _ragged_kernel(context_lens_ref,     # SMEM i32[num_seqs]
         def body(k, v, first_page):
             t = k.shape[1]
             kv_pos = first_page * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, 1, t), 2)
+            kv_pos_col = first_page * block_size + jax.lax.broadcasted_iota(jnp.int32, (1, t, 1), 1)
             scores = jnp.einsum("hrd,htd->hrt", q, k,
                                 preferred_element_type=jnp.float32) * scale
             visible = is_mine & (kv_pos <= q_pos) & (kv_pos < kv_limit)
             scores = jnp.where(visible, scores, -jnp.inf)
             # NOTE: 0 * NaN is NaN: rows past what this block may see (stale
             # or never-written pages) must be zeroed, not only masked.
-            v = jnp.where(jnp.swapaxes(kv_pos, 1, 2) < kv_limit, v, jnp.zeros_like(v))
+            v = jnp.where(kv_pos_col < kv_limit, v, jnp.zeros_like(v))
             pp.online_softmax_update(m_ref, l_ref, acc_ref, scores, v)
 
         @pl.when(q_len > 0)
