@@ -146,6 +146,12 @@ def single_sequence_metadata(num_context: int, num_new: int, block_table,
     return positions, metadata
 
 
+def _pool_size(num_seq_blocks: int) -> int:
+    """Blocks for a one-sequence pool: the null block plus room, rounded up to
+    a power of two so that nearby lengths reuse one compiled step."""
+    return 1 << num_seq_blocks.bit_length()
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """A model ready to run: config, params, module and (maybe) tokenizer.
@@ -189,7 +195,11 @@ class LoadedModel:
         array per layer, in ``dtype`` (default: the params dtype)."""
         dtype = DTYPES[canonical_dtype(dtype or self.dtype)]
         shape = (2, num_blocks, self.config.num_kv_heads, block_size, self.config.head_dim)
-        return tuple(jnp.zeros(shape, dtype) for _ in range(self.config.num_layers))
+        # NOTE: committed to a device like the params, so a jitted step sees the
+        # same placement on its first call as on later ones (no recompile).
+        device = jax.devices()[0]
+        return tuple(jax.device_put(jnp.zeros(shape, dtype), device)
+                     for _ in range(self.config.num_layers))
 
     def kv_bytes_per_block(self, block_size: int, dtype=None) -> int:
         """Bytes one block takes across all layers, K and V."""
@@ -217,10 +227,10 @@ class LoadedModel:
         by a single prefill through the paged cache."""
         ids = self._check_ids(token_ids)
         self._check_length(len(ids))
-        num_blocks = -(-len(ids) // block_size)
-        kv_caches = self.init_kv_caches(num_blocks + 1, block_size)
+        num_blocks = _pool_size(-(-len(ids) // block_size))
+        kv_caches = self.init_kv_caches(num_blocks, block_size)
         positions, metadata = single_sequence_metadata(
-            0, len(ids), np.arange(1, num_blocks + 1), block_size)
+            0, len(ids), np.arange(1, num_blocks), block_size)
         logits, _ = self._step()(self.params, jnp.asarray(ids), jnp.asarray(positions),
                                  kv_caches, metadata)
         return np.asarray(logits)
@@ -237,9 +247,9 @@ class LoadedModel:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         total = len(ids) + max_new_tokens
         self._check_length(total)
-        num_blocks = -(-total // block_size)
-        block_table = np.arange(1, num_blocks + 1, dtype=np.int32)
-        kv_caches = self.init_kv_caches(num_blocks + 1, block_size)
+        num_blocks = _pool_size(-(-total // block_size))
+        block_table = np.arange(1, num_blocks, dtype=np.int32)
+        kv_caches = self.init_kv_caches(num_blocks, block_size)
         step = self._step()
         eos_ids = set(self.config.eos_token_ids) if stop_at_eos else set()
         out: list[int] = []
