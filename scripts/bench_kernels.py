@@ -63,7 +63,11 @@ def check_all(log):
                 c["query_start_loc"])
         ref = reference.ragged_paged_attention(*args, scale=c["scale"])
         for tune in [{}] + kc.RAGGED_TUNINGS:
-            out = kgpu.ragged_paged_attention(*args, scale=c["scale"], **tune)
+            try:
+                out = kgpu.ragged_paged_attention(*args, scale=c["scale"], **tune)
+            except ValueError as e:  # a tuning this shape does not allow
+                log(f"check ragged {name} {tune}: skipped ({e})")
+                continue
             rows.append(("ragged", name, tune, kc.max_abs_err(out, ref), kw["dtype"]))
     for dtype in ("float32", "bfloat16"):
         c = kc.write_kv_case(2, num_tokens=13, num_blocks=7, num_kv_heads=3,
