@@ -8,9 +8,13 @@ row permutation llama.cpp applies to the q/k projections for its RoPE, so that
 `models.convert` treats the result like any Hugging Face checkpoint.
 """
 
+import dataclasses
 import importlib.util
+import mmap
 import pathlib
 import re
+import struct
+from typing import Any
 
 import gguf
 import numpy as np
@@ -74,30 +78,137 @@ def find_default_model(name: str) -> pathlib.Path:
     return path
 
 
-def open_gguf(path: str | pathlib.Path) -> gguf.GGUFReader:
-    """A memory-mapped reader of a GGUF file, with clear errors for a missing or corrupt file."""
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file, still quantized.
+
+    Attributes:
+      name:  llama.cpp's name, e.g. "blk.0.attn_q.weight".
+      shape: numpy / HF order (GGUF lists dimensions innermost first).
+      qtype: its ggml type (F32, Q4_1, Q8_0, ...).
+      raw:   u8[rows, row_bytes] view of its bytes in the memory-mapped file.
+    """
+    name: str
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    raw: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+    """A parsed GGUF file: metadata values (str, int, float, bool or lists) and tensors in file order."""
+    path: pathlib.Path
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensor]
+
+
+# GGUF scalar value types -> little-endian struct / numpy format.
+_SCALAR_FORMATS = {
+    gguf.GGUFValueType.UINT8: "B", gguf.GGUFValueType.INT8: "b",
+    gguf.GGUFValueType.UINT16: "H", gguf.GGUFValueType.INT16: "h",
+    gguf.GGUFValueType.UINT32: "I", gguf.GGUFValueType.INT32: "i",
+    gguf.GGUFValueType.UINT64: "Q", gguf.GGUFValueType.INT64: "q",
+    gguf.GGUFValueType.FLOAT32: "f", gguf.GGUFValueType.FLOAT64: "d",
+    gguf.GGUFValueType.BOOL: "?",
+}
+
+
+class _Cursor:
+    """Reads GGUF's little-endian header fields from a memory-mapped buffer."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str):
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError(f"a string of {n} bytes runs past the end of the file")
+        value = self.buf[self.pos:self.pos + n].decode("utf-8", errors="replace")
+        self.pos += n
+        return value
+
+    def value(self, value_type: int):
+        if value_type == gguf.GGUFValueType.STRING:
+            return self.string()
+        if value_type == gguf.GGUFValueType.ARRAY:
+            item_type, count = self.scalar("I"), self.scalar("Q")
+            if item_type in _SCALAR_FORMATS:  # numbers in one numpy read, not count struct calls
+                dtype = np.dtype("<" + _SCALAR_FORMATS[item_type])
+                if self.pos + count * dtype.itemsize > len(self.buf):
+                    raise ValueError(f"an array of {count} values runs past the end of the file")
+                values = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
+                self.pos += count * dtype.itemsize
+                return values
+            return [self.value(item_type) for _ in range(count)]
+        if value_type not in _SCALAR_FORMATS:
+            raise ValueError(f"unknown GGUF value type {value_type}")
+        return self.scalar(_SCALAR_FORMATS[value_type])
+
+
+def _parse(path: pathlib.Path, buf) -> GGUFFile:
+    cur = _Cursor(buf)
+    cur.pos = 4  # past the magic, checked by open_gguf
+    version = cur.scalar("I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (only little-endian versions 2 and 3)")
+    num_tensors, num_kv = cur.scalar("Q"), cur.scalar("Q")
+    meta = {}
+    for _ in range(num_kv):
+        key = cur.string()
+        meta[key] = cur.value(cur.scalar("I"))
+    infos = []
+    for _ in range(num_tensors):
+        name = cur.string()
+        dims = [cur.scalar("Q") for _ in range(cur.scalar("I"))]
+        infos.append((name, tuple(reversed(dims)), gguf.GGMLQuantizationType(cur.scalar("I")), cur.scalar("Q")))
+    alignment = int(meta.get("general.alignment", 32))
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors = {}
+    for name, shape, qtype, offset in infos:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        row_len = shape[-1] if shape else 1
+        if row_len % block_size:
+            raise ValueError(f"tensor {name!r}: row length {row_len} is not a multiple of {qtype.name}'s block {block_size}")
+        rows, row_bytes = int(np.prod(shape[:-1], dtype=np.int64)), row_len // block_size * type_size
+        start = data_start + offset
+        if start + rows * row_bytes > len(buf):
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        raw = np.frombuffer(buf, np.uint8, rows * row_bytes, start).reshape(rows, row_bytes)
+        tensors[name] = GGUFTensor(name, shape, qtype, raw)
+    return GGUFFile(path, meta, tensors)
+
+
+def open_gguf(path: str | pathlib.Path) -> GGUFFile:
+    """Parse a GGUF file's metadata and tensor index; tensor bytes stay memory-mapped.
+
+    Raises FileNotFoundError for a missing file and ValueError for a file that
+    is not a GGUF or is corrupt / truncated.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        if magic != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises assorted errors on a truncated or corrupt file
-        raise ValueError(f"{path} is a corrupt or truncated GGUF file: {type(e).__name__}: {e}") from e
+        return _parse(path, buf)
+    except (ValueError, struct.error, KeyError, OverflowError, MemoryError) as e:
+        raise ValueError(f"{path} is a corrupt or truncated GGUF file: {e}") from e
 
 
-def metadata(reader: gguf.GGUFReader, key: str, default=None):
+def metadata(reader: GGUFFile, key: str, default=None):
     """The value of one metadata key (str, number, bool or list), or `default` when absent."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return reader.metadata.get(key, default)
 
 
-def _require(reader: gguf.GGUFReader, key: str):
+def _require(reader: GGUFFile, key: str):
     value = metadata(reader, key)
     if value is None:
         raise ValueError(f"GGUF metadata key {key!r} is missing")
@@ -117,7 +228,7 @@ def _unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def config_from_gguf(reader: gguf.GGUFReader) -> dict:
+def config_from_gguf(reader: GGUFFile) -> dict:
     """An HF-style LlamaConfig dict from the GGUF metadata."""
     arch = metadata(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -128,15 +239,17 @@ def config_from_gguf(reader: gguf.GGUFReader) -> dict:
     head_dim = int(metadata(reader, f"{arch}.attention.key_length", hidden_size // num_heads))
     rope_theta = float(metadata(reader, f"{arch}.rope.freq_base", 10000.0))
     vocab_size = metadata(reader, f"{arch}.vocab_size")
-    if vocab_size is None:  # older files: the embedding's row count
-        vocab_size = _tensor(reader, "token_embd.weight").shape[-1]
+    if vocab_size is None and "token_embd.weight" in reader.tensors:  # older files: the embedding's rows
+        vocab_size = reader.tensors["token_embd.weight"].shape[0]
+    if vocab_size is None:
+        raise ValueError("GGUF has neither a vocab_size key nor a token_embd.weight tensor")
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     scaling = metadata(reader, f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
         rope_parameters.update(rope_type="linear", factor=float(_require(reader, f"{arch}.rope.scaling.factor")))
     elif scaling != "none":
         raise ValueError(f"unsupported GGUF rope scaling {scaling!r}; supported: 'none', 'linear'")
-    names = {t.name for t in reader.tensors}
+    names = reader.tensors.keys()
     has_bias = "blk.0.attn_q.bias" in names
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -166,24 +279,14 @@ def config_from_gguf(reader: gguf.GGUFReader) -> dict:
     return config
 
 
-def _tensor(reader: gguf.GGUFReader, name: str):
-    for t in reader.tensors:
-        if t.name == name:
-            return t
-    raise ValueError(f"GGUF tensor {name!r} is missing")
-
-
-def _dequantize(t) -> np.ndarray:
-    """float32 array in numpy order, which is HF's [out, in] (GGUF lists dims innermost first)."""
+def _dequantize(t: GGUFTensor) -> np.ndarray:
+    """f32 array of shape t.shape (numpy order, which is HF's [out, in])."""
     try:
-        a = gguf.quants.dequantize(t.data, t.tensor_type)
+        a = gguf.quants.dequantize(t.raw, t.qtype)
     except NotImplementedError as e:
-        raise ValueError(f"GGUF tensor {t.name!r} has quantization type {t.tensor_type.name}, "
+        raise ValueError(f"GGUF tensor {t.name!r} has quantization type {t.qtype.name}, "
                          f"which the gguf package cannot dequantize") from e
-    shape = tuple(int(d) for d in reversed(t.shape))
-    if a.size != int(np.prod(shape)):
-        raise ValueError(f"GGUF tensor {t.name!r}: {a.size} values for shape {shape}")
-    return np.array(a, dtype=np.float32).reshape(shape)
+    return np.array(a, dtype=np.float32).reshape(t.shape)
 
 
 def load_gguf(path: str | pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -206,8 +309,7 @@ def load_gguf(path: str | pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     num_layers = config["num_hidden_layers"]
     state_dict: dict[str, np.ndarray] = {}
     problems: list[str] = []
-    for t in reader.tensors:
-        name = t.name
+    for name, t in reader.tensors.items():
         if name in _GLOBAL_TENSORS:
             state_dict[_GLOBAL_TENSORS[name]] = _dequantize(t)
             continue

@@ -179,10 +179,11 @@ def test_not_a_gguf(tmp_path):
         load_gguf(path)
 
 
-def test_truncated_gguf(tmp_path):
+@pytest.mark.parametrize("keep", [200, -100], ids=["in_header", "in_tensor_data"])
+def test_truncated_gguf(tmp_path, keep):
     _write_tiny_llama(tmp_path / "full.gguf")
     data = (tmp_path / "full.gguf").read_bytes()
-    (tmp_path / "cut.gguf").write_bytes(data[:200])
+    (tmp_path / "cut.gguf").write_bytes(data[:keep])
     with pytest.raises(ValueError, match="corrupt or truncated GGUF"):
         load_gguf(tmp_path / "cut.gguf")
 
