@@ -254,20 +254,58 @@ def test_copy_blocks_matches_reference(dtype):
 
 
 # --------------------------------------------------------------------------
-# Double buffering is race-free (the interpreter's race detector).
+# Double buffering under the other DMA timing.
 # --------------------------------------------------------------------------
 
-def test_paged_attention_has_no_dma_races():
+def test_paged_attention_with_eager_dmas():
+    """The default interpreter runs a DMA when it is waited for, which exposes
+    a read before its wait; "eager" runs it when started, which exposes a
+    prefetch into the buffer being computed (a single-buffered pipeline gives
+    NaN here). Also runs the interpreter's race detector."""
     rng = np.random.default_rng(11)
     context_lens = np.array([37, 9], np.int32)
     kv, tables = make_pool(rng, jnp.float32, 2, 8, 64, context_lens)
     q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
-    params = pltpu.InterpretParams(detect_races=True)
+    params = pltpu.InterpretParams(dma_execution_mode="eager", detect_races=True)
     out = tpu.paged_attention(q, kv, tables, jnp.asarray(context_lens), scale=0.125,
                               interpret=params, pages_per_compute_block=1, pages_per_chunk=2)
     assert interpret_state.races is not None and not interpret_state.races.races_found
     assert_close(out, reference.paged_attention(q, kv, tables, jnp.asarray(context_lens),
                                                 scale=0.125), jnp.float32)
+
+
+# --------------------------------------------------------------------------
+# The kernels lower to Mosaic for a real TPU (no TPU needed to lower).
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,block_size,num_heads,num_kv_heads,head_dim", [
+    (jnp.bfloat16, 16, 32, 8, 128), (jnp.float32, 8, 9, 3, 64), (jnp.bfloat16, 32, 12, 12, 80),
+], ids=["bf16-bs16-h32/8-d128", "f32-bs8-h9/3-d64", "bf16-bs32-h12/12-d80"])
+def test_kernels_lower_to_mosaic_for_tpu(dtype, block_size, num_heads, num_kv_heads,
+                                         head_dim):
+    """Pallas's TPU lowering (shapes, dots, DMAs, SMEM/VMEM scratch) accepts
+    every kernel at default tuning; Mosaic's own compiler passes run only on
+    a TPU and are not covered."""
+    num_seqs, num_tokens = 4, 64
+    spec = jax.ShapeDtypeStruct
+    kv = spec((2, 64, num_kv_heads, block_size, head_dim), dtype)
+    tables, lens = spec((num_seqs, 16), jnp.int32), spec((num_seqs,), jnp.int32)
+    new_kv = spec((num_tokens, num_kv_heads, head_dim), dtype)
+    calls = [
+        (functools.partial(tpu.paged_attention, scale=0.1),
+         (spec((num_seqs, num_heads, head_dim), dtype), kv, tables, lens)),
+        (functools.partial(tpu.ragged_paged_attention, scale=0.1),
+         (spec((num_tokens, num_heads, head_dim), dtype), kv, tables, lens,
+          spec((num_seqs + 1,), jnp.int32))),
+        (tpu.write_kv, (kv, new_kv, new_kv, spec((num_tokens,), jnp.int32))),
+        (tpu.copy_blocks, (kv, lens, lens)),
+    ]
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        for fn, args in calls:
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+            assert "tpu_custom_call" in text
 
 
 # --------------------------------------------------------------------------
