@@ -212,6 +212,7 @@ def build_sampling_tensors(
     pad_output_to: int | None = None,
     coarse_modes: bool = False,
     rng: np.random.Generator | None = None,
+    fixed_shapes: bool = False,
 ) -> tuple[SamplingTensors, SamplerModes]:
     """Host-side (numpy only) builder of one step's sampling inputs.
 
@@ -232,6 +233,10 @@ def build_sampling_tensors(
         SamplerModes).
       rng: draws seeds for rows whose seed is None (default: fresh entropy).
         An engine should rather fix one seed per sequence when it is added.
+      fixed_shapes: always return the token arrays at widths pad_prompt_to /
+        pad_output_to (both required), filling only the rows that have a
+        penalty, so one compiled step serves every batch (the penalty stage
+        is then a run-time branch, see `sample`).
 
     Returns:
       (tensors with numpy arrays, modes). Rows whose `logprobs` is k get the
@@ -285,13 +290,22 @@ def build_sampling_tensors(
     if coarse_modes:
         modes = modes.coarsen()
 
+    has_penalty = (rep != 1) | (pres != 0) | (freq != 0)
+
     def tokens(name, pad_to):
-        if not modes.do_penalties:
+        if fixed_shapes:
+            if pad_to is None:
+                raise ValueError("fixed_shapes needs pad_prompt_to and pad_output_to")
+            out = np.full((pad_rows_to, pad_to), vocab_size, np.int32)
+            if not has_penalty.any():
+                return out
+        elif not modes.do_penalties:
             return np.zeros((pad_rows_to, 0), np.int32)
-        seqs = [r[name] for r in full]
+        seqs = [r[name] if has_penalty[i] else () for i, r in enumerate(full)]
         lens = np.fromiter((len(q) for q in seqs), np.int64, count=len(seqs))
         width = _bucket_width(int(lens.max()), pad_to, name.split("_")[0])
-        out = np.full((pad_rows_to, width), vocab_size, np.int32)
+        if not fixed_shapes:
+            out = np.full((pad_rows_to, width), vocab_size, np.int32)
         try:
             for i, q in enumerate(seqs):
                 if len(q):
@@ -412,21 +426,33 @@ def sample(logits, t: SamplingTensors, modes: SamplerModes) -> SamplerOutput:
     logprobs, topk_ids, topk_lp = compute_logprobs_topk(logits, modes.num_logprobs)
 
     if modes.do_penalties:
-        logits = apply_penalties(logits, t)
+        # A run-time branch: a batch without penalties skips the scatters.
+        any_penalty = jnp.any((t.repetition_penalties != 1) | (t.presence_penalties != 0)
+                              | (t.frequency_penalties != 0))
+        logits = jax.lax.cond(any_penalty, apply_penalties, lambda x, _: x, logits, t)
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if modes.all_greedy:
         token_ids = greedy_ids
     else:
         is_greedy = t.temperatures < SAMPLING_EPS
-        temps = jnp.where(is_greedy, 1.0, t.temperatures)
-        logits = logits / temps[:, None]
-        if modes.do_top_k_top_p:
-            logits = apply_top_k_top_p(logits, t.top_ks, t.top_ps)
-        if modes.do_min_p:
-            logits = apply_min_p(logits, t.min_ps)
-        noisy = logits + _row_gumbel(t.seeds, t.sample_steps, V)
-        sampled_ids = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
-        token_ids = jnp.where(is_greedy, greedy_ids, sampled_ids)
+
+        def draw(logits):
+            temps = jnp.where(is_greedy, 1.0, t.temperatures)
+            logits = logits / temps[:, None]
+            if modes.do_top_k_top_p:
+                # NOTE: the sort costs ~1 ms at S=256 on an H100; a run-time
+                # branch skips it when no row filters, without a new compile.
+                needed = jnp.any(~is_greedy & ((t.top_ks > 0) | (t.top_ps < 1)))
+                logits = jax.lax.cond(needed, apply_top_k_top_p, lambda x, *_: x,
+                                      logits, t.top_ks, t.top_ps)
+            if modes.do_min_p:
+                logits = apply_min_p(logits, t.min_ps)
+            noisy = logits + _row_gumbel(t.seeds, t.sample_steps, V)
+            sampled_ids = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+            return jnp.where(is_greedy, greedy_ids, sampled_ids)
+
+        # A batch that is greedy at run time skips the draw entirely.
+        token_ids = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy_ids, draw, logits)
 
     lp, rank = _gather_logprob_rank(logprobs, token_ids)
     return SamplerOutput(token_ids, lp, rank, topk_ids, topk_lp)

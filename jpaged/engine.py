@@ -1,0 +1,438 @@
+"""LLMEngine: continuous batching over a paged KV cache.
+
+One engine step:
+  1. schedule: ``Scheduler.schedule()`` picks the groups that run (all
+     prefill or all decode), preempting the latest arrivals when the pool
+     runs dry, and lists block swaps and copy-on-write copies.
+  2. execute: ``ModelRunner`` moves swapped blocks (one gathered transfer per
+     chunk), performs the copies, pads the step into its bucket and runs the
+     jitted model + sampler with the KV pool donated.
+  3. update: the sampled tokens are appended; parallel samples fork from
+     their prompt, beams fork and free through the block manager; stop
+     conditions are checked on token ids and on detokenized text; finished
+     sequences give their blocks back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import numpy as np
+
+from jpaged.config import EngineConfig
+from jpaged.detokenizer import Detokenizer
+from jpaged.model_runner import MAX_LOGPROBS, ModelRunner, SeqInput
+from jpaged.sampler import derive_seed
+from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jpaged.sampling_params import SamplingParams, SamplingType
+from jpaged.block_manager import BlockSpaceManager
+from jpaged.scheduler import Scheduler
+from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus
+
+CPU_DEFAULT_KV_BYTES = 1 << 30  # KV pool size on a device that reports no memory
+
+
+@dataclasses.dataclass
+class _SeqState:
+    """Engine-side state of one sequence: its sampling seed and its
+    incremental detokenizer state (None without a tokenizer)."""
+    seed: int
+    detok: object
+
+
+class LLMEngine:
+    """Adds requests, steps the schedule -> execute -> update loop."""
+
+    def __init__(self, config: EngineConfig, model=None, warm_up: bool = True,
+                 progress: bool = True):
+        _enable_compilation_cache()
+        if model is None:
+            import models
+            model = models.load_model(config.model, dtype=config.dtype,
+                                      attention_backend=config.attention_backend)
+        self.model = model
+        self.tokenizer = model.tokenizer
+        sched_config = config.get_scheduler_config(model.config.max_position_embeddings)
+        max_model_len = sched_config.max_model_len
+        max_batched = sched_config.max_num_batched_tokens
+        self.config = config = dataclasses.replace(
+            config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
+        num_gpu_blocks = config.num_gpu_blocks
+        if num_gpu_blocks is None and not _device_reports_memory():
+            num_gpu_blocks = max(2, CPU_DEFAULT_KV_BYTES // model.kv_bytes_per_block(config.block_size))
+        self.runner = ModelRunner(
+            model, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max_batched, max_model_len=max_model_len,
+            num_gpu_blocks=num_gpu_blocks,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            swap_space_gib=config.swap_space,
+            attention_backend=config.attention_backend)
+        self.block_manager = BlockSpaceManager(
+            config.block_size, self.runner.num_gpu_blocks, self.runner.num_cpu_blocks,
+            watermark=config.watermark,
+            enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(sched_config, self.block_manager)
+        self.eos_token_id = _eos_id(model)
+        self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
+        self._seq_ids = itertools.count()
+        self._rng = np.random.default_rng(config.seed)
+        self._states: dict[int, _SeqState] = {}
+        self._finished_beams: dict[str, list[Sequence]] = {}
+        self.stats = dict(num_steps=0, num_prefill_tokens=0, num_cached_prompt_tokens=0,
+                          num_generated_tokens=0, peak_blocks_used=0,
+                          host_seconds=0.0, device_seconds=0.0)
+        if warm_up:
+            self.runner.warm_up(progress=progress)
+
+    # ------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: str | None,
+                    sampling_params: SamplingParams,
+                    prompt_token_ids: list[int] | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queues one request. Raises ValueError for a malformed request that
+        cannot even be queued; a prompt too long for the model is queued and
+        comes back as a RequestOutput with `error` set."""
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("a request needs a prompt or prompt_token_ids")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {request_id!r}: token ids {bad[:5]} are outside "
+                             f"the vocabulary [0, {vocab})")
+        if sampling_params.use_beam_search and sampling_params.actual_best_of * 2 > MAX_LOGPROBS:
+            raise ValueError(f"beam width {sampling_params.actual_best_of} is too large: "
+                             f"at most {MAX_LOGPROBS // 2}")
+        if (sampling_params.logprobs or 0) > MAX_LOGPROBS:
+            raise ValueError(f"logprobs={sampling_params.logprobs}: at most {MAX_LOGPROBS}")
+        seq = Sequence(next(self._seq_ids), prompt, prompt_token_ids, self.config.block_size)
+        seed = sampling_params.seed
+        if seed is None:
+            seed = int(self._rng.integers(0, 1 << 31))
+        self._states[seq.seq_id] = _SeqState(seed, self._new_detok(prompt_token_ids))
+        group = SequenceGroup(request_id, [seq], sampling_params,
+                              arrival_time if arrival_time is not None else time.time())
+        self.scheduler.add_seq_group(group)
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort_seq_group(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_seqs()
+
+    # ------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Runs one schedule -> execute -> update round; returns the
+        requests that finished in it (rejected ones included)."""
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        finished = [self._rejected_output(g, reason) for g, reason in out.ignored_seq_groups]
+        if out.blocks_to_swap_out:
+            self.runner.swap_out(out.blocks_to_swap_out)
+        if out.blocks_to_swap_in:
+            self.runner.swap_in(out.blocks_to_swap_in)
+        if out.blocks_to_copy:
+            self.runner.copy_blocks(out.blocks_to_copy)
+        if out.scheduled_seq_groups:
+            groups = [s.seq_group for s in out.scheduled_seq_groups]
+            seq_inputs, rows, owners = self._build_inputs(out.scheduled_seq_groups,
+                                                          out.is_prefill)
+            t1 = time.perf_counter()
+            result = self.runner.execute(seq_inputs, rows, out.is_prefill)
+            t2 = time.perf_counter()
+            self.stats["device_seconds"] += t2 - t1
+            self._update(groups, owners, result, out.is_prefill)
+            for g in groups:
+                self.block_manager.mark_blocks_as_computed(g)
+            self.stats["num_steps"] += 1
+            used = self.runner.num_gpu_blocks - 1 - self.block_manager.get_num_free_gpu_blocks()
+            self.stats["peak_blocks_used"] = max(self.stats["peak_blocks_used"], used)
+            self.stats["host_seconds"] += (time.perf_counter() - t0) - (t2 - t1)
+            for g in groups:
+                if g.is_finished():
+                    finished.append(self._final_output(g))
+        self.scheduler.free_finished_seq_groups()
+        return finished
+
+    # ------------------------------------------------------------ helpers
+    def _build_inputs(self, scheduled, is_prefill):
+        seq_inputs, rows, owners = [], [], []
+        for sched in scheduled:
+            g = sched.seq_group
+            sp = g.sampling_params
+            for seq in g.get_seqs(status=SequenceStatus.RUNNING):
+                table = self.block_manager.get_block_table(seq)
+                if is_prefill:
+                    start = seq.get_len() - sched.num_new_tokens[seq.seq_id]
+                    tokens = seq.get_token_ids()[start:]
+                    self.stats["num_prefill_tokens"] += len(tokens)
+                    self.stats["num_cached_prompt_tokens"] += start
+                    first = seq.get_output_len() == 0
+                    n = sp.actual_best_of if first and sp.sampling_type != SamplingType.BEAM else 1
+                else:
+                    start, tokens, n = seq.get_len() - 1, [seq.get_last_token_id()], 1
+                seq_inputs.append(SeqInput(tokens, start, table, n))
+                state = self._states[seq.seq_id]
+                for j in range(n):
+                    seed = state.seed if j == 0 else derive_seed(state.seed, j)
+                    rows.append(self._row(seq, sp, seed))
+                    owners.append((g, seq, j, seed))
+        return seq_inputs, rows, owners
+
+    def _row(self, seq, sp, seed):
+        greedy = sp.sampling_type in (SamplingType.GREEDY, SamplingType.BEAM)
+        return dict(temperature=0.0 if greedy else sp.temperature, top_p=sp.top_p,
+                    top_k=sp.top_k, min_p=sp.min_p,
+                    presence_penalty=sp.presence_penalty,
+                    frequency_penalty=sp.frequency_penalty,
+                    repetition_penalty=sp.repetition_penalty,
+                    seed=seed, step=seq.get_output_len(),
+                    output_token_ids=seq.output_token_ids,
+                    prompt_token_ids=seq.prompt_token_ids)
+
+    def _update(self, groups, owners, result, is_prefill):
+        by_group: dict[str, list] = {}
+        for i, (g, seq, j, seed) in enumerate(owners):
+            by_group.setdefault(g.request_id, []).append((seq, j, seed, i))
+        for g in groups:
+            entries = by_group.get(g.request_id, [])
+            for seq, _, _, _ in entries:
+                seq.num_computed_tokens = seq.get_len()  # before the new token
+            if g.first_token_time is None:
+                g.first_token_time = time.time()
+            if g.sampling_params.sampling_type == SamplingType.BEAM:
+                self._beam_step(g, [(seq, result.topk_token_ids[i], result.topk_logprobs[i])
+                                    for seq, _, _, i in entries])
+                continue
+            # Parallel samples fork from the prompt before anyone appends.
+            targets = []
+            for seq, j, seed, i in entries:
+                target = seq
+                if j > 0:
+                    target = seq.fork(next(self._seq_ids))
+                    self._fork(g, seq, target, seed)
+                targets.append((target, i))
+            for target, i in targets:
+                self._append(target, int(result.token_ids[i]), float(result.logprobs[i]),
+                             result.topk_token_ids[i], result.topk_logprobs[i])
+            for seq in g.get_seqs(status=SequenceStatus.RUNNING):
+                if self._check_stop(seq, g.sampling_params):
+                    self.scheduler.free_seq(seq)
+            if g.is_finished():
+                g.finished_time = time.time()
+
+    def _fork(self, g, parent, child, seed):
+        self.scheduler.fork_seq(parent, child)
+        g.add(child)
+        pstate = self._states[parent.seq_id]
+        self._states[child.seq_id] = _SeqState(
+            seed, pstate.detok.fork() if pstate.detok is not None else None)
+
+    def _append(self, seq, token_id, logprob, topk_ids, topk_lps):
+        self.stats["num_generated_tokens"] += 1
+        entry = {int(t): float(l) for t, l in zip(topk_ids, topk_lps)}
+        entry[token_id] = logprob
+        seq.append_token_id(token_id, logprob, entry)
+
+    def _check_stop(self, seq, sp) -> bool:
+        """Sets a finished status on `seq` if a stop condition holds."""
+        state = self._states[seq.seq_id]
+        token = seq.get_last_token_id()
+        num_out = seq.get_output_len()
+        is_stop_token = token in sp.stop_token_ids or (
+            not sp.ignore_eos and token == self.eos_token_id)
+        stop_str = None
+        if state.detok is not None and not is_stop_token:
+            # NOTE: EOS and stop-token ids stay out of the text, as in vLLM.
+            _, stop_str = self.detokenizer.step(state.detok, token, sp.stop,
+                                                check_stop=num_out >= sp.min_tokens)
+            seq.output_text = state.detok.output_text
+        if num_out >= sp.min_tokens:
+            if stop_str is not None:
+                seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
+                return True
+            if token in sp.stop_token_ids:
+                seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+                return True
+            if not sp.ignore_eos and token == self.eos_token_id:
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                return True
+        if (sp.max_tokens is not None and num_out >= sp.max_tokens) or \
+                seq.get_len() >= self.config.max_model_len:
+            seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False
+
+    # ------------------------------------------------------------ beam search
+    def _beam_score(self, seq, sp) -> float:
+        length = max(1, seq.get_output_len())
+        return seq.cumulative_logprob / (length ** sp.length_penalty)
+
+    def _beam_step(self, g, parents):
+        """One beam-search step over the group's running beams.
+
+        parents: (seq, topk_ids[K], topk_logprobs[K]) per running beam. Keeps
+        the beam_width best continuations by cumulative logprob; those that
+        end (EOS / stop / length) join the finished pool; parents chosen
+        several times fork, parents not chosen are freed.
+        """
+        sp = g.sampling_params
+        width = sp.actual_best_of
+        cands = []
+        for seq, ids, lps in parents:
+            for t, lp in zip(ids[:2 * width], lps[:2 * width]):
+                cands.append((seq.cumulative_logprob + float(lp), seq, int(t), float(lp)))
+        cands.sort(key=lambda c: -c[0])
+        finished = self._finished_beams.setdefault(g.request_id, [])
+        running = []
+        for _, parent, t, lp in cands[:2 * width]:
+            trial = parent.fork(-1)
+            trial.append_token_id(t, lp, {t: lp})
+            ends = ((not sp.ignore_eos and t == self.eos_token_id) or t in sp.stop_token_ids
+                    or (sp.max_tokens is not None and trial.get_output_len() >= sp.max_tokens)
+                    or trial.get_len() >= self.config.max_model_len)
+            if ends:
+                trial.seq_id = next(self._seq_ids)
+                trial.status = (SequenceStatus.FINISHED_LENGTH_CAPPED
+                                if t != self.eos_token_id and t not in sp.stop_token_ids
+                                else SequenceStatus.FINISHED_STOPPED)
+                finished.append(trial)
+            elif len(running) < width:
+                running.append((parent, t, lp))
+        finished.sort(key=lambda s: -self._beam_score(s, sp))
+        del finished[width:]
+        done = not running or self._beam_search_done(finished, running, sp, width)
+        used: set[int] = set()
+        all_parents = [p for p, _, _ in parents]
+        if not done:
+            targets = []
+            for parent, t, lp in running:  # forks first, while parents are unchanged
+                target = parent
+                if parent.seq_id in used:
+                    target = parent.fork(next(self._seq_ids))
+                    self._fork(g, parent, target, self._states[parent.seq_id].seed)
+                used.add(parent.seq_id)
+                targets.append((target, t, lp))
+            for target, t, lp in targets:
+                target.append_token_id(t, lp, {t: lp})
+                self.stats["num_generated_tokens"] += 1
+        for p in all_parents:
+            if done or p.seq_id not in used:
+                p.status = SequenceStatus.FINISHED_ABORTED
+                self.scheduler.free_seq(p)
+        if done:
+            g.finished_time = time.time()
+
+    def _beam_search_done(self, finished, running, sp, width) -> bool:
+        if len(finished) < width:
+            return False
+        if sp.early_stopping is True:
+            return True
+        best_parent, t, lp = running[0]
+        cum = best_parent.cumulative_logprob + lp
+        if sp.early_stopping == "never" and sp.length_penalty > 0:
+            max_len = (sp.max_tokens or self.config.max_model_len)
+            best_possible = cum / (max_len ** sp.length_penalty)
+        else:
+            best_possible = cum / (max(1, best_parent.get_output_len() + 1) ** sp.length_penalty)
+        worst_finished = self._beam_score(finished[-1], sp)
+        return worst_finished >= best_possible
+
+    # ------------------------------------------------------------ outputs
+    def _new_detok(self, prompt_token_ids):
+        if self.detokenizer is None:
+            return None
+        return self.detokenizer.new_state(prompt_token_ids)
+
+    def _completion(self, index, seq, sp) -> CompletionOutput:
+        logprobs = None
+        if sp.logprobs is not None:
+            logprobs = [_top_entries(e, sp.logprobs, tok) for e, tok in
+                        zip(seq.output_logprobs, seq.output_token_ids)]
+        reason = SequenceStatus.get_finished_reason(seq.status)
+        return CompletionOutput(index=index, text=seq.output_text or "",
+                                token_ids=list(seq.output_token_ids),
+                                cumulative_logprob=seq.cumulative_logprob,
+                                logprobs=logprobs, finish_reason=reason,
+                                stop_reason=seq.stop_reason)
+
+    def _final_output(self, g) -> RequestOutput:
+        sp = g.sampling_params
+        if sp.sampling_type == SamplingType.BEAM:
+            seqs = self._finished_beams.pop(g.request_id, [])
+            seqs = sorted(seqs, key=lambda s: -self._beam_score(s, sp))[:sp.n]
+            for s in seqs:
+                if self.tokenizer is not None:
+                    s.output_text = self.tokenizer.decode(s.output_token_ids,
+                                                          skip_special_tokens=True)
+        else:
+            seqs = g.get_seqs()
+            if sp.actual_best_of > sp.n:
+                seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)
+            seqs = seqs[:sp.n]
+        for s in g.get_seqs():
+            self._states.pop(s.seq_id, None)
+        first = g.get_seqs()[0]
+        return RequestOutput(
+            request_id=g.request_id, prompt=first.prompt,
+            prompt_token_ids=list(first.prompt_token_ids), prompt_logprobs=None,
+            outputs=[self._completion(i, s, sp) for i, s in enumerate(seqs)],
+            finished=True, metrics=_metrics(g), error=None)
+
+    def _rejected_output(self, g, reason) -> RequestOutput:
+        first = g.get_seqs()[0]
+        for s in g.get_seqs():
+            self._states.pop(s.seq_id, None)
+        return RequestOutput(request_id=g.request_id, prompt=first.prompt,
+                             prompt_token_ids=list(first.prompt_token_ids),
+                             prompt_logprobs=None, outputs=[], finished=True,
+                             metrics=_metrics(g), error=reason)
+
+
+def _top_entries(entry, k, token):
+    if not isinstance(entry, dict):
+        return {token: entry}
+    top = dict(sorted(entry.items(), key=lambda kv: -kv[1])[:k])
+    top[token] = entry[token]
+    return top
+
+
+def _metrics(g) -> RequestMetrics:
+    return RequestMetrics(arrival_time=g.arrival_time,
+                          first_scheduled_time=getattr(g, "first_scheduled_time", None),
+                          first_token_time=getattr(g, "first_token_time", None),
+                          finished_time=getattr(g, "finished_time", None) or time.time())
+
+
+def _eos_id(model):
+    eos = getattr(model.config, "eos_token_id", None)
+    if eos is None and model.tokenizer is not None:
+        eos = model.tokenizer.eos_token_id
+    return eos
+
+
+def _enable_compilation_cache() -> None:
+    """Keeps compiled steps on disk (JPAGED_XLA_CACHE, default
+    ~/.cache/jpaged/xla; "off" disables), so a second start of the same
+    model and bucket set skips most of its compile time."""
+    import os
+    import pathlib
+    import jax
+    path = os.environ.get("JPAGED_XLA_CACHE",
+                          str(pathlib.Path.home() / ".cache" / "jpaged" / "xla"))
+    if path.lower() in ("off", "0", "") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _device_reports_memory() -> bool:
+    import jax
+    return bool((jax.devices()[0].memory_stats() or {}).get("bytes_limit"))

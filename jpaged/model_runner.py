@@ -1,0 +1,286 @@
+"""ModelRunner: the one bridge from host bookkeeping to device arrays.
+
+It owns the KV pool (one donated array per layer, layout in
+``kernels_pallas``), the host swap pool, and a fixed set of jitted step
+functions, one per bucket:
+
+- decode buckets: ``num_seqs`` in powers of two up to ``max_num_seqs``
+  (one new token per sequence);
+- prefill buckets: ``num_tokens`` in powers of two from 16 up to
+  ``max_num_batched_tokens``, with ``min(num_tokens, max_num_seqs)``
+  sequence slots.
+
+Block tables are always ``ceil(max_model_len / block_size)`` wide. Every
+bucket (and the swap / copy helpers) is compiled by ``warm_up``; a run then
+compiles nothing more. Sampling happens inside the step, and its numeric
+settings are traced arrays, so a new mix of settings compiles nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas import AttentionMetadata, copy_blocks
+from jpaged import sampler as sampler_lib
+
+# Sampler rows return this many top logprobs (beam search asks for
+# 2 * beam_width of them, so beam widths up to 10 fit).
+MAX_LOGPROBS = 20
+# One sampler mode for every step: greedy rows, filters and penalties are
+# run-time branches inside it, so a new mix of settings never compiles.
+STEP_MODES = sampler_lib.SamplerModes(all_greedy=False, do_penalties=True,
+                                      do_top_k_top_p=True, do_min_p=True,
+                                      num_logprobs=MAX_LOGPROBS)
+MIN_PREFILL_BUCKET = 16
+MAX_SWAP_CHUNK = 256  # blocks moved per device<->host transfer at most
+
+
+def _pow2_buckets(lo: int, hi: int) -> list[int]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return sorted(set(out))
+
+
+def _bucket(buckets: list[int], n: int) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass
+class SeqInput:
+    """One sequence's work in a step (built by the engine).
+
+    token_ids:   tokens whose K/V this step computes (prefill: the uncached
+                 tail of the sequence; decode: its last token).
+    start_pos:   position of token_ids[0].
+    block_table: the sequence's physical block ids.
+    num_samples: sampler rows that read this sequence's last logits (1, or
+                 best_of when a prompt forks into parallel samples).
+    """
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    num_samples: int = 1
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """Host copies of the sampler's results, one row per sampler row."""
+    token_ids: np.ndarray       # i32[rows]
+    logprobs: np.ndarray        # f32[rows]
+    topk_token_ids: np.ndarray  # i32[rows, MAX_LOGPROBS]
+    topk_logprobs: np.ndarray   # f32[rows, MAX_LOGPROBS]
+
+
+class ModelRunner:
+    """Owns the KV pool and the jitted steps for one model."""
+
+    def __init__(self, model, *, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int,
+                 num_gpu_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.9,
+                 swap_space_gib: float = 0.0, kv_dtype=None,
+                 attention_backend: str = "auto"):
+        self.model = model
+        self.attention_backend = attention_backend
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
+        self.vocab_size = model.config.vocab_size
+        self.bytes_per_block = model.kv_bytes_per_block(block_size)
+        self.num_gpu_blocks = num_gpu_blocks or self._profile_num_blocks(
+            gpu_memory_utilization)
+        if self.num_gpu_blocks < 2:
+            raise ValueError(
+                f"the KV pool has room for {self.num_gpu_blocks} blocks; it needs "
+                "at least 2 (block 0 is the null block): raise num_gpu_blocks or "
+                "gpu_memory_utilization")
+        self.num_cpu_blocks = int(swap_space_gib * (1 << 30) // self.bytes_per_block)
+        self.num_slots = self.num_gpu_blocks * block_size
+        self.kv_caches = model.init_kv_caches(self.num_gpu_blocks, block_size,
+                                              dtype=self.kv_dtype)
+        self.cpu_cache = None  # host swap pool, allocated on first swap-out
+        self.decode_buckets = _pow2_buckets(1, max_num_seqs)
+        self.prefill_buckets = _pow2_buckets(
+            min(MIN_PREFILL_BUCKET, max_num_batched_tokens), max_num_batched_tokens)
+        self.swap_buckets = (_pow2_buckets(1, min(MAX_SWAP_CHUNK, self.num_cpu_blocks))
+                             if self.num_cpu_blocks else [])
+        self.num_traces = 0
+        self.warmup_seconds = None
+        self._step_fn = jax.jit(self._step, donate_argnums=(1,), static_argnames=("modes",))
+        self._copy_fn = jax.jit(self._copy, donate_argnums=(0,))
+        self._gather_fn = jax.jit(self._gather)
+        self._scatter_fn = jax.jit(self._scatter, donate_argnums=(0,))
+
+    # ------------------------------------------------------------ sizing
+    def _profile_num_blocks(self, utilization: float) -> int:
+        """Blocks that fit in `utilization` of the device memory left after
+        the weights, keeping room for the largest step's activations."""
+        stats = jax.devices()[0].memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if not limit:  # CPU: no memory statistics; size for the workload instead
+            return 1 + self.max_num_seqs * self.max_blocks_per_seq
+        cfg = self.model.config
+        activations = self.max_num_batched_tokens * (
+            4 * cfg.hidden_size * 4 + 2 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size) * 4)
+        activations += self.max_num_seqs * self.vocab_size * 4 * 4
+        free = limit * utilization - stats.get("bytes_in_use", 0) - activations
+        return max(0, int(free // self.bytes_per_block))
+
+    # ------------------------------------------------------------ jitted bodies
+    def _step(self, params, kv_caches, input_ids, positions, metadata,
+              logits_indices, sampling, modes):
+        self.num_traces += 1  # runs only while tracing: counts compilations
+        logits, kv_caches = self.model.apply(params, input_ids, positions,
+                                             kv_caches, metadata, logits_indices)
+        return kv_caches, sampler_lib.sample(logits, sampling, modes)
+
+    def _copy(self, kv_caches, src, dst):
+        return tuple(copy_blocks(c, src, dst, backend=self.attention_backend)
+                     for c in kv_caches)
+
+    @staticmethod
+    def _gather(kv_caches, block_ids):
+        return jnp.stack([c[:, block_ids] for c in kv_caches])
+
+    @staticmethod
+    def _scatter(kv_caches, data, block_ids):
+        return tuple(c.at[:, block_ids].set(data[i], mode="drop")
+                     for i, c in enumerate(kv_caches))
+
+    # ------------------------------------------------------------ warm-up
+    def warm_up(self, progress: bool = True) -> float:
+        """Compiles every bucket, the block copy and the swap transfers."""
+        from tqdm import tqdm
+        t0 = time.perf_counter()
+        jobs = [("decode", b) for b in self.decode_buckets]
+        jobs += [("prefill", b) for b in self.prefill_buckets]
+        jobs += [("copy", 0)]
+        jobs += [("swap", b) for b in self.swap_buckets]
+        for kind, b in tqdm(jobs, desc="compiling buckets", disable=not progress):
+            if kind in ("decode", "prefill"):
+                self._run([], decode=kind == "decode", pad_to=b)
+            elif kind == "copy":
+                self.copy_blocks([])
+            else:
+                ids = np.zeros(b, np.int32)
+                data = self._gather_fn(self.kv_caches, ids)
+                self.kv_caches = self._scatter_fn(self.kv_caches, data,
+                                                  np.full(b, self.num_gpu_blocks, np.int32))
+        jax.block_until_ready(self.kv_caches)
+        self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds
+
+    # ------------------------------------------------------------ a step
+    def execute(self, seqs: list[SeqInput], sampling_rows: list[dict],
+                is_prefill: bool) -> StepOutput:
+        """Runs one step: pads into its bucket, calls the jitted step.
+
+        sampling_rows: one dict per sampler row (sampler.build_sampling_tensors
+        format), in the order of `seqs` (num_samples rows per sequence).
+        """
+        return self._run(seqs, decode=not is_prefill, sampling_rows=sampling_rows)
+
+    def _run(self, seqs, *, decode, sampling_rows=(), pad_to=None):
+        bs = self.block_size
+        if decode:
+            num_seqs_pad = pad_to or _bucket(self.decode_buckets, len(seqs))
+            num_tokens_pad = num_seqs_pad
+            num_rows_pad = num_seqs_pad
+        else:
+            total = sum(len(s.token_ids) for s in seqs)
+            num_tokens_pad = pad_to or _bucket(self.prefill_buckets, total)
+            num_seqs_pad = min(num_tokens_pad, self.max_num_seqs)
+            num_rows_pad = self.max_num_seqs
+        input_ids = np.zeros(num_tokens_pad, np.int32)
+        positions = np.zeros(num_tokens_pad, np.int32)
+        slot_mapping = np.full(num_tokens_pad, self.num_slots, np.int32)
+        block_tables = np.zeros((num_seqs_pad, self.max_blocks_per_seq), np.int32)
+        context_lens = np.zeros(num_seqs_pad, np.int32)
+        query_start_loc = np.zeros(num_seqs_pad + 1, np.int32)
+        logits_indices = np.zeros(num_rows_pad, np.int32)
+        t = row = 0
+        for i, s in enumerate(seqs):
+            n = len(s.token_ids)
+            pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
+            table = np.asarray(s.block_table, np.int32)
+            input_ids[t:t + n] = s.token_ids
+            positions[t:t + n] = pos
+            slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
+            block_tables[i, :len(table)] = table
+            context_lens[i] = s.start_pos + n
+            query_start_loc[i + 1] = t + n
+            logits_indices[row:row + s.num_samples] = t + n - 1
+            t += n
+            row += s.num_samples
+        query_start_loc[len(seqs) + 1:] = t
+        metadata = AttentionMetadata(slot_mapping, block_tables, context_lens,
+                                     query_start_loc, is_decode=decode)
+        sampling, _ = sampler_lib.build_sampling_tensors(
+            list(sampling_rows), self.vocab_size, num_rows_pad,
+            pad_prompt_to=self.max_model_len, pad_output_to=self.max_model_len,
+            fixed_shapes=True)
+        self.kv_caches, out = self._step_fn(
+            self.model.params, self.kv_caches, input_ids, positions, metadata,
+            logits_indices, sampling, modes=STEP_MODES)
+        rows = len(sampling_rows)
+        out = jax.device_get(out)  # the step's one device->host sync
+        return StepOutput(np.asarray(out.sampled_token_ids)[:rows],
+                          np.asarray(out.sampled_logprobs)[:rows],
+                          np.asarray(out.topk_token_ids)[:rows],
+                          np.asarray(out.topk_logprobs)[:rows])
+
+    # ------------------------------------------------------------ block moves
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write copies of one step, all layers, one launch."""
+        n = self.max_num_seqs
+        assert len(pairs) <= n, "more copies than sequences in a step"
+        src = np.zeros(n, np.int32)
+        dst = np.zeros(n, np.int32)  # dst 0: padding, skipped
+        for i, (s, d) in enumerate(pairs):
+            src[i], dst[i] = s, d
+        self.kv_caches = self._copy_fn(self.kv_caches, src, dst)
+
+    def _ensure_cpu_cache(self):
+        if self.cpu_cache is None:
+            c = self.kv_caches[0]
+            self.cpu_cache = np.zeros((len(self.kv_caches), 2, self.num_cpu_blocks)
+                                      + c.shape[2:], dtype=c.dtype)
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Moves (gpu block -> cpu block) pairs to the host pool, gathering
+        the blocks on the device so each chunk is one transfer."""
+        self._ensure_cpu_cache()
+        for lo in range(0, len(pairs), MAX_SWAP_CHUNK):
+            chunk = pairs[lo:lo + MAX_SWAP_CHUNK]
+            b = _bucket(self.swap_buckets, len(chunk))
+            gpu = np.zeros(b, np.int32)
+            gpu[:len(chunk)] = [g for g, _ in chunk]
+            data = np.asarray(jax.device_get(self._gather_fn(self.kv_caches, gpu)))
+            self.cpu_cache[:, :, [c for _, c in chunk]] = data[:, :, :len(chunk)]
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Moves (cpu block -> gpu block) pairs back, one transfer a chunk."""
+        self._ensure_cpu_cache()
+        for lo in range(0, len(pairs), MAX_SWAP_CHUNK):
+            chunk = pairs[lo:lo + MAX_SWAP_CHUNK]
+            b = _bucket(self.swap_buckets, len(chunk))
+            data = np.zeros((self.cpu_cache.shape[0], 2, b) + self.cpu_cache.shape[3:],
+                            self.cpu_cache.dtype)
+            data[:, :, :len(chunk)] = self.cpu_cache[:, :, [c for c, _ in chunk]]
+            gpu = np.full(b, self.num_gpu_blocks, np.int32)  # padding: dropped
+            gpu[:len(chunk)] = [g for _, g in chunk]
+            self.kv_caches = self._scatter_fn(self.kv_caches, jnp.asarray(data), gpu)
