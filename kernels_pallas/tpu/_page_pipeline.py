@@ -20,6 +20,12 @@ begins and waited for just before the first page DMA of chunk c+1 is issued,
 so SMEM holds ``2 * pages_per_chunk`` entries whatever the context length.
 A chunk's slice starts at ``min(first page, max_blocks_per_seq -
 pages_per_chunk)`` so it never reads past the end of the table row.
+
+Not yet run on a TPU (none here): tests run the kernels in interpret mode and
+check that Pallas lowers them to Mosaic for TPU v5e. Merging ``[P, block_size]``
+into one row axis is layout-free only when block_size is a multiple of the
+sublane tiling (8 rows for f32, 16 for bf16); bf16 with block_size 8 may cost
+a relayout or be refused by Mosaic on hardware.
 """
 from __future__ import annotations
 

@@ -20,8 +20,10 @@ q is laid out ``[Hkv, tokens * G, D]`` (row r of a block is token r // G,
 query head r % G of the KV head), so each group is one batched matmul
 ``[Hkv, bq * G, D] x [Hkv, T, D]`` for any group size G (MHA: G = 1).
 
-Known cost: a block shared by many short sequences (decode tokens) computes
-bq * G rows per sequence; pure decode batches go to paged_attention instead.
+Known costs: a block shared by many short sequences (decode tokens) computes
+bq * G rows per sequence (pure decode batches go to paged_attention instead);
+the first page group of each (token block, sequence) pair is not prefetched
+behind the previous pair's compute.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def _ragged_kernel(context_lens_ref,     # SMEM i32[num_seqs]
         last_token = jnp.minimum(end, block_start + q_block_size) - 1
         kv_limit = jnp.minimum(last_token + first_pos + 1, context_len)
         num_pages = jnp.minimum(pl.cdiv(jnp.maximum(kv_limit, 0), block_size), max_blocks)
+        kv_limit = jnp.minimum(kv_limit, num_pages * block_size)  # never past the table
         q_pos = token + first_pos                                  # [1, R, 1]
         is_mine = (token >= start) & (token < end)                 # [1, R, 1]
 
