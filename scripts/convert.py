@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
+
 import models
-from models import checkpoint
+from models import base, checkpoint
 
 
 def main(argv=None) -> None:
@@ -26,7 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True,
                         help="directory to write (created; replaced if it already holds "
                              "a converted checkpoint, refused if it holds anything else)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(models.base.DTYPES),
+    parser.add_argument("--dtype", default="float32", choices=sorted(base.DTYPES),
                         help="dtype the params are stored in (default: float32)")
     args = parser.parse_args(argv)
 
@@ -36,7 +38,7 @@ def main(argv=None) -> None:
     out = checkpoint.save_converted(args.out, model.params, model.hf_config, model.tokenizer,
                                     architecture=model.architecture)
     saved = time.perf_counter()
-    num_params = sum(x.size for x in models.jax.tree.leaves(model.params))
+    num_params = sum(x.size for x in jax.tree.leaves(model.params))
     print(f"{model.architecture}: {num_params / 1e6:.1f}M params in {args.dtype}, "
           f"tokenizer: {'yes' if model.tokenizer is not None else 'no'}")
     print(f"read + convert {loaded - start:.2f} s, save {saved - loaded:.2f} s -> {out}")

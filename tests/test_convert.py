@@ -137,16 +137,16 @@ def test_llama_config_rope_layouts():
 
 
 def test_random_model_presets_and_kv_pool():
-    model = models.random_model(dict(models.PRESETS["smollm2-135m-shape"], num_hidden_layers=2,
+    model = models.random_model(dict(models.PRESETS["smollm2-135m-shape"], num_hidden_layers=1,
                                      vocab_size=300), dtype="bfloat16", seed=3)
     c = model.config
     assert (c.num_heads, c.num_kv_heads, c.head_dim, c.tie_word_embeddings) == (9, 3, 64, True)
     assert model.tokenizer is None
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
     caches = model.init_kv_caches(5, 8)
-    assert len(caches) == 2 and caches[0].shape == (2, 5, 3, 8, 64)
+    assert len(caches) == 1 and caches[0].shape == (2, 5, 3, 8, 64)
     assert caches[0].dtype == jnp.bfloat16
-    assert model.kv_bytes_per_block(8) == 2 * 2 * 3 * 8 * 64 * 2
+    assert model.kv_bytes_per_block(8) == 2 * 1 * 3 * 8 * 64 * 2
     new = model.generate_greedy([1, 2, 3], 3, block_size=8, stop_at_eos=False)
     assert len(new) == 3 and all(0 <= t < 300 for t in new)
     for name in models.PRESETS:
