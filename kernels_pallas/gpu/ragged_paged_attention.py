@@ -147,7 +147,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
       scale:           softmax scale.
       interpret:       Pallas interpret mode (CPU).
       block_q:         query tokens per tile (power of two; None: 128 rows).
-      chunk_tokens:    KV tokens per inner step (power of two >= 16; None: 64).
+      chunk_tokens:    KV tokens per inner step (power of two >= 16; None: 32).
       num_warps, num_stages: Triton launch settings (None: 8 and 2).
     Returns:
       [num_tokens, num_heads, head_dim] in q's dtype.
@@ -172,7 +172,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
         block_q = max(1, 128 // group_pad)
     if block_q != next_pow2(block_q) or block_q * group_pad < 16:
         raise ValueError(f"block_q must be a power of two with block_q * group >= 16, got {block_q}")
-    chunk_tokens = chunk_tokens or 64
+    chunk_tokens = chunk_tokens or 32
     if chunk_tokens < 16 or chunk_tokens != next_pow2(chunk_tokens):
         raise ValueError(f"chunk_tokens must be a power of two >= 16, got {chunk_tokens}")
     num_tiles = pl.cdiv(num_tokens, block_q) + num_seqs + 1
