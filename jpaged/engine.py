@@ -93,9 +93,26 @@ class LLMEngine:
         """Queues one request. Raises ValueError for a malformed request that
         cannot even be queued; a prompt too long for the model is queued and
         comes back as a RequestOutput with `error` set."""
+        prompt_token_ids = self.prepare_request(request_id, prompt, sampling_params,
+                                                prompt_token_ids)
+        seq = Sequence(next(self._seq_ids), prompt, prompt_token_ids, self.config.block_size)
+        seed = sampling_params.seed
+        if seed is None:
+            seed = int(self._rng.integers(0, 1 << 31))
+        self._states[seq.seq_id] = _SeqState(seed, self._new_detok(prompt_token_ids))
+        group = SequenceGroup(request_id, [seq], sampling_params,
+                              arrival_time if arrival_time is not None else time.monotonic())
+        self.scheduler.add_seq_group(group)
+
+    def prepare_request(self, request_id, prompt, sampling_params,
+                        prompt_token_ids=None) -> list[int]:
+        """Checks a request and tokenizes its prompt; ValueError if malformed."""
+        if not isinstance(sampling_params, SamplingParams):
+            raise ValueError(f"request {request_id!r}: sampling_params must be a "
+                             f"SamplingParams, got {type(sampling_params).__name__}")
         if prompt_token_ids is None:
             if prompt is None:
-                raise ValueError("a request needs a prompt or prompt_token_ids")
+                raise ValueError(f"request {request_id!r} needs a prompt or prompt_token_ids")
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompt_token_ids")
             prompt_token_ids = self.tokenizer.encode(prompt)
@@ -112,14 +129,9 @@ class LLMEngine:
                              f"at most {MAX_LOGPROBS // 2}")
         if (sampling_params.logprobs or 0) > MAX_LOGPROBS:
             raise ValueError(f"logprobs={sampling_params.logprobs}: at most {MAX_LOGPROBS}")
-        seq = Sequence(next(self._seq_ids), prompt, prompt_token_ids, self.config.block_size)
-        seed = sampling_params.seed
-        if seed is None:
-            seed = int(self._rng.integers(0, 1 << 31))
-        self._states[seq.seq_id] = _SeqState(seed, self._new_detok(prompt_token_ids))
-        group = SequenceGroup(request_id, [seq], sampling_params,
-                              arrival_time if arrival_time is not None else time.time())
-        self.scheduler.add_seq_group(group)
+        if sampling_params.prompt_logprobs:
+            raise ValueError("prompt_logprobs is not supported yet")
+        return prompt_token_ids
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_seq_group(request_id)

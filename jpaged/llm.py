@@ -67,8 +67,11 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} SamplingParams for "
                              f"{len(items)} prompts")
         ids = [str(next(self._counter)) for _ in items]
-        for rid, (text, toks), sp in zip(ids, items, sampling_params):
-            self.engine.add_request(rid, text, sp, prompt_token_ids=toks)
+        # Check every request before queueing any, so a bad one leaves nothing half-run.
+        toks = [self.engine.prepare_request(rid, text, sp, t)
+                for rid, (text, t), sp in zip(ids, items, sampling_params)]
+        for rid, (text, _), t, sp in zip(ids, items, toks, sampling_params):
+            self.engine.add_request(rid, text, sp, prompt_token_ids=t)
         return self._run(ids, use_tqdm)
 
     def chat(self, messages, sampling_params=None, *, use_tqdm: bool = True,

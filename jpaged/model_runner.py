@@ -191,8 +191,27 @@ class ModelRunner:
 
         sampling_rows: one dict per sampler row (sampler.build_sampling_tensors
         format), in the order of `seqs` (num_samples rows per sequence).
+        A prefill larger than the largest bucket (a recomputed group of many
+        sequences) runs as several calls, each within the bucket.
         """
-        return self._run(seqs, decode=not is_prefill, sampling_rows=sampling_rows)
+        if not is_prefill:
+            return self._run(seqs, decode=True, sampling_rows=sampling_rows)
+        parts, part, tokens = [], [], 0
+        for s in seqs:
+            if part and tokens + len(s.token_ids) > self.max_num_batched_tokens:
+                parts.append(part)
+                part, tokens = [], 0
+            part.append(s)
+            tokens += len(s.token_ids)
+        parts.append(part)
+        outs, row = [], 0
+        for part in parts:
+            n = sum(s.num_samples for s in part)
+            outs.append(self._run(part, decode=False, sampling_rows=sampling_rows[row:row + n]))
+            row += n
+        if len(outs) == 1:
+            return outs[0]
+        return StepOutput(*(np.concatenate(x) for x in zip(*(dataclasses.astuple(o) for o in outs))))
 
     def _run(self, seqs, *, decode, sampling_rows=(), pad_to=None):
         bs = self.block_size

@@ -1,0 +1,263 @@
+"""End-to-end engine tests on tiny random models (CPU, reference kernels)."""
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import models
+from jpaged import LLM, SamplingParams
+from kernels_pallas import AttentionMetadata
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+         "vocab_size": 320, "max_position_embeddings": 256, "eos_token_id": 2}
+OPT = {"architectures": ["OPTForCausalLM"], "hidden_size": 64, "ffn_dim": 128,
+       "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 320,
+       "max_position_embeddings": 256, "word_embed_proj_dim": 64,
+       "do_layer_norm_before": True, "eos_token_id": 2}
+# Small bucket sets keep compile time down: decode 1..8, prefill 16..64.
+ENGINE = dict(block_size=4, max_num_seqs=8, max_model_len=64, max_num_batched_tokens=64,
+              swap_space=0.002)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return models.random_model(LLAMA, dtype="float32", seed=1)
+
+
+@pytest.fixture(scope="module")
+def opt():
+    return models.random_model(OPT, dtype="float32", seed=2)
+
+
+def make_llm(model, **kw):
+    args = dict(ENGINE, num_gpu_blocks=200)
+    args.update(kw)
+    return LLM(model, use_tqdm_warmup=False, **args)
+
+
+_DENSE = {}
+
+
+def dense_last_logits(model, ids, pad=64, block_size=4):
+    """Logits of the last token from one prefill of the whole sequence into a
+    fresh contiguous cache (blocks 1, 2, 3 ... in order), padded to `pad`
+    tokens so every length shares one compiled function."""
+    fn = _DENSE.setdefault(id(model), jax.jit(model.apply))
+    num_blocks = pad // block_size + 1
+    n = len(ids)
+    x = np.zeros(pad, np.int32)
+    x[:n] = ids
+    pos = np.arange(pad, dtype=np.int32)
+    slots = np.where(pos < n, pos + block_size, num_blocks * block_size).astype(np.int32)
+    md = AttentionMetadata(slots, np.arange(1, num_blocks, dtype=np.int32)[None],
+                           np.array([n], np.int32), np.array([0, n], np.int32),
+                           is_decode=False)
+    logits, _ = fn(model.params, x, pos, model.init_kv_caches(num_blocks, block_size), md,
+                   np.array([n - 1], np.int32))
+    return np.asarray(logits[0], np.float64)
+
+
+def dense_greedy(model, prompt, max_tokens):
+    """Greedy by full recompute each token: no decode steps, no batching,
+    no preemption, no block table other than the contiguous one."""
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        ids.append(int(np.argmax(dense_last_logits(model, ids))))
+    return ids[len(prompt):]
+
+
+def prompts(rng, lengths, vocab=320):
+    return [rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.mark.parametrize("which", ["llama", "opt"])
+def test_paged_greedy_equals_dense_loop(which, request):
+    model = request.getfixturevalue(which)
+    ps = prompts(np.random.default_rng(0), [3, 9, 17, 30])
+    outs = make_llm(model).generate(prompt_token_ids=ps, sampling_params=GREEDY, use_tqdm=False)
+    for p, o in zip(ps, outs):
+        assert o.error is None
+        assert o.outputs[0].token_ids == dense_greedy(model, p, 8)
+        assert o.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_tiny_pool_preempts_and_gives_same_tokens(llama, mode):
+    ps = prompts(np.random.default_rng(1), [10, 12, 14, 9, 11, 13])
+    sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    big = make_llm(llama).generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    llm = make_llm(llama, num_gpu_blocks=22, preemption_mode=mode)
+    small = llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in small] == [o.outputs[0].token_ids for o in big]
+    sched = llm.engine.scheduler
+    assert sched.num_preemptions > 0
+    if mode == "swap":
+        assert sched.num_swaps_out > 0 and sched.num_swaps_in > 0
+    bm = llm.engine.block_manager
+    assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+
+
+def reference_beam_search(model, prompt, width, max_tokens):
+    """Plain beam search on full-recompute logits (no EOS in play)."""
+    beams = [(0.0, [])]
+    for _ in range(max_tokens):
+        cands = []
+        for cum, out in beams:
+            logits = dense_last_logits(model, list(prompt) + out)
+            lp = logits - logits.max()
+            lp = lp - math.log(np.exp(lp).sum())
+            for t in np.argsort(-lp)[:width]:
+                cands.append((cum + lp[t], out + [int(t)]))
+        cands.sort(key=lambda c: -c[0])
+        beams = cands[:width]
+    return beams
+
+
+def test_beam_search_equals_reference(llama):
+    p = prompts(np.random.default_rng(2), [7])[0]
+    sp = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0.0,
+                        max_tokens=5, ignore_eos=True)
+    out = make_llm(llama).generate(prompt_token_ids=[p], sampling_params=sp, use_tqdm=False)[0]
+    ref = reference_beam_search(llama, p, 3, 5)[:2]
+    assert [c.token_ids for c in out.outputs] == [r[1] for r in ref]
+    for c, r in zip(out.outputs, ref):
+        assert c.cumulative_logprob == pytest.approx(r[0], abs=1e-3)
+
+
+def test_parallel_sampling_is_reproducible_and_batch_invariant(llama):
+    p = prompts(np.random.default_rng(3), [6])[0]
+    others = prompts(np.random.default_rng(4), [5, 11])
+    sp = SamplingParams(n=3, temperature=1.0, seed=123, max_tokens=8, ignore_eos=True)
+    llm = make_llm(llama)
+    a = llm.generate(prompt_token_ids=[p], sampling_params=sp, use_tqdm=False)[0]
+    b = llm.generate(prompt_token_ids=others + [p],
+                     sampling_params=[SamplingParams(temperature=0.7, max_tokens=5)] * 2 + [sp],
+                     use_tqdm=False)[2]
+    toks = [c.token_ids for c in a.outputs]
+    assert toks == [c.token_ids for c in b.outputs]
+    assert len(toks) == 3 and len({tuple(t) for t in toks}) > 1
+
+
+def test_prefix_caching_same_tokens_and_fewer_prefill_tokens(llama):
+    rng = np.random.default_rng(5)
+    prefix = rng.integers(3, 320, 24).tolist()
+    ps = [prefix + rng.integers(3, 320, n).tolist() for n in (3, 5, 7)]
+    results = {}
+    for caching in (False, True):
+        llm = make_llm(llama, enable_prefix_caching=caching)
+        first = llm.generate(prompt_token_ids=ps[:1], sampling_params=GREEDY, use_tqdm=False)
+        rest = llm.generate(prompt_token_ids=ps[1:], sampling_params=GREEDY, use_tqdm=False)
+        results[caching] = ([o.outputs[0].token_ids for o in first + rest],
+                            llm.engine.stats["num_prefill_tokens"])
+    assert results[True][0] == results[False][0]
+    assert results[False][1] == sum(len(p) for p in ps)
+    # the two later prompts each reuse the 24-token prefix (6 full blocks of 4)
+    assert results[True][1] == results[False][1] - 2 * 24
+
+
+@pytest.mark.parametrize("kind", ["parallel", "beam"])
+def test_sharing_uses_fewer_blocks(llama, kind):
+    p = prompts(np.random.default_rng(6), [30])[0]
+    if kind == "parallel":
+        shared = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    else:
+        shared = SamplingParams(n=4, use_beam_search=True, temperature=0.0, max_tokens=6,
+                                ignore_eos=True)
+    single = SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    a = make_llm(llama)
+    a.generate(prompt_token_ids=[p], sampling_params=shared, use_tqdm=False)
+    b = make_llm(llama)
+    b.generate(prompt_token_ids=[p] * 4, sampling_params=single, use_tqdm=False)
+    # unshared: 4 x (8 prompt blocks + 1-2 output blocks); shared: one prompt copy
+    assert a.engine.stats["peak_blocks_used"] < b.engine.stats["peak_blocks_used"] - 15
+
+
+def test_no_compilation_after_warm_up(llama):
+    llm = make_llm(llama, num_gpu_blocks=30, enable_prefix_caching=True)
+    runner = llm.engine.runner
+    traces = runner.num_traces
+    assert traces == len(runner.decode_buckets) + len(runner.prefill_buckets)
+    rng = np.random.default_rng(8)
+    sps = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+           SamplingParams(temperature=0.9, top_p=0.8, top_k=20, seed=1, max_tokens=10),
+           SamplingParams(n=2, best_of=3, temperature=1.2, min_p=0.05, max_tokens=9),
+           SamplingParams(temperature=0.5, repetition_penalty=1.3, presence_penalty=0.5,
+                          frequency_penalty=0.2, max_tokens=11, logprobs=3),
+           SamplingParams(n=2, use_beam_search=True, temperature=0.0, max_tokens=7),
+           SamplingParams(temperature=0.0, stop_token_ids=[5, 6, 7], max_tokens=15)]
+    ps = prompts(rng, [5, 17, 30, 3, 44, 21])
+    outs = llm.generate(prompt_token_ids=ps, sampling_params=sps, use_tqdm=False)
+    assert all(o.error is None and o.outputs for o in outs)
+    assert llm.engine.scheduler.num_preemptions > 0  # the small pool forced some
+    assert runner.num_traces == traces
+
+
+def test_bad_requests_get_errors_and_others_finish(llama):
+    llm = make_llm(llama)
+    good = prompts(np.random.default_rng(9), [5, 6])
+    too_long = list(range(3, 3 + 70))  # max_model_len is 64
+    outs = llm.generate(prompt_token_ids=[good[0], too_long, good[1]],
+                        sampling_params=GREEDY, use_tqdm=False)
+    assert outs[1].error is not None and "64" in outs[1].error and not outs[1].outputs
+    assert [o.outputs[0].token_ids for o in (outs[0], outs[2])] == \
+        [dense_greedy(llama, p, 8) for p in good]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate(prompt_token_ids=[good[0], [1, 2, 10_000]], sampling_params=GREEDY)
+    assert not llm.engine.has_unfinished_requests()  # nothing half-queued
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate(["a text prompt"], GREEDY)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(prompt_token_ids=[[]], sampling_params=GREEDY)
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_soak_thousand_requests(llama, mode):
+    import tracemalloc
+    rng = np.random.default_rng(10 if mode == "swap" else 11)
+    llm = make_llm(llama, num_gpu_blocks=40, preemption_mode=mode, max_num_seqs=8)
+    eng = llm.engine
+
+    def batch(k):
+        ps, sps = [], []
+        for _ in range(k):
+            ps.append(rng.integers(3, 320, int(rng.integers(1, 40))).tolist())
+            r = rng.random()
+            if r < 0.15:
+                sps.append(SamplingParams(n=2, use_beam_search=True, temperature=0.0,
+                                          max_tokens=int(rng.integers(1, 6))))
+            elif r < 0.35:
+                sps.append(SamplingParams(n=int(rng.integers(1, 4)), temperature=1.0,
+                                          seed=int(rng.integers(0, 99)),
+                                          max_tokens=int(rng.integers(1, 8))))
+            else:
+                sps.append(SamplingParams(temperature=float(rng.choice([0.0, 0.8])),
+                                          stop_token_ids=[int(rng.integers(3, 320))],
+                                          max_tokens=int(rng.integers(1, 10))))
+        return ps, sps
+
+    seen = set()
+    tracemalloc.start()
+    sizes = []
+    for round_ in range(4):
+        ps, sps = batch(250)
+        outs = llm.generate(prompt_token_ids=ps, sampling_params=sps, use_tqdm=False)
+        for o, sp in zip(outs, sps):
+            assert o.request_id not in seen
+            seen.add(o.request_id)
+            assert o.finished and o.error is None and len(o.outputs) == sp.n
+            assert all(1 <= len(c.token_ids) <= sp.max_tokens for c in o.outputs)
+        bm = eng.block_manager
+        assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+        assert not eng._states and not eng._finished_beams
+        sizes.append(tracemalloc.get_traced_memory()[0])
+    tracemalloc.stop()
+    assert len(seen) == 1000
+    assert eng.scheduler.num_preemptions > 0
+    assert sizes[-1] < sizes[1] * 1.5 + (1 << 20)  # host memory stays flat
