@@ -49,7 +49,7 @@ class LLMEngine:
         _enable_compilation_cache()
         if model is None:
             import models
-            model = models.load_model(config.model, dtype=config.dtype,
+            model = models.load_model(config.model, dtype=_resolve_dtype(config.dtype),
                                       attention_backend=config.attention_backend)
         self.model = model
         self.tokenizer = model.tokenizer
@@ -428,6 +428,14 @@ def _eos_id(model):
     if eos is None and model.tokenizer is not None:
         eos = model.tokenizer.eos_token_id
     return eos
+
+
+def _resolve_dtype(dtype: str) -> str:
+    """"auto": bfloat16 on accelerators, float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    import jax
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def _enable_compilation_cache() -> None:

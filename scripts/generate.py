@@ -39,10 +39,13 @@ def parse_args(argv=None):
                    help="length of each random prompt")
     m.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     m.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    m.add_argument("--max-num-seqs", type=int, default=256,
-                   help="most sequences in one step")
-    m.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output (default: the model's limit)")
+    m.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most sequences in one step (default: the number of sequences "
+                        "asked for, rounded up to a power of two, at most 256; every "
+                        "batch-size bucket up to it is compiled at start-up)")
+    m.add_argument("--max-model-len", type=int, default=2048,
+                   help="longest prompt + output; every prefill bucket up to it is "
+                        "compiled at start-up (0: the model's own limit)")
     m.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="most tokens in one prefill step")
     m.add_argument("--num-gpu-blocks", type=int, default=None,
@@ -127,9 +130,13 @@ def main(argv=None):
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
         stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
         max_tokens=args.max_tokens, min_tokens=args.min_tokens, logprobs=args.logprobs)
+    max_num_seqs = args.max_num_seqs
+    if max_num_seqs is None:
+        wanted = len(prompts) * max(args.n, args.best_of or 1, args.beam_width)
+        max_num_seqs = min(256, 1 << max(0, wanted - 1).bit_length())
     t0 = time.perf_counter()
     llm = LLM(model, dtype=args.dtype, block_size=args.block_size,
-              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+              max_num_seqs=max_num_seqs, max_model_len=args.max_model_len or None,
               max_num_batched_tokens=args.max_num_batched_tokens,
               num_gpu_blocks=args.num_gpu_blocks,
               gpu_memory_utilization=args.gpu_memory_utilization,
