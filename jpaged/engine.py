@@ -218,7 +218,7 @@ class LLMEngine:
             for seq, _, _, _ in entries:
                 seq.num_computed_tokens = seq.get_len()  # before the new token
             if g.first_token_time is None:
-                g.first_token_time = time.time()
+                g.first_token_time = time.monotonic()
             if g.sampling_params.sampling_type == SamplingType.BEAM:
                 self._beam_step(g, [(seq, result.topk_token_ids[i], result.topk_logprobs[i])
                                     for seq, _, _, i in entries])
@@ -238,7 +238,7 @@ class LLMEngine:
                 if self._check_stop(seq, g.sampling_params):
                     self.scheduler.free_seq(seq)
             if g.is_finished():
-                g.finished_time = time.time()
+                g.finished_time = time.monotonic()
 
     def _fork(self, g, parent, child, seed):
         self.scheduler.fork_seq(parent, child)
@@ -340,7 +340,7 @@ class LLMEngine:
                 p.status = SequenceStatus.FINISHED_ABORTED
                 self.scheduler.free_seq(p)
         if done:
-            g.finished_time = time.time()
+            g.finished_time = time.monotonic()
 
     def _beam_search_done(self, finished, running, sp, width) -> bool:
         if len(finished) < width:
@@ -420,7 +420,7 @@ def _metrics(g) -> RequestMetrics:
     return RequestMetrics(arrival_time=g.arrival_time,
                           first_scheduled_time=getattr(g, "first_scheduled_time", None),
                           first_token_time=getattr(g, "first_token_time", None),
-                          finished_time=getattr(g, "finished_time", None) or time.time())
+                          finished_time=getattr(g, "finished_time", None) or time.monotonic())
 
 
 def _eos_id(model):

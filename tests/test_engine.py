@@ -84,6 +84,8 @@ def test_paged_greedy_equals_dense_loop(which, request):
         assert o.error is None
         assert o.outputs[0].token_ids == dense_greedy(model, p, 8)
         assert o.outputs[0].finish_reason == "length"
+        m = o.metrics
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
