@@ -45,7 +45,11 @@ class LLMEngine:
     """Adds requests, steps the schedule -> execute -> update loop."""
 
     def __init__(self, config: EngineConfig, model=None, warm_up: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, block_manager_factory=None):
+        """block_manager_factory: optional callable with BlockSpaceManager's
+        signature (block_size, num_gpu_blocks, num_cpu_blocks, watermark=,
+        enable_prefix_caching=) returning a compatible manager, e.g. the
+        contiguous-reservation baseline of jpaged.reservation."""
         _enable_compilation_cache()
         if model is None:
             import models
@@ -68,7 +72,7 @@ class LLMEngine:
             gpu_memory_utilization=config.gpu_memory_utilization,
             swap_space_gib=config.swap_space,
             attention_backend=config.attention_backend)
-        self.block_manager = BlockSpaceManager(
+        self.block_manager = (block_manager_factory or BlockSpaceManager)(
             config.block_size, self.runner.num_gpu_blocks, self.runner.num_cpu_blocks,
             watermark=config.watermark,
             enable_prefix_caching=config.enable_prefix_caching)
