@@ -23,7 +23,7 @@ import numpy as np
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import Detokenizer
 from jpaged.model_runner import MAX_LOGPROBS, ModelRunner, SeqInput
-from jpaged.sampler import derive_seed
+from jpaged.sampler import MAX_BANNED, derive_seed
 from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jpaged.sampling_params import SamplingParams, SamplingType
 from jpaged.block_manager import BlockSpaceManager
@@ -71,7 +71,8 @@ class LLMEngine:
             num_gpu_blocks=num_gpu_blocks,
             gpu_memory_utilization=config.gpu_memory_utilization,
             swap_space_gib=config.swap_space,
-            attention_backend=config.attention_backend)
+            attention_backend=config.attention_backend,
+            tensor_parallel_size=config.tensor_parallel_size)
         self.block_manager = (block_manager_factory or BlockSpaceManager)(
             config.block_size, self.runner.num_gpu_blocks, self.runner.num_cpu_blocks,
             watermark=config.watermark,
@@ -133,8 +134,11 @@ class LLMEngine:
                              f"at most {MAX_LOGPROBS // 2}")
         if (sampling_params.logprobs or 0) > MAX_LOGPROBS:
             raise ValueError(f"logprobs={sampling_params.logprobs}: at most {MAX_LOGPROBS}")
-        if sampling_params.prompt_logprobs:
-            raise ValueError("prompt_logprobs is not supported yet")
+        if (sampling_params.prompt_logprobs or 0) > MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs={sampling_params.prompt_logprobs}: "
+                             f"at most {MAX_LOGPROBS}")
+        if sampling_params.min_tokens and len(sampling_params.stop_token_ids) + 1 > MAX_BANNED:
+            raise ValueError(f"with min_tokens, at most {MAX_BANNED - 1} stop_token_ids")
         return prompt_token_ids
 
     def abort_request(self, request_id: str) -> None:
@@ -158,13 +162,15 @@ class LLMEngine:
             self.runner.copy_blocks(out.blocks_to_copy)
         if out.scheduled_seq_groups:
             groups = [s.seq_group for s in out.scheduled_seq_groups]
-            seq_inputs, rows, owners = self._build_inputs(out.scheduled_seq_groups,
-                                                          out.is_prefill)
+            seq_inputs, rows, owners, spans = self._build_inputs(
+                out.scheduled_seq_groups, out.is_prefill)
             t1 = time.perf_counter()
             result = self.runner.execute(seq_inputs, rows, out.is_prefill)
             t2 = time.perf_counter()
             self.stats["device_seconds"] += t2 - t1
             self._update(groups, owners, result, out.is_prefill)
+            if result.prompt_logprobs is not None:
+                self._record_prompt_logprobs(groups, spans, result)
             for g in groups:
                 self.block_manager.mark_blocks_as_computed(g)
             self.stats["num_steps"] += 1
@@ -180,6 +186,7 @@ class LLMEngine:
     # ------------------------------------------------------------ helpers
     def _build_inputs(self, scheduled, is_prefill):
         seq_inputs, rows, owners = [], [], []
+        spans, num_tokens = {}, 0  # seq_id -> (first token row, count)
         for sched in scheduled:
             g = sched.seq_group
             sp = g.sampling_params
@@ -194,17 +201,47 @@ class LLMEngine:
                     n = sp.actual_best_of if first and sp.sampling_type != SamplingType.BEAM else 1
                 else:
                     start, tokens, n = seq.get_len() - 1, [seq.get_last_token_id()], 1
-                seq_inputs.append(SeqInput(tokens, start, table, n))
+                next_ids = None
+                if is_prefill and sp.prompt_logprobs is not None and seq.get_output_len() == 0:
+                    next_ids = seq.get_token_ids()[start + 1:] + [self.model.config.vocab_size]
+                spans[seq.seq_id] = (num_tokens, len(tokens))
+                num_tokens += len(tokens)
+                seq_inputs.append(SeqInput(tokens, start, table, n, next_ids))
                 state = self._states[seq.seq_id]
                 for j in range(n):
                     seed = state.seed if j == 0 else derive_seed(state.seed, j)
                     rows.append(self._row(seq, sp, seed))
                     owners.append((g, seq, j, seed))
-        return seq_inputs, rows, owners
+        return seq_inputs, rows, owners, spans
+
+    def _record_prompt_logprobs(self, groups, spans, result):
+        """vLLM's layout: None for the first prompt token, then for each
+        later one {token_id: logprob} of that token and the top-k."""
+        for g in groups:
+            k = g.sampling_params.prompt_logprobs
+            seq = g.get_seqs()[0]
+            if k is None or g.prompt_logprobs is not None or seq.seq_id not in spans:
+                continue
+            t0, n = spans[seq.seq_id]
+            prompt = seq.prompt_token_ids
+            entries = [None]
+            for i in range(n - 1):
+                row = t0 + i
+                entry = {int(tid): float(lp) for tid, lp in
+                         zip(result.prompt_topk_token_ids[row][:k],
+                             result.prompt_topk_logprobs[row][:k])}
+                entry[prompt[i + 1]] = float(result.prompt_logprobs[row])
+                entries.append(entry)
+            g.prompt_logprobs = entries
 
     def _row(self, seq, sp, seed):
         greedy = sp.sampling_type in (SamplingType.GREEDY, SamplingType.BEAM)
-        return dict(temperature=0.0 if greedy else sp.temperature, top_p=sp.top_p,
+        banned = ()
+        if seq.get_output_len() < sp.min_tokens:  # EOS and stop ids can't end it yet
+            banned = list(sp.stop_token_ids)
+            if not sp.ignore_eos and self.eos_token_id is not None:
+                banned.append(self.eos_token_id)
+        return dict(banned_token_ids=banned,temperature=0.0 if greedy else sp.temperature, top_p=sp.top_p,
                     top_k=sp.top_k, min_p=sp.min_p,
                     presence_penalty=sp.presence_penalty,
                     frequency_penalty=sp.frequency_penalty,
@@ -398,7 +435,7 @@ class LLMEngine:
         first = g.get_seqs()[0]
         return RequestOutput(
             request_id=g.request_id, prompt=first.prompt,
-            prompt_token_ids=list(first.prompt_token_ids), prompt_logprobs=None,
+            prompt_token_ids=list(first.prompt_token_ids), prompt_logprobs=g.prompt_logprobs,
             outputs=[self._completion(i, s, sp) for i, s in enumerate(seqs)],
             finished=True, metrics=_metrics(g), error=None)
 

@@ -66,11 +66,15 @@ class SeqInput:
     block_table: the sequence's physical block ids.
     num_samples: sampler rows that read this sequence's last logits (1, or
                  best_of when a prompt forks into parallel samples).
+    prompt_next_ids: for prompt logprobs, the token that follows each of
+                 token_ids (None: not wanted); the step then returns the
+                 logprob of each and the top MAX_LOGPROBS at every position.
     """
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
     num_samples: int = 1
+    prompt_next_ids: list[int] | None = None
 
 
 @dataclasses.dataclass
@@ -80,6 +84,10 @@ class StepOutput:
     logprobs: np.ndarray        # f32[rows]
     topk_token_ids: np.ndarray  # i32[rows, MAX_LOGPROBS]
     topk_logprobs: np.ndarray   # f32[rows, MAX_LOGPROBS]
+    # Prompt logprobs, one row per computed token of the step, when asked for:
+    prompt_logprobs: np.ndarray | None = None        # f32[tokens]
+    prompt_topk_token_ids: np.ndarray | None = None  # i32[tokens, MAX_LOGPROBS]
+    prompt_topk_logprobs: np.ndarray | None = None   # f32[tokens, MAX_LOGPROBS]
 
 
 class ModelRunner:
@@ -90,7 +98,13 @@ class ModelRunner:
                  num_gpu_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9,
                  swap_space_gib: float = 0.0, kv_dtype=None,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", tensor_parallel_size: int = 1):
+        self.tensor_parallel_size = tensor_parallel_size
+        self.mesh = None
+        if tensor_parallel_size > 1:  # params and pool sharded over a "tp" mesh
+            from jpaged import parallel
+            self.mesh = parallel.make_mesh(tensor_parallel_size)
+            model = parallel.shard_model(model, self.mesh)
         self.model = model
         self.attention_backend = attention_backend
         self.block_size = block_size
@@ -124,6 +138,13 @@ class ModelRunner:
         self._copy_fn = jax.jit(self._copy, donate_argnums=(0,))
         self._gather_fn = jax.jit(self._gather)
         self._scatter_fn = jax.jit(self._scatter, donate_argnums=(0,))
+        if self.mesh is not None:
+            # NOTE: the step keeps the pool's sharding by itself (the attention
+            # shard_map returns it); these pin it so no call ever recompiles.
+            pool = parallel.kv_cache_shardings(self.mesh, len(self.kv_caches))
+            self._copy_fn = jax.jit(parallel.per_shard(self._copy, self.mesh, len(pool), 2),
+                                    donate_argnums=(0,), out_shardings=pool)
+            self._scatter_fn = jax.jit(self._scatter, donate_argnums=(0,), out_shardings=pool)
 
     # ------------------------------------------------------------ sizing
     def _profile_num_blocks(self, utilization: float) -> int:
@@ -138,15 +159,23 @@ class ModelRunner:
             4 * cfg.hidden_size * 4 + 2 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size) * 4)
         activations += self.max_num_seqs * self.vocab_size * 4 * 4
         free = limit * utilization - stats.get("bytes_in_use", 0) - activations
-        return max(0, int(free // self.bytes_per_block))
+        return max(0, int(free // (self.bytes_per_block // self.tensor_parallel_size)))
 
     # ------------------------------------------------------------ jitted bodies
     def _step(self, params, kv_caches, input_ids, positions, metadata,
-              logits_indices, sampling, modes):
+              logits_indices, sampling, prompt_next_ids, modes):
         self.num_traces += 1  # runs only while tracing: counts compilations
+        if prompt_next_ids is None:
+            logits, kv_caches = self.model.apply(params, input_ids, positions,
+                                                 kv_caches, metadata, logits_indices)
+            return kv_caches, sampler_lib.sample(logits, sampling, modes), None
+        # NOTE: a None vs array argument is a separate jit entry: prompt
+        # logprobs need the logits of every token, the usual step only a few.
         logits, kv_caches = self.model.apply(params, input_ids, positions,
-                                             kv_caches, metadata, logits_indices)
-        return kv_caches, sampler_lib.sample(logits, sampling, modes)
+                                             kv_caches, metadata, None)
+        out = sampler_lib.sample(logits[logits_indices], sampling, modes)
+        return kv_caches, out, sampler_lib.prompt_logprobs(logits, prompt_next_ids,
+                                                           MAX_LOGPROBS)
 
     def _copy(self, kv_caches, src, dst):
         return tuple(copy_blocks(c, src, dst, backend=self.attention_backend)
@@ -196,6 +225,7 @@ class ModelRunner:
         """
         if not is_prefill:
             return self._run(seqs, decode=True, sampling_rows=sampling_rows)
+        want_prompt = any(s.prompt_next_ids is not None for s in seqs)
         parts, part, tokens = [], [], 0
         for s in seqs:
             if part and tokens + len(s.token_ids) > self.max_num_batched_tokens:
@@ -207,13 +237,15 @@ class ModelRunner:
         outs, row = [], 0
         for part in parts:
             n = sum(s.num_samples for s in part)
-            outs.append(self._run(part, decode=False, sampling_rows=sampling_rows[row:row + n]))
+            outs.append(self._run(part, decode=False, sampling_rows=sampling_rows[row:row + n],
+                                  prompt_logprobs=want_prompt))
             row += n
         if len(outs) == 1:
             return outs[0]
-        return StepOutput(*(np.concatenate(x) for x in zip(*(dataclasses.astuple(o) for o in outs))))
+        return StepOutput(*(None if x[0] is None else np.concatenate(x)
+                            for x in zip(*(dataclasses.astuple(o) for o in outs))))
 
-    def _run(self, seqs, *, decode, sampling_rows=(), pad_to=None):
+    def _run(self, seqs, *, decode, sampling_rows=(), pad_to=None, prompt_logprobs=False):
         bs = self.block_size
         if decode:
             num_seqs_pad = pad_to or _bucket(self.decode_buckets, len(seqs))
@@ -231,6 +263,8 @@ class ModelRunner:
         context_lens = np.zeros(num_seqs_pad, np.int32)
         query_start_loc = np.zeros(num_seqs_pad + 1, np.int32)
         logits_indices = np.zeros(num_rows_pad, np.int32)
+        prompt_next = (np.full(num_tokens_pad, self.vocab_size, np.int32)
+                       if prompt_logprobs else None)
         t = row = 0
         for i, s in enumerate(seqs):
             n = len(s.token_ids)
@@ -243,6 +277,8 @@ class ModelRunner:
             context_lens[i] = s.start_pos + n
             query_start_loc[i + 1] = t + n
             logits_indices[row:row + s.num_samples] = t + n - 1
+            if prompt_next is not None and s.prompt_next_ids is not None:
+                prompt_next[t:t + n] = s.prompt_next_ids
             t += n
             row += s.num_samples
         query_start_loc[len(seqs) + 1:] = t
@@ -252,15 +288,17 @@ class ModelRunner:
             list(sampling_rows), self.vocab_size, num_rows_pad,
             pad_prompt_to=self.max_model_len, pad_output_to=self.max_model_len,
             fixed_shapes=True)
-        self.kv_caches, out = self._step_fn(
+        self.kv_caches, out, plp = self._step_fn(
             self.model.params, self.kv_caches, input_ids, positions, metadata,
-            logits_indices, sampling, modes=STEP_MODES)
+            logits_indices, sampling, prompt_next, modes=STEP_MODES)
         rows = len(sampling_rows)
-        out = jax.device_get(out)  # the step's one device->host sync
+        out, plp = jax.device_get((out, plp))  # the step's one device->host sync
+        prompt = ((None, None, None) if plp is None else
+                  (plp.token_logprobs[:t], plp.topk_token_ids[:t], plp.topk_logprobs[:t]))
         return StepOutput(np.asarray(out.sampled_token_ids)[:rows],
                           np.asarray(out.sampled_logprobs)[:rows],
                           np.asarray(out.topk_token_ids)[:rows],
-                          np.asarray(out.topk_logprobs)[:rows])
+                          np.asarray(out.topk_logprobs)[:rows], *prompt)
 
     # ------------------------------------------------------------ block moves
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

@@ -149,6 +149,8 @@ class SamplingTensors:
     sample_steps: Any          # i32[S]   index of the generated token being drawn
     output_token_ids: Any      # i32[S, L] padded with vocab_size
     prompt_token_ids: Any      # i32[S, P] padded with vocab_size
+    banned_token_ids: Any      # i32[S, MAX_BANNED] never sampled (min_tokens:
+                               # EOS and stop ids), padded with vocab_size
 
     @property
     def num_rows(self) -> int:
@@ -157,7 +159,9 @@ class SamplingTensors:
 
 _DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, presence_penalty=0.0,
                  frequency_penalty=0.0, repetition_penalty=1.0, seed=None, step=0,
-                 prompt_token_ids=(), output_token_ids=(), logprobs=None)
+                 prompt_token_ids=(), output_token_ids=(), logprobs=None,
+                 banned_token_ids=())
+MAX_BANNED = 16  # banned ids per row (EOS + stop token ids while below min_tokens)
 _PADDED_ROW = dict(_DEFAULTS, temperature=0.0, seed=0)
 
 
@@ -318,12 +322,20 @@ def build_sampling_tensors(
             raise ValueError(f"row {i}: {name} has ids outside [0, {vocab_size})")
         return out
 
+    banned = np.full((pad_rows_to, MAX_BANNED), vocab_size, np.int32)
+    for i, r in enumerate(full):
+        ids = list(r["banned_token_ids"])
+        if ids:
+            if len(ids) > MAX_BANNED:
+                raise ValueError(f"row {i}: {len(ids)} banned_token_ids, at most {MAX_BANNED}")
+            banned[i, :len(ids)] = ids
     tensors = SamplingTensors(
         temperatures=temps, top_ps=top_ps, top_ks=top_ks, min_ps=min_ps,
         presence_penalties=pres, frequency_penalties=freq, repetition_penalties=rep,
         seeds=seeds, sample_steps=steps,
         output_token_ids=tokens("output_token_ids", pad_output_to),
-        prompt_token_ids=tokens("prompt_token_ids", pad_prompt_to))
+        prompt_token_ids=tokens("prompt_token_ids", pad_prompt_to),
+        banned_token_ids=banned)
     return tensors, modes
 
 
@@ -430,6 +442,7 @@ def sample(logits, t: SamplingTensors, modes: SamplerModes) -> SamplerOutput:
         any_penalty = jnp.any((t.repetition_penalties != 1) | (t.presence_penalties != 0)
                               | (t.frequency_penalties != 0))
         logits = jax.lax.cond(any_penalty, apply_penalties, lambda x, _: x, logits, t)
+    logits = logits.at[jnp.arange(S)[:, None], t.banned_token_ids].set(-jnp.inf, mode="drop")
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if modes.all_greedy:
         token_ids = greedy_ids

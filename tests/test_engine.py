@@ -263,3 +263,64 @@ def test_soak_thousand_requests(llama, mode):
     assert len(seen) == 1000
     assert eng.scheduler.num_preemptions > 0
     assert sizes[-1] < sizes[1] * 1.5 + (1 << 20)  # host memory stays flat
+
+
+def test_prompt_logprobs_and_min_tokens(llama):
+    p = prompts(np.random.default_rng(12), [9])[0]
+    llm = make_llm(llama)
+    sp = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=4, logprobs=2,
+                        ignore_eos=True)
+    out = llm.generate(prompt_token_ids=[p], sampling_params=sp, use_tqdm=False)[0]
+    logits = llama.logits(p).astype(np.float64)
+    ref = logits - logits.max(-1, keepdims=True)
+    ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    for i in range(1, len(p)):
+        entry = out.prompt_logprobs[i]
+        assert entry[p[i]] == pytest.approx(ref[i - 1, p[i]], abs=1e-4)
+        top = np.argsort(-ref[i - 1])[:4]
+        assert set(int(t) for t in top) <= set(entry)
+    assert all(len(e) <= 3 for e in out.outputs[0].logprobs)  # top 2 + the sampled one
+    # min_tokens: a stop id that greedy decoding would emit first cannot end it early.
+    first = out.outputs[0].token_ids[0]
+    stop = SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[first])
+    early = llm.generate(prompt_token_ids=[p], sampling_params=stop, use_tqdm=False)[0]
+    assert early.outputs[0].token_ids == [first] and early.outputs[0].finish_reason == "stop"
+    held = SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[first], min_tokens=3)
+    late = llm.generate(prompt_token_ids=[p], sampling_params=held, use_tqdm=False)[0]
+    toks = late.outputs[0].token_ids
+    assert len(toks) >= 3 and first not in toks[:3]
+
+
+@pytest.fixture(scope="module")
+def chatty():
+    """A tiny random model wearing SmolLM2's real tokenizer and chat template."""
+    from models.gguf import find_default_model
+    from models.tokenizer import tokenizer_from_gguf
+    tok = tokenizer_from_gguf(find_default_model("smollm2-135m"))
+    cfg = dict(LLAMA, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    m = models.random_model(cfg, dtype="float32", seed=3)
+    m.tokenizer = tok
+    return m
+
+
+def test_text_prompts_stop_strings_and_chat(chatty):
+    llm = make_llm(chatty)
+    tok = chatty.tokenizer
+    base = llm.generate(["Once upon a time"], SamplingParams(temperature=0.0, max_tokens=12,
+                                                           ignore_eos=True), use_tqdm=False)[0]
+    assert base.prompt_token_ids == tok.encode("Once upon a time")
+    text = base.outputs[0].text
+    assert text == tok.decode(base.outputs[0].token_ids, skip_special_tokens=True)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop.strip(), f"pick a visible stop string from {text!r}"
+    cut = llm.generate(["Once upon a time"], SamplingParams(temperature=0.0, max_tokens=12,
+                                                          ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == text[:text.index(stop)]
+    msgs = [{"role": "user", "content": "Name a prime number."}]
+    chat = llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)[0]
+    expected = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    assert chat.prompt_token_ids == list(expected["input_ids"])
+    assert "<|im_start|>assistant" in chat.prompt

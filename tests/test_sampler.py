@@ -309,3 +309,17 @@ def test_builder_errors_and_helpers():
     t, m = build_sampling_tensors([row], 10, 1)
     assert t.seeds[0] == smp.derive_seed(3, 1) and t.top_ks[0] == 7 and m.num_logprobs == 5
     assert len({smp.derive_seed(3, i) for i in range(100)}) == 100
+
+
+def test_banned_tokens_are_never_drawn():
+    import jax.numpy as jnp
+    from jpaged.sampler import SamplerModes, build_sampling_tensors, sample
+    logits = jnp.array([[0.0, 5.0, 4.0, 1.0]] * 2)
+    rows = [dict(temperature=0.0, banned_token_ids=[1]), dict(temperature=0.0)]
+    t, _ = build_sampling_tensors(rows, 4, 2)
+    modes = SamplerModes(all_greedy=True, do_penalties=False, do_top_k_top_p=False,
+                         do_min_p=False, num_logprobs=0)
+    out = sample(logits, t, modes)
+    assert out.sampled_token_ids.tolist() == [2, 1]
+    # raw logprobs are of the unmodified distribution
+    assert float(out.sampled_logprobs[0]) < float(out.sampled_logprobs[1])
