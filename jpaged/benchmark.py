@@ -1,0 +1,312 @@
+"""What the bench scripts share: one warmed-up engine, systems swapped in,
+the offline and Poisson run loops, per-step probes, result metadata.
+
+Systems: "jpaged" (the paged block manager, default settings) and the
+contiguous-reservation baselines "orca-max", "orca-pow2", "orca-oracle"
+(jpaged.reservation). All run on the same engine object, so the same
+compiled steps, model, kernels and KV pool: ``use_system`` swaps the block
+manager and scheduler between runs (compiling once keeps a multi-system run
+within one GPU call).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from jpaged.block_manager import BlockSpaceManager
+from jpaged.reservation import ReservationBlockManager, kv_slot_usage
+from jpaged.scheduler import Scheduler
+from jpaged.sequence import SequenceStatus
+
+SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle")
+LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
+          "orca-oracle": "Orca-Oracle", "hf-generate": "HF generate (static)",
+          "hf-generate-batch": "HF generate_batch (continuous)"}
+
+
+def parse_list(text: str, allowed=None, kind=str) -> list:
+    """Comma-separated flag value -> list; ValueError naming a bad entry."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"empty list {text!r}")
+    out = []
+    for s in items:
+        if allowed is not None and s not in allowed:
+            raise ValueError(f"unknown entry {s!r}; choose from {list(allowed)}")
+        try:
+            out.append(kind(s))
+        except ValueError:
+            raise ValueError(f"{s!r} is not a valid {kind.__name__}") from None
+    return out
+
+
+def load_hf_config(spec: str) -> dict:
+    """A models.random_model preset's HF config, or one read from a JSON file."""
+    import os
+    import models
+    if spec in models.PRESETS:
+        return dict(models.PRESETS[spec])
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            return json.load(f)
+    raise ValueError(f"model {spec!r} is neither a preset {sorted(models.PRESETS)} "
+                     "nor a JSON file with an HF config")
+
+
+def build_engine(model, *, block_size=16, max_num_seqs=256, max_model_len=2048,
+                 max_num_batched_tokens=None, num_gpu_blocks=None, kv_cache_gib=None,
+                 gpu_memory_utilization=0.9, swap_space=4.0, seed=0, progress=True):
+    """An LLMEngine on a loaded model, warmed up (every bucket compiled).
+
+    kv_cache_gib: size the KV pool in GiB (all layers) instead of from
+    gpu_memory_utilization; num_gpu_blocks overrides both.
+    """
+    from jpaged.config import EngineConfig
+    from jpaged.engine import LLMEngine
+    if num_gpu_blocks is None and kv_cache_gib is not None:
+        if not kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib}")
+        num_gpu_blocks = 1 + int(kv_cache_gib * (1 << 30) // model.kv_bytes_per_block(block_size))
+    config = EngineConfig(model="random", block_size=block_size, max_num_seqs=max_num_seqs,
+                          max_model_len=max_model_len,
+                          max_num_batched_tokens=max_num_batched_tokens,
+                          num_gpu_blocks=num_gpu_blocks,
+                          gpu_memory_utilization=gpu_memory_utilization,
+                          swap_space=swap_space, seed=seed)
+    return LLMEngine(config, model=model, progress=progress)
+
+
+def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):
+    """A callable with BlockSpaceManager's signature for `system`."""
+    if system == "jpaged":
+        return BlockSpaceManager
+    if system.startswith("orca-") and system[5:] in ("max", "pow2", "oracle"):
+        if enable_prefix_caching:
+            raise ValueError(f"{system} has no prefix caching")
+        return functools.partial(ReservationBlockManager, policy=system[5:],
+                                 max_model_len=max_model_len)
+    raise ValueError(f"unknown system {system!r}; choose from {list(SYSTEMS)}")
+
+
+def use_system(engine, system: str, enable_prefix_caching: bool = False) -> None:
+    """Gives the (idle) engine a fresh block manager and scheduler for
+    `system` and zeroes its counters; the model runner and KV pool stay."""
+    if engine.has_unfinished_requests():
+        raise RuntimeError("use_system() needs an idle engine")
+    cfg = engine.config
+    factory = block_manager_factory(system, cfg.max_model_len, enable_prefix_caching)
+    engine.block_manager = factory(cfg.block_size, engine.runner.num_gpu_blocks,
+                                   engine.runner.num_cpu_blocks, watermark=cfg.watermark,
+                                   enable_prefix_caching=enable_prefix_caching)
+    engine.scheduler = Scheduler(engine.scheduler.config, engine.block_manager)
+    for k, v in engine.stats.items():
+        engine.stats[k] = type(v)(0)
+
+
+class Probe:
+    """Per-step measurements taken after engine.step(); their own time is
+    kept apart (``seconds``) so the caller can leave it out of the run time.
+
+    Tracks peak concurrent sequences, KV waste at the step of peak block use
+    (slots allocated but holding no token, % of the pool), and, with
+    ``sharing``, block-table entries vs distinct blocks over all steps.
+    """
+
+    def __init__(self, engine, sharing: bool = False):
+        self.engine, self.sharing = engine, sharing
+        self.seconds = 0.0
+        self.peak_seqs = 0
+        self.peak_blocks = -1
+        self.at_peak = dict(kv_waste_pct=0.0, kv_filled_pct=0.0, kv_free_pct=100.0)
+        self.entries = self.distinct = 0
+        self.peak_saved_pct = 0.0
+
+    def after_step(self) -> None:
+        t0 = time.perf_counter()
+        eng = self.engine
+        bm = eng.block_manager
+        seqs = [s for g in eng.scheduler.running for s in g.get_seqs(SequenceStatus.RUNNING)]
+        self.peak_seqs = max(self.peak_seqs, len(seqs))
+        used = bm.get_num_total_gpu_blocks() - bm.get_num_free_gpu_blocks()
+        if used > self.peak_blocks:
+            self.peak_blocks = used
+            in_use, filled, pool = kv_slot_usage(bm, seqs)
+            self.at_peak = dict(kv_waste_pct=100.0 * (in_use - filled) / pool,
+                                kv_filled_pct=100.0 * filled / pool,
+                                kv_free_pct=100.0 * (pool - in_use) / pool)
+        if self.sharing:
+            entries, distinct = bm.get_block_usage()
+            self.entries += entries
+            self.distinct += distinct
+            if entries:
+                self.peak_saved_pct = max(self.peak_saved_pct, 100.0 * (1 - distinct / entries))
+        self.seconds += time.perf_counter() - t0
+
+    def summary(self) -> dict:
+        out = dict(peak_concurrent_seqs=self.peak_seqs, peak_blocks_used=self.peak_blocks,
+                   **{f"{k}_at_peak": v for k, v in self.at_peak.items()})
+        if self.sharing:
+            out["blocks_saved_pct"] = (100.0 * (self.entries - self.distinct) / self.entries
+                                       if self.entries else 0.0)
+            out["peak_blocks_saved_pct"] = self.peak_saved_pct
+        return out
+
+
+def engine_counters(engine) -> dict:
+    """Step, preemption and timing counters of the engine's current system."""
+    st, sch = engine.stats, engine.scheduler
+    steps = max(1, st["num_steps"])
+    return dict(num_steps=st["num_steps"], preemptions=sch.num_preemptions,
+                swaps_out=sch.num_swaps_out, swaps_in=sch.num_swaps_in,
+                host_ms_per_step=1e3 * st["host_seconds"] / steps,
+                device_ms_per_step=1e3 * st["device_seconds"] / steps,
+                generated_tokens=st["num_generated_tokens"],
+                prefill_tokens=st["num_prefill_tokens"],
+                cached_prompt_tokens=st["num_cached_prompt_tokens"])
+
+
+def run_offline(engine, requests, params, *, sharing=False, progress=True, desc="requests",
+                request_ids=None) -> dict:
+    """All requests queued at time 0, stepped to completion.
+
+    Args:
+      requests: list of workloads.Request.
+      params: one SamplingParams per request.
+    Returns: throughput, counters and probe figures (no per-request data).
+    """
+    from tqdm import tqdm
+    ids = request_ids or [str(i) for i in range(len(requests))]
+    for rid, r, sp in zip(ids, requests, params):
+        engine.add_request(rid, None, sp, prompt_token_ids=r.prompt_token_ids)
+    probe = Probe(engine, sharing)
+    outs = []
+    bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        done = engine.step()
+        probe.after_step()
+        outs += done
+        bar.update(len(done))
+    elapsed = time.perf_counter() - t0 - probe.seconds
+    bar.close()
+    rejected = [o for o in outs if o.error is not None]
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return dict(num_requests=len(requests), num_rejected=len(rejected),
+                rejected_reason=rejected[0].error if rejected else None,
+                seconds=elapsed, output_tokens=tokens,
+                output_tokens_per_s=tokens / elapsed,
+                requests_per_s=(len(requests) - len(rejected)) / elapsed,
+                **engine_counters(engine), **probe.summary())
+
+
+def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
+    """Requests arrive at `arrivals` (seconds) on a simulated clock that
+    advances by each step's measured wall time and jumps over idle gaps.
+
+    Normalized latency of a request = (finish - arrival) / output tokens.
+    deadline: wall-clock time.perf_counter() value after which no more
+    requests are admitted (the run is then marked truncated).
+    """
+    n = len(requests)
+    sim, i = 0.0, 0
+    finish: dict[int, float] = {}
+    rejected = 0
+    truncated = False
+    t_start = time.perf_counter()
+    while i < n or engine.has_unfinished_requests():
+        if deadline is not None and i < n and time.perf_counter() > deadline:
+            truncated = True
+            engine.abort_request([str(k) for k in range(n)])
+            break
+        if not engine.has_unfinished_requests() and sim < arrivals[i]:
+            sim = float(arrivals[i])
+        while i < n and arrivals[i] <= sim:
+            engine.add_request(str(i), None, params[i],
+                               prompt_token_ids=requests[i].prompt_token_ids)
+            i += 1
+        t0 = time.perf_counter()
+        done = engine.step()
+        sim += time.perf_counter() - t0
+        for o in done:
+            if o.error is not None:
+                rejected += 1
+            else:
+                finish[int(o.request_id)] = sim
+    wall = time.perf_counter() - t_start
+    ok = sorted(finish)
+    lat = np.array([finish[k] - arrivals[k] for k in ok])
+    norm = lat / np.array([requests[k].output_len for k in ok]) if ok else np.array([math.nan])
+    tokens = sum(requests[k].output_len for k in ok)
+    return dict(num_requests=n, num_finished=len(ok), num_rejected=rejected,
+                truncated=truncated, sim_seconds=sim, wall_seconds=wall,
+                mean_normalized_latency=float(np.mean(norm)),
+                p50_normalized_latency=float(np.percentile(norm, 50)),
+                p90_normalized_latency=float(np.percentile(norm, 90)),
+                mean_latency=float(np.mean(lat)) if ok else math.nan,
+                output_tokens_per_s=tokens / sim if sim else 0.0,
+                **engine_counters(engine))
+
+
+# ------------------------------------------------------------------ results
+def git_commit() -> str | None:
+    """HEAD's hash, with "-dirty" when tracked files differ from it."""
+    try:
+        head = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"],
+                               stderr=subprocess.DEVNULL).returncode != 0
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def result_header(script: str, argv) -> dict:
+    """Device, commit, exact command and versions for a result JSON."""
+    import jax
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return dict(device=jax.devices()[0].device_kind, platform=jax.default_backend(),
+                commit=git_commit(), command=shlex.join(["python", script] + argv),
+                jax=jax.__version__, host=platform.node(),
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def default_out(kind: str, device: str, tag: str = "") -> str:
+    name = f"{kind}-{device.replace(' ', '_')}{'-' + tag if tag else ''}.json"
+    return str(pathlib.Path("benchmarks") / "results" / name)
+
+
+def write_result(result: dict, out: str) -> None:
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=_json_default))
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table; columns: (key, header, format spec)."""
+    def cell(row, key, fmt):
+        v = row.get(key)
+        if v is None:
+            return "-"
+        if isinstance(v, str):
+            return v
+        return format(v, fmt)
+    table = [[h for _, h, _ in columns]] + [[cell(r, k, f) for k, _, f in columns] for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

