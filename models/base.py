@@ -24,10 +24,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kernels_pallas
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+TP_AXIS = "tp"  # the device-mesh axis tensor parallelism splits heads over
 
 
 def canonical_dtype(dtype) -> str:
@@ -70,6 +72,47 @@ class Linear(nn.Module):
             y = y + self.param("bias", nn.initializers.normal(0.02),
                                (self.features,), self.dtype)
         return y
+
+
+def paged_attention(q, k, v, kv_cache, metadata, *, scale, backend, interpret, mesh=None):
+    """kernels_pallas.attention, run once per shard of the "tp" mesh axis.
+
+    With ``mesh`` None this is kernels_pallas.attention. With a mesh, q, k, v
+    and the pool are split by head (each device sees its own query heads and
+    the KV heads they read) and the kernels run per shard through shard_map;
+    the metadata (block tables, slots) is the same on every shard.
+
+    Args:
+      q:        [num_tokens, num_heads, head_dim]
+      k, v:     [num_tokens, num_kv_heads, head_dim]
+      kv_cache: [2, num_blocks, num_kv_heads, block_size, head_dim]
+    Returns:
+      (out [num_tokens, num_heads, head_dim], updated kv_cache)
+    """
+    def attend(q, k, v, kv_cache, metadata):
+        return kernels_pallas.attention(q, k, v, kv_cache, metadata, scale=scale,
+                                        backend=backend, interpret=interpret)
+    if mesh is None:
+        return attend(q, k, v, kv_cache, metadata)
+    heads = P(None, TP_AXIS, None)
+    pool = P(None, None, TP_AXIS, None, None)
+    # NOTE: check_vma is off because Pallas calls carry no varying-axis rules.
+    return jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, pool, P()),
+                         out_specs=(heads, pool), check_vma=False)(q, k, v, kv_cache, metadata)
+
+
+def gather_logits(logits, mesh=None):
+    """f32[M, vocab] logits whole on every device of ``mesh`` (no-op without
+    one), so the sampler sees the full vocabulary.
+
+    NOTE: pinning the vocab-split layout first keeps the lm_head matmul
+    vocab-parallel; left alone, jit gathers the whole lm_head weight instead.
+    """
+    if mesh is None:
+        return logits
+    if logits.shape[-1] % mesh.shape[TP_AXIS] == 0:
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P(None, TP_AXIS)))
+    return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P()))
 
 
 def lm_logits(hidden, weight):
@@ -164,6 +207,8 @@ class LoadedModel:
       tokenizer:    transformers.PreTrainedTokenizerFast, or None.
       architecture: HF architecture name, e.g. "LlamaForCausalLM".
       dtype:        "float32" | "bfloat16" | "float16".
+      kv_sharding:  where the KV pool lives: None (the first device) or a
+                    jax.sharding.Sharding (tensor parallelism, jpaged.parallel).
     """
     config: Any
     hf_config: dict
@@ -173,6 +218,7 @@ class LoadedModel:
     architecture: str
     dtype: str
     _jit_apply: Callable | None = dataclasses.field(default=None, repr=False)
+    kv_sharding: Any = None
 
     def apply(self, params, input_ids, positions, kv_caches, metadata,
               logits_indices=None):
@@ -195,6 +241,9 @@ class LoadedModel:
         array per layer, in ``dtype`` (default: the params dtype)."""
         dtype = DTYPES[canonical_dtype(dtype or self.dtype)]
         shape = (2, num_blocks, self.config.num_kv_heads, block_size, self.config.head_dim)
+        if self.kv_sharding is not None:  # built in place: no whole pool on one device
+            zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.kv_sharding)
+            return tuple(zeros() for _ in range(self.config.num_layers))
         # NOTE: committed to a device like the params, so a jitted step sees the
         # same placement on its first call as on later ones (no recompile).
         device = jax.devices()[0]

@@ -13,8 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-import kernels_pallas
-from models.base import ROPE_TYPES, Linear, RMSNorm, apply_rope, lm_logits, rope_inv_freq
+from models.base import (ROPE_TYPES, Linear, RMSNorm, apply_rope, lm_logits, paged_attention,
+                         gather_logits, rope_inv_freq)
 from models.convert import Rule
 
 
@@ -129,6 +129,7 @@ class LlamaAttention(nn.Module):
     dtype: Any
     attention_backend: str
     interpret: bool
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata):
@@ -141,9 +142,9 @@ class LlamaAttention(nn.Module):
         q = apply_rope(q.reshape(n, c.num_heads, c.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(n, c.num_kv_heads, c.head_dim), positions, inv_freq)
         v = v.reshape(n, c.num_kv_heads, c.head_dim)
-        out, kv_cache = kernels_pallas.attention(
+        out, kv_cache = paged_attention(
             q, k, v, kv_cache, metadata, scale=c.head_dim ** -0.5,
-            backend=self.attention_backend, interpret=self.interpret)
+            backend=self.attention_backend, interpret=self.interpret, mesh=self.mesh)
         out = out.reshape(n, c.num_heads * c.head_dim)
         return Linear(c.hidden_size, c.o_bias, self.dtype, name="o_proj")(out), kv_cache
 
@@ -165,13 +166,14 @@ class LlamaDecoderLayer(nn.Module):
     dtype: Any
     attention_backend: str
     interpret: bool
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
         h, kv_cache = LlamaAttention(c, self.dtype, self.attention_backend, self.interpret,
-                                     name="self_attn")(h, positions, kv_cache, metadata)
+                                     self.mesh, name="self_attn")(h, positions, kv_cache, metadata)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         return x + LlamaMLP(c, self.dtype, name="mlp")(h), kv_cache
@@ -181,12 +183,14 @@ class LlamaForCausalLM(nn.Module):
     """Llama-family causal LM on the paged KV cache (signature in models/base.py).
 
     Params: embed_tokens/embedding [vocab, hidden]; layers_{i}/...; norm/scale;
-    lm_head [hidden, vocab] unless embeddings are tied.
+    lm_head [hidden, vocab] unless embeddings are tied. ``mesh``: a device
+    mesh with a "tp" axis for tensor parallelism (jpaged.parallel), or None.
     """
     config: LlamaConfig
     dtype: Any = jnp.float32
     attention_backend: str = "auto"
     interpret: bool = False
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, input_ids, positions, kv_caches, metadata, logits_indices=None):
@@ -199,7 +203,8 @@ class LlamaForCausalLM(nn.Module):
         new_caches = []
         for i in range(c.num_layers):
             x, cache = LlamaDecoderLayer(c, self.dtype, self.attention_backend, self.interpret,
-                                         name=f"layers_{i}")(x, positions, kv_caches[i], metadata)
+                                         self.mesh, name=f"layers_{i}")(
+                x, positions, kv_caches[i], metadata)
             new_caches.append(cache)
         if logits_indices is not None:
             x = x[logits_indices]
@@ -209,7 +214,7 @@ class LlamaForCausalLM(nn.Module):
         else:
             weight = self.param("lm_head", nn.initializers.lecun_normal(),
                                 (c.hidden_size, c.vocab_size), self.dtype)
-        return lm_logits(x, weight), tuple(new_caches)
+        return gather_logits(lm_logits(x, weight), self.mesh), tuple(new_caches)
 
 
 # HF tensor names -> our params (models/convert.py applies the table).

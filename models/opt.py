@@ -13,8 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-import kernels_pallas
-from models.base import Linear, lm_logits
+from models.base import Linear, gather_logits, lm_logits, paged_attention
 from models.convert import Rule
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
@@ -104,6 +103,7 @@ class OPTAttention(nn.Module):
     dtype: Any
     attention_backend: str
     interpret: bool
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, kv_cache, metadata):
@@ -113,9 +113,9 @@ class OPTAttention(nn.Module):
         q = Linear(c.hidden_size, c.enable_bias, self.dtype, name="q_proj")(x).reshape(shape)
         k = Linear(c.hidden_size, c.enable_bias, self.dtype, name="k_proj")(x).reshape(shape)
         v = Linear(c.hidden_size, c.enable_bias, self.dtype, name="v_proj")(x).reshape(shape)
-        out, kv_cache = kernels_pallas.attention(
+        out, kv_cache = paged_attention(
             q, k, v, kv_cache, metadata, scale=c.head_dim ** -0.5,
-            backend=self.attention_backend, interpret=self.interpret)
+            backend=self.attention_backend, interpret=self.interpret, mesh=self.mesh)
         out = out.reshape(n, c.hidden_size)
         return Linear(c.hidden_size, c.enable_bias, self.dtype, name="out_proj")(out), kv_cache
 
@@ -125,6 +125,7 @@ class OPTDecoderLayer(nn.Module):
     dtype: Any
     attention_backend: str
     interpret: bool
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, kv_cache, metadata):
@@ -134,7 +135,7 @@ class OPTDecoderLayer(nn.Module):
         mlp_norm = _layer_norm(c, self.dtype, "final_layer_norm")
         h = attn_norm(x) if pre else x
         h, kv_cache = OPTAttention(c, self.dtype, self.attention_backend, self.interpret,
-                                   name="self_attn")(h, kv_cache, metadata)
+                                   self.mesh, name="self_attn")(h, kv_cache, metadata)
         x = x + h
         if not pre:
             x = attn_norm(x)
@@ -153,12 +154,14 @@ class OPTForCausalLM(nn.Module):
     Params: embed_tokens/embedding [vocab, word_embed_proj_dim];
     embed_positions/embedding [max_position_embeddings + 2, hidden];
     project_in/kernel, project_out/kernel when word_embed_proj_dim != hidden;
-    layers_{i}/...; final_layer_norm when do_layer_norm_before.
+    layers_{i}/...; final_layer_norm when do_layer_norm_before. ``mesh``: a
+    device mesh with a "tp" axis for tensor parallelism, or None.
     """
     config: OPTConfig
     dtype: Any = jnp.float32
     attention_backend: str = "auto"
     interpret: bool = False
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, input_ids, positions, kv_caches, metadata, logits_indices=None):
@@ -178,7 +181,7 @@ class OPTForCausalLM(nn.Module):
         new_caches = []
         for i in range(c.num_layers):
             x, cache = OPTDecoderLayer(c, self.dtype, self.attention_backend, self.interpret,
-                                       name=f"layers_{i}")(x, kv_caches[i], metadata)
+                                       self.mesh, name=f"layers_{i}")(x, kv_caches[i], metadata)
             new_caches.append(cache)
         if logits_indices is not None:
             x = x[logits_indices]
@@ -186,7 +189,7 @@ class OPTForCausalLM(nn.Module):
             x = _layer_norm(c, self.dtype, "final_layer_norm")(x)
         if has_proj:
             x = Linear(c.word_embed_proj_dim, False, self.dtype, name="project_out")(x)
-        return lm_logits(x, embed.embedding.T), tuple(new_caches)
+        return gather_logits(lm_logits(x, embed.embedding.T), self.mesh), tuple(new_caches)
 
 
 # HF tensor names -> our params (models/convert.py applies the table). Names

@@ -1,0 +1,316 @@
+"""Tensor parallelism on 4 virtual CPU devices.
+
+jax fixes its CPU device count when its backend starts, and other tests in
+this pytest process have started it with one device, so the multi-device
+runs happen in one subprocess (this file run as a script with
+XLA_FLAGS=--xla_force_host_platform_device_count=4). It returns what it saw
+as JSON; the tests below assert on it. Checks that need no devices run here.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+NUM_DEVICES = 4
+# 8 query / 4 KV heads: the pool splits 2 and 4 ways.
+LLAMA_GQA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4,
+             "vocab_size": 128, "max_position_embeddings": 256, "eos_token_id": 2}
+# 2 KV heads on 4 devices: each KV head replicated on the 2 devices that read it.
+LLAMA_KV2 = dict(LLAMA_GQA, num_key_value_heads=2, tie_word_embeddings=True)
+# 3 KV heads (like SmolLM2) on 2 devices: neither divides the other, so the
+# pool holds lcm(3, 2) = 6 heads, 3 per device; 4 devices do not divide 6 heads.
+LLAMA_KV3 = dict(LLAMA_GQA, hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
+                 vocab_size=120)
+OPT = {"architectures": ["OPTForCausalLM"], "hidden_size": 64, "ffn_dim": 128,
+       "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128,
+       "max_position_embeddings": 256, "word_embed_proj_dim": 64,
+       "do_layer_norm_before": True, "eos_token_id": 2}
+# Small bucket sets keep compile time down: decode 1, 2, 4; prefill 16, 32.
+ENGINE = dict(block_size=4, max_num_seqs=4, max_model_len=32, max_num_batched_tokens=32,
+              swap_space=0.0)
+PROMPT_LENS = (10, 12, 14, 9)
+
+
+# ---------------------------------------------------------------- the worker
+
+
+def _prompts(vocab, lens=PROMPT_LENS, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in lens]
+
+
+def _engine_generate(model, tp, prompts, sp):
+    """Greedy outputs through LLMEngine without warm-up (compiles only the
+    buckets the workload uses)."""
+    from jpaged import EngineConfig
+    from jpaged.engine import LLMEngine
+    eng = LLMEngine(EngineConfig(model="tiny", tensor_parallel_size=tp, num_gpu_blocks=64,
+                                 **ENGINE), model=model, warm_up=False, progress=False)
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), None, sp, prompt_token_ids=p)
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            done[out.request_id] = out
+    return eng, [done[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+
+
+def _describe(runner) -> dict:
+    """Shardings and per-device shapes of the runner's params and pool."""
+    import jax
+    pool = runner.kv_caches[0]
+    shards = sorted(pool.addressable_shards, key=lambda s: s.device.id)
+    params = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(runner.model.params):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        params[name] = dict(spec=[None if a is None else str(a) for a in x.sharding.spec]
+                            if hasattr(x.sharding, "spec") else [],
+                            shape=list(x.shape),
+                            shard_shapes=[list(s.data.shape) for s in x.addressable_shards])
+    return dict(pool_spec=[None if a is None else str(a) for a in pool.sharding.spec]
+                if hasattr(pool.sharding, "spec") else [],
+                pool_shape=list(pool.shape),
+                pool_shard_shapes=[list(s.data.shape) for s in shards],
+                pool_devices=len(pool.sharding.device_set),
+                num_kv_heads=runner.model.config.num_kv_heads,
+                params=params)
+
+
+def _pool_heads(runner) -> np.ndarray:
+    """Layer 0 of the pool, whole on the host: [2, num_blocks, heads, bs, D]."""
+    return np.asarray(runner.kv_caches[0])
+
+
+def _shards_equal(runner) -> list:
+    """[i][j]: whether devices i and j hold identical pool shards (layer 0)."""
+    shards = [np.asarray(s.data) for s in
+              sorted(runner.kv_caches[0].addressable_shards, key=lambda s: s.device.id)]
+    return [[bool(np.array_equal(a, b)) for b in shards] for a in shards]
+
+
+def _llm_case(model, tp) -> dict:
+    """LLM(..., tensor_parallel_size=tp) with warm-up: greedy under a small pool
+    that forces swapping, beam search (forks, copy-on-write), then the runner's
+    block copy and swap helpers directly."""
+    from jpaged import LLM, SamplingParams
+    llm = LLM(model, use_tqdm_warmup=False, tensor_parallel_size=tp,
+              **dict(ENGINE, num_gpu_blocks=16, swap_space=16 * 1024 / (1 << 30),
+                     preemption_mode="swap"))
+    runner = llm.engine.runner
+    traces = runner.num_traces
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=_prompts(model.config.vocab_size),
+                        sampling_params=greedy, use_tqdm=False)
+    beam = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0.0,
+                          max_tokens=6, ignore_eos=True)
+    beams = llm.generate(prompt_token_ids=_prompts(model.config.vocab_size, (7,), seed=1),
+                         sampling_params=beam, use_tqdm=False)[0]
+    sched = llm.engine.scheduler
+    res = dict(tokens=[o.outputs[0].token_ids for o in outs],
+               beams=[c.token_ids for c in beams.outputs],
+               num_preemptions=sched.num_preemptions, num_swaps_out=sched.num_swaps_out,
+               pool=_pool_heads(runner).tolist())
+    # Helpers on the sharded pool: copy block 1 -> 2, swap 3 out and back into 4.
+    runner.copy_blocks([(1, 2)])
+    runner.swap_out([(3, 0)])
+    runner.swap_in([(0, 4)])
+    pool = _pool_heads(runner)
+    res.update(copy_ok=bool(np.array_equal(pool[:, 2], pool[:, 1])),
+               swap_ok=bool(np.array_equal(pool[:, 4], pool[:, 3])),
+               new_traces=runner.num_traces - traces,
+               describe=_describe(runner))
+    return res
+
+
+def _worker() -> dict:
+    import jax
+    import models
+    from jpaged import SamplingParams
+    out = {"num_devices": len(jax.devices()), "cases": {}, "errors": {}}
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llama = models.random_model(LLAMA_GQA, seed=1)
+    for tp in (1, 2, 4):
+        out["cases"][f"llm_llama_gqa_tp{tp}"] = _llm_case(llama, tp)
+    for name, cfg, tps in (("opt", OPT, (1, 2, 4)), ("llama_kv2", LLAMA_KV2, (1, 4)),
+                           ("llama_kv3", LLAMA_KV3, (1, 2))):
+        model = models.random_model(cfg, seed=2)
+        prompts = _prompts(cfg["vocab_size"])
+        for tp in tps:
+            eng, tokens = _engine_generate(model, tp, prompts, greedy)
+            out["cases"][f"{name}_tp{tp}"] = dict(
+                tokens=tokens, describe=_describe(eng.runner),
+                pool=_pool_heads(eng.runner).tolist(), shards_equal=_shards_equal(eng.runner))
+        if name == "llama_kv3":
+            try:
+                _engine_generate(model, 4, prompts, greedy)
+            except ValueError as e:
+                out["errors"]["heads"] = str(e)
+            try:
+                _engine_generate(model, 8, prompts, greedy)
+            except ValueError as e:
+                out["errors"]["devices"] = str(e)
+    # A Pallas kernel (the GPU one, interpret mode) per shard under shard_map.
+    from jpaged import parallel
+    one_layer = dict(LLAMA_KV2, num_hidden_layers=1)
+    ids = _prompts(128, (6,))[0]
+    ref = models.random_model(one_layer, seed=3)
+    pallas = parallel.shard_model(
+        models.random_model(one_layer, seed=3, attention_backend="gpu", interpret=True),
+        parallel.make_mesh(4))
+    out["pallas"] = dict(
+        ref=ref.generate_greedy(ids, 3, block_size=4, stop_at_eos=False),
+        tp4=pallas.generate_greedy(ids, 3, block_size=4, stop_at_eos=False),
+        max_logit_diff=float(np.abs(pallas.logits(ids, block_size=4)
+                                    - ref.logits(ids, block_size=4)).max()))
+    return out
+
+
+# ---------------------------------------------------------------- the tests
+
+
+@pytest.fixture(scope="module")
+def tp_run():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_worker_sees_four_devices(tp_run):
+    assert tp_run["num_devices"] == NUM_DEVICES
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_llm_greedy_and_beams_equal_one_device(tp_run, tp):
+    one, many = tp_run["cases"]["llm_llama_gqa_tp1"], tp_run["cases"][f"llm_llama_gqa_tp{tp}"]
+    assert many["tokens"] == one["tokens"]
+    assert many["beams"] == one["beams"]
+    # the small pool really preempted by swapping, on one device and on many
+    assert many["num_swaps_out"] > 0 and many["num_swaps_out"] == one["num_swaps_out"]
+    # the same block ids on every shard: the pools hold the same K/V in the same places
+    np.testing.assert_allclose(np.array(many["pool"]), np.array(one["pool"]), atol=1e-4)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_llm_helpers_and_no_compile_after_warm_up(tp_run, tp):
+    case = tp_run["cases"][f"llm_llama_gqa_tp{tp}"]
+    assert case["copy_ok"] and case["swap_ok"]
+    assert case["new_traces"] == 0
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_params_and_pool_are_sharded(tp_run, tp):
+    d = tp_run["cases"][f"llm_llama_gqa_tp{tp}"]["describe"]
+    assert d["pool_spec"] == [None, None, "tp", None, None]
+    assert d["pool_devices"] == tp
+    assert d["pool_shape"][2] == 4
+    assert d["pool_shard_shapes"] == [d["pool_shape"][:2] + [4 // tp] + d["pool_shape"][3:]] * tp
+    p = d["params"]
+    column = p["layers_0/self_attn/q_proj/kernel"]
+    assert column["spec"] == [None, "tp"] and column["shard_shapes"] == [[64, 64 // tp]] * tp
+    assert p["layers_0/self_attn/k_proj/kernel"]["shard_shapes"] == [[64, 32 // tp]] * tp
+    assert p["layers_0/self_attn/o_proj/kernel"]["spec"] == ["tp", None]
+    assert p["layers_0/self_attn/o_proj/kernel"]["shard_shapes"] == [[64 // tp, 64]] * tp
+    assert p["layers_1/mlp/gate_proj/kernel"]["shard_shapes"] == [[64, 128 // tp]] * tp
+    assert p["layers_1/mlp/down_proj/kernel"]["shard_shapes"] == [[128 // tp, 64]] * tp
+    assert p["embed_tokens/embedding"]["shard_shapes"] == [[128 // tp, 64]] * tp
+    assert p["lm_head"]["shard_shapes"] == [[64, 128 // tp]] * tp
+    assert p["norm/scale"]["spec"] == [] and p["norm/scale"]["shard_shapes"] == [[64]] * tp
+    one = tp_run["cases"]["llm_llama_gqa_tp1"]["describe"]
+    assert one["pool_devices"] == 1 and one["pool_shard_shapes"] == [one["pool_shape"]]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_opt_greedy_equals_one_device_and_is_sharded(tp_run, tp):
+    one, many = tp_run["cases"]["opt_tp1"], tp_run["cases"][f"opt_tp{tp}"]
+    assert many["tokens"] == one["tokens"]
+    np.testing.assert_allclose(np.array(many["pool"]), np.array(one["pool"]), atol=1e-4)
+    d = many["describe"]
+    assert d["pool_shard_shapes"][0][2] == 4 // tp and d["pool_devices"] == tp
+    p = d["params"]
+    assert p["layers_0/fc1/kernel"]["shard_shapes"] == [[64, 128 // tp]] * tp
+    assert p["layers_0/fc1/bias"]["shard_shapes"] == [[128 // tp]] * tp
+    assert p["layers_0/fc2/kernel"]["shard_shapes"] == [[128 // tp, 64]] * tp
+    assert p["layers_0/fc2/bias"]["spec"] == []
+    assert p["layers_0/self_attn/out_proj/kernel"]["shard_shapes"] == [[64 // tp, 64]] * tp
+    assert p["layers_0/self_attn/v_proj/bias"]["shard_shapes"] == [[64 // tp]] * tp
+    assert p["embed_positions/embedding"]["spec"] == []
+
+
+def test_fewer_kv_heads_than_devices_replicates_them(tp_run):
+    one, many = tp_run["cases"]["llama_kv2_tp1"], tp_run["cases"]["llama_kv2_tp4"]
+    assert many["tokens"] == one["tokens"]
+    d = many["describe"]
+    # 2 KV heads, 4 devices: head h stored on devices 2h and 2h + 1, one head each
+    assert d["num_kv_heads"] == 4 and d["pool_shard_shapes"][0][2] == 1
+    assert many["shards_equal"] == [[True, True, False, False], [True, True, False, False],
+                                    [False, False, True, True], [False, False, True, True]]
+    np.testing.assert_allclose(np.array(many["pool"]), np.repeat(np.array(one["pool"]), 2, axis=2),
+                               atol=1e-4)
+    # the k/v projections were repeated the same way and are split by column
+    assert d["params"]["layers_0/self_attn/k_proj/kernel"]["shard_shapes"] == [[64, 8]] * 4
+    assert d["params"]["embed_tokens/embedding"]["spec"] == ["tp", None]  # tied lm_head
+
+
+def test_kv_heads_that_do_not_divide_use_lcm(tp_run):
+    one, many = tp_run["cases"]["llama_kv3_tp1"], tp_run["cases"]["llama_kv3_tp2"]
+    assert many["tokens"] == one["tokens"]
+    d = many["describe"]
+    assert d["num_kv_heads"] == 6 and d["pool_shard_shapes"][0][2] == 3
+    np.testing.assert_allclose(np.array(many["pool"]), np.repeat(np.array(one["pool"]), 2, axis=2),
+                               atol=1e-4)
+
+
+def test_errors_name_the_problem(tp_run):
+    assert "tensor_parallel_size=4 must divide the number of attention heads (6)" in \
+        tp_run["errors"]["heads"]
+    assert "tensor_parallel_size=8 needs that many devices, but jax sees 4" in \
+        tp_run["errors"]["devices"]
+
+
+def test_pallas_kernel_runs_per_shard(tp_run):
+    p = tp_run["pallas"]
+    assert p["tp4"] == p["ref"]
+    assert p["max_logit_diff"] < 1e-4
+
+
+# Checks that need no extra devices run in this process.
+
+
+def test_check_divisible_errors():
+    from jpaged import parallel
+    from models import LlamaConfig, OPTConfig
+    llama = LlamaConfig.from_hf(dict(LLAMA_GQA, intermediate_size=100))
+    with pytest.raises(ValueError, match=r"must divide the number of attention heads \(8\)"):
+        parallel.check_divisible(llama, 3)
+    with pytest.raises(ValueError, match=r"must divide the MLP width \(100\)"):
+        parallel.check_divisible(llama, 8)
+    opt = OPTConfig.from_hf(dict(OPT, ffn_dim=130))
+    with pytest.raises(ValueError, match=r"MLP width \(130\)"):
+        parallel.check_divisible(opt, 4)
+    assert parallel.sharded_num_kv_heads(LlamaConfig.from_hf(LLAMA_KV3), 2) == 6
+    assert parallel.sharded_num_kv_heads(LlamaConfig.from_hf(LLAMA_KV2), 4) == 4
+    assert parallel.sharded_num_kv_heads(LlamaConfig.from_hf(LLAMA_GQA), 2) == 4
+
+
+def test_too_many_devices_is_a_clear_error():
+    import jax
+    from jpaged import parallel
+    n = len(jax.devices())
+    with pytest.raises(ValueError, match=f"tensor_parallel_size={n + 1} needs that many "
+                                         f"devices, but jax sees {n}"):
+        parallel.make_mesh(n + 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1"):
+        parallel.make_mesh(0)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker()))
