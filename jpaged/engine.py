@@ -272,8 +272,9 @@ class LLMEngine:
                     target = seq.fork(next(self._seq_ids))
                     self._fork(g, seq, target, seed)
                 targets.append((target, i))
+            sp = g.sampling_params
             for target, i in targets:
-                self._append(target, int(result.token_ids[i]), float(result.logprobs[i]),
+                self._append(target, sp, int(result.token_ids[i]), float(result.logprobs[i]),
                              result.topk_token_ids[i], result.topk_logprobs[i])
             for seq in g.get_seqs(status=SequenceStatus.RUNNING):
                 if self._check_stop(seq, g.sampling_params):
@@ -288,10 +289,12 @@ class LLMEngine:
         self._states[child.seq_id] = _SeqState(
             seed, pstate.detok.fork() if pstate.detok is not None else None)
 
-    def _append(self, seq, token_id, logprob, topk_ids, topk_lps):
+    def _append(self, seq, sp, token_id, logprob, topk_ids, topk_lps):
         self.stats["num_generated_tokens"] += 1
-        entry = {int(t): float(l) for t, l in zip(topk_ids, topk_lps)}
-        entry[token_id] = logprob
+        entry = None
+        if sp.logprobs is not None:  # building the dict costs host time per token
+            entry = {int(t): float(l) for t, l in zip(topk_ids[:sp.logprobs], topk_lps)}
+            entry[token_id] = logprob
         seq.append_token_id(token_id, logprob, entry)
 
     def _check_stop(self, seq, sp) -> bool:

@@ -265,23 +265,28 @@ class ModelRunner:
         logits_indices = np.zeros(num_rows_pad, np.int32)
         prompt_next = (np.full(num_tokens_pad, self.vocab_size, np.int32)
                        if prompt_logprobs else None)
-        t = row = 0
-        for i, s in enumerate(seqs):
-            n = len(s.token_ids)
-            pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
-            table = np.asarray(s.block_table, np.int32)
-            input_ids[t:t + n] = s.token_ids
-            positions[t:t + n] = pos
-            slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
-            block_tables[i, :len(table)] = table
-            context_lens[i] = s.start_pos + n
-            query_start_loc[i + 1] = t + n
-            logits_indices[row:row + s.num_samples] = t + n - 1
-            if prompt_next is not None and s.prompt_next_ids is not None:
-                prompt_next[t:t + n] = s.prompt_next_ids
-            t += n
-            row += s.num_samples
-        query_start_loc[len(seqs) + 1:] = t
+        if decode:
+            t = row = self._fill_decode(seqs, input_ids, positions, slot_mapping,
+                                        block_tables, context_lens, query_start_loc,
+                                        logits_indices)
+        else:
+            t = row = 0
+            for i, s in enumerate(seqs):
+                n = len(s.token_ids)
+                pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
+                table = np.asarray(s.block_table, np.int32)
+                input_ids[t:t + n] = s.token_ids
+                positions[t:t + n] = pos
+                slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
+                block_tables[i, :len(table)] = table
+                context_lens[i] = s.start_pos + n
+                query_start_loc[i + 1] = t + n
+                logits_indices[row:row + s.num_samples] = t + n - 1
+                if prompt_next is not None and s.prompt_next_ids is not None:
+                    prompt_next[t:t + n] = s.prompt_next_ids
+                t += n
+                row += s.num_samples
+            query_start_loc[len(seqs) + 1:] = t
         metadata = AttentionMetadata(slot_mapping, block_tables, context_lens,
                                      query_start_loc, is_decode=decode)
         sampling, _ = sampler_lib.build_sampling_tensors(
@@ -299,6 +304,24 @@ class ModelRunner:
                           np.asarray(out.sampled_logprobs)[:rows],
                           np.asarray(out.topk_token_ids)[:rows],
                           np.asarray(out.topk_logprobs)[:rows], *prompt)
+
+    def _fill_decode(self, seqs, input_ids, positions, slot_mapping, block_tables,
+                     context_lens, query_start_loc, logits_indices) -> int:
+        """The decode step's arrays, vectorised: one token per sequence."""
+        n, bs = len(seqs), self.block_size
+        pos = np.fromiter((s.start_pos for s in seqs), np.int32, n)
+        input_ids[:n] = [s.token_ids[0] for s in seqs]
+        positions[:n] = pos
+        last = np.fromiter((s.block_table[p // bs] for s, p in zip(seqs, pos.tolist())),
+                           np.int32, n)
+        slot_mapping[:n] = last * bs + pos % bs
+        for i, s in enumerate(seqs):
+            block_tables[i, :len(s.block_table)] = s.block_table
+        context_lens[:n] = pos + 1
+        query_start_loc[1:n + 1] = np.arange(1, n + 1)
+        query_start_loc[n + 1:] = n
+        logits_indices[:n] = np.arange(n)
+        return n
 
     # ------------------------------------------------------------ block moves
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
