@@ -223,10 +223,12 @@ def synthetic_sharegpt(num_requests: int, vocab_size: int, seed: int = 0,
                       seed, max_prompt_len, max_total_len)
 
 
-def synthetic_alpaca(num_requests: int, vocab_size: int, seed: int = 0) -> Workload:
+def synthetic_alpaca(num_requests: int, vocab_size: int, seed: int = 0,
+                     max_prompt_len: int = MAX_PROMPT_LEN,
+                     max_total_len: int = MAX_TOTAL_LEN) -> Workload:
     """Alpaca-like short instructions and answers (synthetic lengths)."""
     return _synthetic("synthetic-alpaca", ALPACA_LOGNORMAL, num_requests, vocab_size, seed,
-                      MAX_PROMPT_LEN, MAX_TOTAL_LEN)
+                      max_prompt_len, max_total_len)
 
 
 def _synthetic(name, fit, num_requests, vocab_size, seed, max_prompt_len, max_total_len):
@@ -294,15 +296,14 @@ def make_workload(spec: str, num_requests: int, vocab_size: int, seed: int = 0,
     """By name: "sharegpt" (needs the package and SmolLM2's tokenizer),
     "synthetic" (ShareGPT-like), "alpaca", or a path to a saved workload
     (its first num_requests requests). Token ids are folded into the vocabulary."""
+    max_prompt_len = min(MAX_PROMPT_LEN, max_total_len - MIN_LEN)
     if spec == "synthetic":
-        w = synthetic_sharegpt(num_requests, vocab_size, seed,
-                               min(MAX_PROMPT_LEN, max_total_len - MIN_LEN), max_total_len)
+        w = synthetic_sharegpt(num_requests, vocab_size, seed, max_prompt_len, max_total_len)
     elif spec == "alpaca":
-        w = synthetic_alpaca(num_requests, vocab_size, seed)
+        w = synthetic_alpaca(num_requests, vocab_size, seed, max_prompt_len, max_total_len)
     elif spec == "sharegpt":
         w = sample_sharegpt(num_requests, "smollm2-135m", seed,
-                            max_prompt_len=min(MAX_PROMPT_LEN, max_total_len - MIN_LEN),
-                            max_total_len=max_total_len)
+                            max_prompt_len=max_prompt_len, max_total_len=max_total_len)
     elif spec.endswith(".json"):
         w = load_workload(spec)
         if len(w.requests) < num_requests:

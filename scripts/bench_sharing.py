@@ -1,0 +1,179 @@
+"""KV sharing: parallel sampling, beam search and shared prefixes (paper section 6.3-6.4).
+
+On Alpaca-like requests (synthetic lengths, or --workload):
+- parallel sampling n = 2, 4, 6 (--parallel): % of KV blocks saved by
+  sharing (block-table entries vs distinct blocks, summed over steps) and
+  throughput against the same work without sharing: n independent requests
+  of the same prompt with their own seeds.
+- beam search of width 2, 4, 6 (--beams): % saved, and throughput against
+  width independent greedy sequences of the same lengths (what a beam search
+  without sharing holds in memory and computes per step).
+- shared prefix (--shots 1,5: the paper's 80- and 341-token few-shot
+  prompts in front of every request): throughput with vs without prefix caching.
+Output lengths are fixed per request (ignore_eos). Writes
+benchmarks/results/sharing-<device>.json (or --out), prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-1.1b",
+                   help="models.random_model preset or a JSON file with an HF config")
+    p.add_argument("--dtype", default="bfloat16", help="params and KV cache dtype")
+    p.add_argument("--workload", default="alpaca",
+                   help="alpaca (synthetic Alpaca-like lengths), synthetic, sharegpt, or a "
+                        "workload .json")
+    p.add_argument("--num-requests", type=int, default=200,
+                   help="requests per experiment (parallel sampling / beam search)")
+    p.add_argument("--num-prefix-requests", type=int, default=400,
+                   help="requests per shared-prefix experiment")
+    p.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
+    p.add_argument("--parallel", default="2,4,6", help="parallel sampling sizes n ('' skips)")
+    p.add_argument("--beams", default="2,4,6", help="beam widths ('' skips)")
+    p.add_argument("--shots", default="1,5",
+                   help="few-shot prefixes to test: 1 (80 tokens), 5 (341 tokens) ('' skips)")
+    p.add_argument("--prefix-scale", type=float, default=1.0,
+                   help="multiplies the prefix lengths (tiny test models only)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step, at most")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context limit")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prefill token budget per step")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0,
+                   help="KV pool size in GiB; sharing pays off when memory bounds the batch "
+                        "(0: from --gpu-memory-utilization)")
+    p.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV pool size in blocks; overrides --kv-cache-gib")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of device memory when the pool is not sized")
+    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default=None,
+                   help="result JSON path (default benchmarks/results/sharing-<device>.json)")
+    args = p.parse_args(argv)
+    from jpaged.benchmark import parse_list
+    try:
+        args.parallel = parse_list(args.parallel, kind=int) if args.parallel else []
+        args.beams = parse_list(args.beams, kind=int) if args.beams else []
+        args.shots = parse_list(args.shots, kind=int) if args.shots else []
+    except ValueError as e:
+        p.error(str(e))
+    from jpaged.workloads import PREFIX_LENS
+    if any(n < 2 for n in args.parallel + args.beams):
+        p.error("--parallel and --beams sizes must be >= 2")
+    if any(s not in PREFIX_LENS for s in args.shots):
+        p.error(f"--shots must be among {sorted(PREFIX_LENS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import models
+    from jpaged import SamplingParams
+    from jpaged.benchmark import (build_engine, default_out, format_table, load_hf_config,
+                                  result_header, run_offline, use_system, write_result)
+    from jpaged.workloads import PREFIX_LENS, Request, make_workload, shared_prefix
+
+    hf_config = load_hf_config(args.model)
+    vocab = hf_config["vocab_size"]
+    prefix_lens = {s: max(1, round(PREFIX_LENS[s] * args.prefix_scale)) for s in args.shots}
+    longest_prefix = max(prefix_lens.values(), default=0)
+    workload = make_workload(args.workload, max(args.num_requests, args.num_prefix_requests),
+                             vocab, args.seed, max_total_len=args.max_model_len - longest_prefix)
+    reqs = workload.requests[:args.num_requests]
+    result = result_header("scripts/bench_sharing.py", argv)
+    result.update(model=args.model, dtype=args.dtype, random_weights=True,
+                  workload=workload.summary())
+    model = models.random_model(hf_config, dtype=args.dtype, seed=0)
+    engine = build_engine(model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          num_gpu_blocks=args.num_gpu_blocks,
+                          kv_cache_gib=args.kv_cache_gib or None,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          swap_space=args.swap_space, progress=not args.no_progress)
+    traces = engine.runner.num_traces
+    result["engine"] = dict(warmup_seconds=engine.runner.warmup_seconds, compiles_at_warmup=traces,
+                            num_gpu_blocks=engine.runner.num_gpu_blocks,
+                            max_num_seqs=args.max_num_seqs,
+                            max_model_len=engine.config.max_model_len)
+    progress = not args.no_progress
+
+    def run(requests, params, desc, caching=False):
+        use_system(engine, "jpaged", enable_prefix_caching=caching)
+        return run_offline(engine, requests, params, sharing=True, progress=progress, desc=desc)
+
+    rows = []
+
+    def compare(kind, size, shared, unshared, note):
+        entry = dict(shared=shared, unshared=unshared, unshared_is=note,
+                     blocks_saved_pct=shared["blocks_saved_pct"],
+                     throughput_gain=shared["output_tokens_per_s"] / unshared["output_tokens_per_s"])
+        rows.append(dict(experiment=f"{kind} {size}", saved=entry["blocks_saved_pct"],
+                         with_tps=shared["output_tokens_per_s"],
+                         without_tps=unshared["output_tokens_per_s"],
+                         gain=entry["throughput_gain"]))
+        return entry
+
+    seed = args.seed
+    result["parallel_sampling"] = {}
+    for n in args.parallel:
+        shared = run(reqs, [SamplingParams(n=n, temperature=1.0, seed=seed + i,
+                                           max_tokens=r.output_len, ignore_eos=True)
+                            for i, r in enumerate(reqs)], f"parallel n={n}")
+        split = [r for r in reqs for _ in range(n)]
+        unshared = run(split, [SamplingParams(temperature=1.0, seed=seed + 7919 * i,
+                                              max_tokens=r.output_len, ignore_eos=True)
+                               for i, r in enumerate(split)], f"parallel n={n}, unshared")
+        result["parallel_sampling"][str(n)] = compare(
+            "parallel", n, shared, unshared, f"{n} independent requests per prompt")
+
+    result["beam_search"] = {}
+    for k in args.beams:
+        shared = run(reqs, [SamplingParams(n=k, use_beam_search=True, temperature=0.0,
+                                           max_tokens=r.output_len, ignore_eos=True)
+                            for r in reqs], f"beam width {k}")
+        split = [Request(list(r.prompt_token_ids), r.output_len) for r in reqs for _ in range(k)]
+        unshared = run(split, [SamplingParams(temperature=0.0, max_tokens=r.output_len,
+                                              ignore_eos=True) for r in split],
+                       f"beam width {k}, unshared")
+        result["beam_search"][str(k)] = compare(
+            "beam", k, shared, unshared,
+            f"{k} independent greedy sequences per prompt (a beam search's memory without sharing)")
+
+    result["shared_prefix"] = {}
+    base = make_workload(args.workload, args.num_prefix_requests, vocab, args.seed + 1,
+                         max_total_len=args.max_model_len - longest_prefix)
+    for shots in args.shots:
+        w = shared_prefix(base, prefix_lens[shots], vocab, seed=args.seed)
+        params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+                  for r in w.requests]
+        cached = run(w.requests, params, f"{shots}-shot, prefix caching", caching=True)
+        plain = run(w.requests, params, f"{shots}-shot, no caching")
+        entry = dict(prefix_len=prefix_lens[shots], with_caching=cached, without_caching=plain,
+                     throughput_gain=cached["output_tokens_per_s"] / plain["output_tokens_per_s"])
+        result["shared_prefix"][f"{shots}-shot"] = entry
+        rows.append(dict(experiment=f"{shots}-shot prefix ({prefix_lens[shots]} tok)",
+                         saved=None, with_tps=cached["output_tokens_per_s"],
+                         without_tps=plain["output_tokens_per_s"],
+                         gain=entry["throughput_gain"]))
+    result["engine"]["compiles_after_warmup"] = engine.runner.num_traces - traces
+    out = args.out or default_out("sharing", result["device"])
+    write_result(result, out)
+    print(f"\n{result['device']}  model {args.model}  workload {workload.name}  "
+          f"pool {engine.runner.num_gpu_blocks} blocks")
+    print(format_table(rows, [("experiment", "experiment", ""),
+                              ("saved", "blocks saved %", ".1f"),
+                              ("with_tps", "shared tok/s", ",.0f"),
+                              ("without_tps", "unshared tok/s", ",.0f"),
+                              ("gain", "gain x", ".2f")]))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
