@@ -127,6 +127,10 @@ class ModelRunner:
         self.kv_caches = model.init_kv_caches(self.num_gpu_blocks, block_size,
                                               dtype=self.kv_dtype)
         self.cpu_cache = None  # host swap pool, allocated on first swap-out
+        # Device<->host transfers go through page-locked memory where the
+        # platform offers it (on an H100: ~52 GB/s against ~7 GB/s pageable).
+        self._device = jax.devices()[0]
+        self._pinned = any(m.kind == "pinned_host" for m in self._device.addressable_memories())
         self.decode_buckets = _pow2_buckets(1, max_num_seqs)
         self.prefill_buckets = _pow2_buckets(
             min(MIN_PREFILL_BUCKET, max_num_batched_tokens), max_num_batched_tokens)
@@ -349,8 +353,10 @@ class ModelRunner:
             b = _bucket(self.swap_buckets, len(chunk))
             gpu = np.zeros(b, np.int32)
             gpu[:len(chunk)] = [g for g, _ in chunk]
-            data = np.asarray(jax.device_get(self._gather_fn(self.kv_caches, gpu)))
-            self.cpu_cache[:, :, [c for _, c in chunk]] = data[:, :, :len(chunk)]
+            data = self._gather_fn(self.kv_caches, gpu)
+            if self._pinned:
+                data = jax.device_put(data, data.sharding.with_memory_kind("pinned_host"))
+            self.cpu_cache[:, :, [c for _, c in chunk]] = np.asarray(data)[:, :, :len(chunk)]
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Moves (cpu block -> gpu block) pairs back, one transfer a chunk."""
@@ -363,4 +369,11 @@ class ModelRunner:
             data[:, :, :len(chunk)] = self.cpu_cache[:, :, [c for c, _ in chunk]]
             gpu = np.full(b, self.num_gpu_blocks, np.int32)  # padding: dropped
             gpu[:len(chunk)] = [g for _, g in chunk]
-            self.kv_caches = self._scatter_fn(self.kv_caches, jnp.asarray(data), gpu)
+            self.kv_caches = self._scatter_fn(self.kv_caches, self._to_device(data), gpu)
+
+    def _to_device(self, data: np.ndarray):
+        if not self._pinned or self.mesh is not None:
+            return jnp.asarray(data)
+        staged = jax.device_put(data, jax.sharding.SingleDeviceSharding(
+            self._device, memory_kind="pinned_host"))
+        return jax.device_put(staged, jax.sharding.SingleDeviceSharding(self._device))
