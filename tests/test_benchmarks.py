@@ -1,0 +1,135 @@
+"""The bench scripts end to end on a tiny random model and workload (CPU):
+each writes its JSON with the right fields and sane values; plot.py draws
+them. No speed assertions."""
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+
+from jpaged.workloads import Workload, save_workload, synthetic_alpaca
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The tiny model and engine of tests/test_engine.py (same compiled shapes).
+LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+         "vocab_size": 320, "max_position_embeddings": 256, "eos_token_id": 2}
+ENGINE_ARGS = ["--dtype", "float32", "--block-size", "4", "--max-num-seqs", "8",
+               "--max-model-len", "64", "--max-num-batched-tokens", "64",
+               "--num-gpu-blocks", "200", "--swap-space", "0.002", "--no-progress"]
+ORCA = ("orca-max", "orca-pow2", "orca-oracle")
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    (d / "tiny.json").write_text(json.dumps(LLAMA))
+    w = synthetic_alpaca(16, 320, seed=0, max_prompt_len=12, max_total_len=28)
+    save_workload(Workload("tiny", w.requests), d / "w.json")
+    return d
+
+
+def header_ok(res, argv):
+    assert res["device"] and res["platform"] == "cpu"
+    assert res["commit"] is None or len(res["commit"]) >= 40
+    assert res["command"].startswith("python scripts/") and argv[-1] in res["command"]
+    assert res["random_weights"] is True
+    assert res["engine"]["compiles_after_warmup"] == 0
+    assert res["engine"]["compiles_at_warmup"] > 0 and res["engine"]["warmup_seconds"] > 0
+
+
+def test_bench_throughput(files, capsys):
+    out = files / "throughput.json"
+    argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
+            "--num-requests", "16", *ENGINE_ARGS, "--out", str(out)]
+    script("bench_throughput").main(argv)
+    res = json.loads(out.read_text())
+    header_ok(res, argv)
+    assert "wrote" in capsys.readouterr().out
+    expected = sum(r["output_len"] for r in json.loads((files / "w.json").read_text())["requests"])
+    systems = res["systems"]
+    assert set(systems) == {"jpaged", *ORCA, "hf-generate", "hf-generate-batch"}
+    for name in ("jpaged", *ORCA):
+        r = systems[name]
+        assert r["num_rejected"] == 0 and r["output_tokens"] == expected
+        assert r["output_tokens_per_s"] > 0 and r["requests_per_s"] > 0
+        assert 1 <= r["peak_concurrent_seqs"] <= 8
+        assert 0 <= r["kv_waste_pct_at_peak"] <= 100
+        assert r["kv_waste_pct_at_peak"] + r["kv_filled_pct_at_peak"] \
+            + r["kv_free_pct_at_peak"] == pytest.approx(100)
+        assert r["num_steps"] > 0 and r["host_ms_per_step"] > 0
+        for k in ("preemptions", "swaps_out", "swaps_in", "jpaged_speedup"):
+            assert k in r
+    for name in ORCA:
+        assert systems[name]["preemptions"] == 0
+    # Orca-Max reserves 64 tokens for requests of at most 28
+    assert systems["orca-max"]["kv_waste_pct_at_peak"] > systems["jpaged"]["kv_waste_pct_at_peak"]
+    for name in ("hf-generate", "hf-generate-batch"):  # CI has no torch / no CUDA
+        assert "skipped" in systems[name] or "output_tokens_per_s" in systems[name]
+
+
+def test_bench_latency(files):
+    out = files / "latency.json"
+    argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
+            "--rates", "20,200", "--duration", "0.4", "--min-requests", "6",
+            "--max-requests", "16", "--latency-bound", "0.02", *ENGINE_ARGS, "--out", str(out)]
+    script("bench_latency").main(argv)
+    res = json.loads(out.read_text())
+    header_ok(res, argv)
+    assert set(res["systems"]) == {"jpaged", *ORCA}
+    for s in res["systems"].values():
+        assert "sustained_rate" in s and s["label"]
+        assert 1 <= len(s["points"]) <= 2
+        for pt in s["points"]:
+            assert pt["rate"] in (20, 200) and pt["num_finished"] == pt["num_requests"]
+            assert math.isfinite(pt["mean_normalized_latency"]) and pt["mean_normalized_latency"] > 0
+            assert pt["p90_normalized_latency"] >= pt["p50_normalized_latency"] > 0
+            assert pt["sim_seconds"] > 0
+
+
+def test_bench_sharing_and_plots(files):
+    out = files / "sharing.json"
+    argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
+            "--num-requests", "4", "--num-prefix-requests", "8", "--parallel", "2,4",
+            "--beams", "2", "--prefix-scale", "0.1", *ENGINE_ARGS, "--out", str(out)]
+    script("bench_sharing").main(argv)
+    res = json.loads(out.read_text())
+    header_ok(res, argv)
+    assert set(res["parallel_sampling"]) == {"2", "4"} and set(res["beam_search"]) == {"2"}
+    for e in [*res["parallel_sampling"].values(), *res["beam_search"].values()]:
+        assert 0 < e["blocks_saved_pct"] < 100
+        assert e["throughput_gain"] > 0
+        assert e["unshared"]["blocks_saved_pct"] == 0  # n=1 requests share nothing
+        assert e["shared"]["output_tokens"] == e["unshared"]["output_tokens"]
+    assert res["parallel_sampling"]["4"]["blocks_saved_pct"] > \
+        res["parallel_sampling"]["2"]["blocks_saved_pct"]
+    for shots, e in res["shared_prefix"].items():
+        assert e["with_caching"]["cached_prompt_tokens"] > 0
+        assert e["without_caching"]["cached_prompt_tokens"] == 0
+        assert e["throughput_gain"] > 0
+    assert set(res["shared_prefix"]) == {"1-shot", "5-shot"}
+
+    pngs = script("plot").main([str(files / f) for f in
+                                ("throughput.json", "latency.json", "sharing.json")
+                                if (files / f).exists()] + ["--out-dir", str(files / "png")])
+    assert pngs and all(pathlib.Path(p).stat().st_size > 1000 for p in pngs)
+    with pytest.raises(ValueError, match="not a bench"):
+        (files / "other.json").write_text("{}")
+        script("plot").main([str(files / "other.json")])
+
+
+def test_bad_flags_are_reported():
+    with pytest.raises(SystemExit):
+        script("bench_throughput").main(["--systems", "jpaged,vllm"])
+    with pytest.raises(SystemExit):
+        script("bench_latency").main(["--rates", "8,4"])
+    with pytest.raises(SystemExit):
+        script("bench_sharing").main(["--shots", "3"])
