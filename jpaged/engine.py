@@ -142,7 +142,14 @@ class LLMEngine:
         return prompt_token_ids
 
     def abort_request(self, request_id: str) -> None:
-        self.scheduler.abort_seq_group(request_id)
+        """Drops a queued or running request; its blocks are freed."""
+        sched = self.scheduler
+        for g in sched.waiting + sched.running + sched.swapped:
+            if g.request_id == request_id:
+                for s in g.get_seqs():
+                    self._states.pop(s.seq_id, None)
+        self._finished_beams.pop(request_id, None)
+        sched.abort_seq_group(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_seqs()

@@ -324,3 +324,23 @@ def test_text_prompts_stop_strings_and_chat(chatty):
     expected = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     assert chat.prompt_token_ids == list(expected["input_ids"])
     assert "<|im_start|>assistant" in chat.prompt
+
+
+def test_abort_frees_everything(llama):
+    llm = make_llm(llama)
+    eng = llm.engine
+    ps = prompts(np.random.default_rng(13), [5, 8, 6])
+    sps = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+           SamplingParams(n=2, use_beam_search=True, temperature=0.0, max_tokens=30),
+           SamplingParams(n=2, temperature=1.0, max_tokens=30, ignore_eos=True)]
+    for i, (p, sp) in enumerate(zip(ps, sps)):
+        eng.add_request(f"r{i}", None, sp, prompt_token_ids=p)
+    finished = []
+    for _ in range(4):
+        finished += eng.step()
+    for i in range(3):
+        eng.abort_request(f"r{i}")
+    assert not finished and not eng.has_unfinished_requests()
+    bm = eng.block_manager
+    assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+    assert not eng._states and not eng._finished_beams
