@@ -80,11 +80,15 @@ def test_bench_latency(files):
     out = files / "latency.json"
     argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
             "--rates", "20,200", "--duration", "0.4", "--min-requests", "6",
-            "--max-requests", "16", "--latency-bound", "0.02", *ENGINE_ARGS, "--out", str(out)]
+            "--max-requests", "16", *ENGINE_ARGS, "--out", str(out)]
     script("bench_latency").main(argv)
     res = json.loads(out.read_text())
     header_ok(res, argv)
     assert set(res["systems"]) == {"jpaged", *ORCA}
+    # the default bound: 2 x jpaged's latency at the lowest rate
+    first = res["systems"]["jpaged"]["points"][0]["mean_normalized_latency"]
+    assert res["latency_bound"] == pytest.approx(2 * first)
+    assert res["systems"]["jpaged"]["sustained_rate"] in (20, 200)
     for s in res["systems"].values():
         assert "sustained_rate" in s and s["label"]
         assert 1 <= len(s["points"]) <= 2
