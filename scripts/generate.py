@@ -4,11 +4,17 @@ Examples:
   python scripts/generate.py --prompt "The capital of France is" --max-tokens 16
   python scripts/generate.py --prompts-file prompts.txt --output out.jsonl
   cat prompts.jsonl | python scripts/generate.py --stdin --temperature 0.8 --n 2
+  python scripts/generate.py --prompt "Hello" --tensor-parallel-size 2   # 2 devices
+
+Several hosts (run on every host, process ids 0 .. N-1; README, "Tensor parallelism"):
+  python scripts/generate.py --prompt "Hello" --tensor-parallel-size 16 \
+      --coordinator-address host0:1234 --num-processes 2 --process-id 0
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -59,6 +65,18 @@ def parse_args(argv=None):
     m.add_argument("--enable-prefix-caching", action="store_true",
                    help="reuse cached KV blocks of shared prompt prefixes")
     m.add_argument("--seed", type=int, default=0, help="engine seed")
+    t = p.add_argument_group("tensor parallelism (README, \"Tensor parallelism\")")
+    t.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="devices the model and KV pool are split over (heads, MLP columns, "
+                        "vocabulary); must divide the number of attention heads")
+    t.add_argument("--coordinator-address", default=None,
+                   help="multi-host: host:port of process 0, for jax.distributed.initialize "
+                        "(or JAX_COORDINATOR_ADDRESS); a single host needs none of these")
+    t.add_argument("--num-processes", type=int, default=None,
+                   help="multi-host: number of processes, one per host (or JAX_NUM_PROCESSES)")
+    t.add_argument("--process-id", type=int, default=None,
+                   help="multi-host: this process's id in [0, num_processes) "
+                        "(or JAX_PROCESS_ID); only process 0 writes the output")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=64, help="most new tokens per output")
     s.add_argument("--min-tokens", type=int, default=0, help="fewest new tokens before stopping")
@@ -107,6 +125,12 @@ def read_prompts(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    distributed = bool(args.coordinator_address or args.num_processes is not None
+                       or args.process_id is not None
+                       or os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    if distributed:  # before anything starts jax's backend
+        from jpaged.parallel import initialize_distributed
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     import numpy as np
     from jpaged import LLM, SamplingParams
     prompts = read_prompts(args)
@@ -142,6 +166,7 @@ def main(argv=None):
               gpu_memory_utilization=args.gpu_memory_utilization,
               swap_space=args.swap_space, preemption_mode=args.preemption_mode,
               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+              tensor_parallel_size=args.tensor_parallel_size,
               use_tqdm_warmup=not args.no_progress)
     t_ready = time.perf_counter()
     if args.chat:
@@ -151,6 +176,10 @@ def main(argv=None):
     else:
         outs = llm.generate(prompts, sp, use_tqdm=not args.no_progress)
     t_done = time.perf_counter()
+    if distributed:
+        import jax
+        if jax.process_index() != 0:  # every process ran the same schedule
+            return
     sink = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     for out in outs:
         rec = {"request_id": out.request_id, "prompt": out.prompt,
