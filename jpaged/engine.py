@@ -506,4 +506,4 @@ def _enable_compilation_cache() -> None:
 
 def _device_reports_memory() -> bool:
     import jax
-    return bool((jax.devices()[0].memory_stats() or {}).get("bytes_limit"))
+    return bool((jax.local_devices()[0].memory_stats() or {}).get("bytes_limit"))

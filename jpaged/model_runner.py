@@ -129,7 +129,7 @@ class ModelRunner:
         self.cpu_cache = None  # host swap pool, allocated on first swap-out
         # Device<->host transfers go through page-locked memory where the
         # platform offers it (on an H100: ~52 GB/s against ~7 GB/s pageable).
-        self._device = jax.devices()[0]
+        self._device = jax.local_devices()[0]
         self._pinned = any(m.kind == "pinned_host" for m in self._device.addressable_memories())
         self.decode_buckets = _pow2_buckets(1, max_num_seqs)
         self.prefill_buckets = _pow2_buckets(
@@ -149,12 +149,15 @@ class ModelRunner:
             self._copy_fn = jax.jit(parallel.per_shard(self._copy, self.mesh, len(pool), 2),
                                     donate_argnums=(0,), out_shardings=pool)
             self._scatter_fn = jax.jit(self._scatter, donate_argnums=(0,), out_shardings=pool)
+            if not pool[0].is_fully_addressable:  # several hosts: each needs every swapped block
+                self._gather_fn = jax.jit(self._gather,
+                                          out_shardings=parallel.replicated(self.mesh))
 
     # ------------------------------------------------------------ sizing
     def _profile_num_blocks(self, utilization: float) -> int:
         """Blocks that fit in `utilization` of the device memory left after
         the weights, keeping room for the largest step's activations."""
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.local_devices()[0].memory_stats() or {}
         limit = stats.get("bytes_limit")
         if not limit:  # CPU: no memory statistics; size for the workload instead
             return 1 + self.max_num_seqs * self.max_blocks_per_seq
@@ -372,7 +375,9 @@ class ModelRunner:
             self.kv_caches = self._scatter_fn(self.kv_caches, self._to_device(data), gpu)
 
     def _to_device(self, data: np.ndarray):
-        if not self._pinned or self.mesh is not None:
+        if self.mesh is not None:  # jit spreads host data over the mesh (every host's too)
+            return data
+        if not self._pinned:
             return jnp.asarray(data)
         staged = jax.device_put(data, jax.sharding.SingleDeviceSharding(
             self._device, memory_kind="pinned_host"))

@@ -155,16 +155,33 @@ def shard_model(model, mesh: Mesh):
         params = _repeat_kv_heads(params, config.num_layers, config.num_kv_heads,
                                   config.head_dim, num_kv_heads // config.num_kv_heads)
         config = dataclasses.replace(config, num_kv_heads=num_kv_heads)
-    params = jax.device_put(params, param_shardings(params, mesh, config.vocab_size))
+    params = _place(params, param_shardings(params, mesh, config.vocab_size))
     module = model.module.clone(config=config, mesh=mesh)
     return dataclasses.replace(model, config=config, params=params, module=module,
                                _jit_apply=None,
                                kv_sharding=NamedSharding(mesh, KV_CACHE_SPEC))
 
 
+def _place(tree, shardings):
+    """device_put, or for a mesh spanning several processes (each holding the
+    same values, e.g. loaded from the same checkpoint), each process filling
+    its own devices' shards from a host copy."""
+    def one(x, sharding):
+        if sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(one, tree, shardings)
+
+
 def kv_cache_shardings(mesh: Mesh, num_layers: int) -> tuple:
     """One NamedSharding per layer of the KV pool (split on num_kv_heads)."""
     return (NamedSharding(mesh, KV_CACHE_SPEC),) * num_layers
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device of the mesh."""
+    return NamedSharding(mesh, P())
 
 
 def per_shard(fn, mesh: Mesh, num_layers: int, num_replicated: int):

@@ -125,7 +125,7 @@ def abstract_params(module) -> Any:
 
 def _loaded(hf_config, params, tokenizer, dtype, attention_backend, interpret) -> LoadedModel:
     architecture, _, config, module = _build(hf_config, dtype, attention_backend, interpret)
-    params = jax.device_put(params, jax.devices()[0])
+    params = jax.device_put(params, jax.local_devices()[0])
     return LoadedModel(config=config, hf_config=hf_config, params=params, module=module,
                        tokenizer=tokenizer, architecture=architecture, dtype=dtype)
 

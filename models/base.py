@@ -246,7 +246,7 @@ class LoadedModel:
             return tuple(zeros() for _ in range(self.config.num_layers))
         # NOTE: committed to a device like the params, so a jitted step sees the
         # same placement on its first call as on later ones (no recompile).
-        device = jax.devices()[0]
+        device = jax.local_devices()[0]
         return tuple(jax.device_put(jnp.zeros(shape, dtype), device)
                      for _ in range(self.config.num_layers))
 

@@ -107,7 +107,7 @@ def load_converted(directory, abstract_params=None) -> ConvertedCheckpoint:
 
     directory = pathlib.Path(directory).expanduser().absolute()
     meta = read_meta(directory)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
         if abstract_params is None:
             abstract_params = ckptr.metadata(directory / "params").item_metadata.tree

@@ -44,13 +44,14 @@ def _prompts(vocab, lens=PROMPT_LENS, seed=0):
     return [rng.integers(3, vocab, n).tolist() for n in lens]
 
 
-def _engine_generate(model, tp, prompts, sp):
+def _engine_generate(model, tp, prompts, sp, **engine):
     """Greedy outputs through LLMEngine without warm-up (compiles only the
     buckets the workload uses)."""
     from jpaged import EngineConfig
     from jpaged.engine import LLMEngine
-    eng = LLMEngine(EngineConfig(model="tiny", tensor_parallel_size=tp, num_gpu_blocks=64,
-                                 **ENGINE), model=model, warm_up=False, progress=False)
+    config = EngineConfig(model="tiny", tensor_parallel_size=tp,
+                          **{**ENGINE, "num_gpu_blocks": 64, **engine})
+    eng = LLMEngine(config, model=model, warm_up=False, progress=False)
     for i, p in enumerate(prompts):
         eng.add_request(str(i), None, sp, prompt_token_ids=p)
     done = {}
@@ -98,14 +99,16 @@ def _shards_equal(runner) -> list:
     return [[bool(np.array_equal(a, b)) for b in shards] for a in shards]
 
 
+SWAPPING = dict(num_gpu_blocks=16, swap_space=16 * 1024 / (1 << 30), preemption_mode="swap")
+
+
 def _llm_case(model, tp) -> dict:
     """LLM(..., tensor_parallel_size=tp) with warm-up: greedy under a small pool
     that forces swapping, beam search (forks, copy-on-write), then the runner's
     block copy and swap helpers directly."""
     from jpaged import LLM, SamplingParams
     llm = LLM(model, use_tqdm_warmup=False, tensor_parallel_size=tp,
-              **dict(ENGINE, num_gpu_blocks=16, swap_space=16 * 1024 / (1 << 30),
-                     preemption_mode="swap"))
+              **dict(ENGINE, **SWAPPING))
     runner = llm.engine.runner
     traces = runner.num_traces
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -173,17 +176,35 @@ def _worker() -> dict:
     return out
 
 
+def _multihost_worker() -> dict:
+    """One of two processes with 2 devices each: tp=4 spans both."""
+    import jax
+    import models
+    from jpaged import SamplingParams
+    llama = models.random_model(LLAMA_GQA, seed=1)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    eng, tokens = _engine_generate(llama, 4, _prompts(128), greedy, **SWAPPING)
+    return dict(process=jax.process_index(), num_devices=len(jax.devices()),
+                num_local_devices=len(jax.local_devices()), tokens=tokens,
+                num_swaps_out=eng.scheduler.num_swaps_out,
+                pool_devices=len(eng.runner.kv_caches[0].sharding.device_set))
+
+
 # ---------------------------------------------------------------- the tests
+
+
+def _env(num_devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={num_devices}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
 
 
 @pytest.fixture(scope="module")
 def tp_run():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__], env=_env(NUM_DEVICES),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -291,6 +312,33 @@ def test_pallas_kernel_runs_per_shard(tp_run):
     assert tp_run["pallas"]["tp4"] == tp_run["pallas"]["ref"]
 
 
+def test_two_processes_share_one_mesh(tp_run):
+    """The README's multi-host start-up, on one machine: two processes with 2
+    CPU devices each, jax.distributed.initialize from the JAX_* variables,
+    one tp=4 mesh across both; a small pool forces swapping."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        env = dict(_env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, __file__, "--multihost"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-4000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["process"] for r in results] == [0, 1]
+    for r in results:
+        assert r["num_devices"] == 4 and r["num_local_devices"] == 2 and r["pool_devices"] == 4
+        assert r["num_swaps_out"] > 0
+        assert r["tokens"] == tp_run["cases"]["llm_llama_gqa_tp1"]["tokens"]
+
+
 # Checks that need no extra devices run in this process.
 
 
@@ -322,4 +370,9 @@ def test_too_many_devices_is_a_clear_error():
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker()))
+    if "--multihost" in sys.argv:
+        from jpaged.parallel import initialize_distributed
+        initialize_distributed()  # from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+        print(json.dumps(_multihost_worker()))
+    else:
+        print(json.dumps(_worker()))
