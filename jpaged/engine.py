@@ -175,11 +175,11 @@ class LLMEngine:
             result = self.runner.execute(seq_inputs, rows, out.is_prefill)
             t2 = time.perf_counter()
             self.stats["device_seconds"] += t2 - t1
-            self._update(groups, owners, result, out.is_prefill)
+            # NOTE: schedule() already counted the step's tokens as computed
+            # (num_computed_tokens, prefix-cache blocks): it always runs.
+            self._update(groups, owners, result)
             if result.prompt_logprobs is not None:
                 self._record_prompt_logprobs(groups, spans, result)
-            for g in groups:
-                self.block_manager.mark_blocks_as_computed(g)
             self.stats["num_steps"] += 1
             used = self.runner.num_gpu_blocks - 1 - self.block_manager.get_num_free_gpu_blocks()
             self.stats["peak_blocks_used"] = max(self.stats["peak_blocks_used"], used)
@@ -248,8 +248,8 @@ class LLMEngine:
             banned = list(sp.stop_token_ids)
             if not sp.ignore_eos and self.eos_token_id is not None:
                 banned.append(self.eos_token_id)
-        return dict(banned_token_ids=banned,temperature=0.0 if greedy else sp.temperature, top_p=sp.top_p,
-                    top_k=sp.top_k, min_p=sp.min_p,
+        return dict(temperature=0.0 if greedy else sp.temperature, top_p=sp.top_p,
+                    top_k=sp.top_k, min_p=sp.min_p, banned_token_ids=banned,
                     presence_penalty=sp.presence_penalty,
                     frequency_penalty=sp.frequency_penalty,
                     repetition_penalty=sp.repetition_penalty,
@@ -257,14 +257,12 @@ class LLMEngine:
                     output_token_ids=seq.output_token_ids,
                     prompt_token_ids=seq.prompt_token_ids)
 
-    def _update(self, groups, owners, result, is_prefill):
+    def _update(self, groups, owners, result):
         by_group: dict[str, list] = {}
         for i, (g, seq, j, seed) in enumerate(owners):
             by_group.setdefault(g.request_id, []).append((seq, j, seed, i))
         for g in groups:
             entries = by_group.get(g.request_id, [])
-            for seq, _, _, _ in entries:
-                seq.num_computed_tokens = seq.get_len()  # before the new token
             if g.first_token_time is None:
                 g.first_token_time = time.monotonic()
             if g.sampling_params.sampling_type == SamplingType.BEAM:
