@@ -55,8 +55,8 @@ KV_CACHE_SPEC = P(None, None, TP_AXIS, None, None)  # [2, blocks, KV HEADS, bloc
 
 
 def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
-    """A 1-D mesh named "tp" over the first ``tensor_parallel_size`` devices
-    (of every process, after jax.distributed.initialize)."""
+    """A 1-D mesh named "tp" over the first ``tensor_parallel_size`` devices;
+    after jax.distributed.initialize, over all devices of all processes."""
     devices = list(jax.devices() if devices is None else devices)
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
@@ -67,6 +67,10 @@ def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
                     f"{tensor_parallel_size} before jax starts")
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs that many devices, "
                          f"but jax sees {len(devices)}{hint}")
+    if jax.process_count() > 1 and tensor_parallel_size != len(devices):
+        raise ValueError(f"with {jax.process_count()} processes, tensor_parallel_size must be "
+                         f"the number of devices of all of them ({len(devices)}), got "
+                         f"{tensor_parallel_size}: every process runs the same steps")
     return Mesh(np.array(devices[:tensor_parallel_size]), (TP_AXIS,))
 
 
@@ -186,7 +190,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def per_shard(fn, mesh: Mesh, num_layers: int, num_replicated: int):
     """fn(kv_caches, *replicated) run on each device's share of the pool
-    (for Pallas kernels, which jit cannot partition); returns the pool."""
+    (for Pallas kernels, which jit cannot partition); returns the pool.
+    check_vma is off for the reason given in models.base.sharded_attention."""
     pool = (KV_CACHE_SPEC,) * num_layers
     return jax.shard_map(fn, mesh=mesh, in_specs=(pool,) + (P(),) * num_replicated,
                          out_specs=pool, check_vma=False)

@@ -74,7 +74,7 @@ class Linear(nn.Module):
         return y
 
 
-def paged_attention(q, k, v, kv_cache, metadata, *, scale, backend, interpret, mesh=None):
+def sharded_attention(q, k, v, kv_cache, metadata, *, scale, backend, interpret, mesh=None):
     """kernels_pallas.attention, run once per shard of the "tp" mesh axis.
 
     With ``mesh`` None this is kernels_pallas.attention. With a mesh, q, k, v
@@ -96,7 +96,8 @@ def paged_attention(q, k, v, kv_cache, metadata, *, scale, backend, interpret, m
         return attend(q, k, v, kv_cache, metadata)
     heads = P(None, TP_AXIS, None)
     pool = P(None, None, TP_AXIS, None, None)
-    # NOTE: check_vma is off because Pallas calls carry no varying-axis rules.
+    # NOTE: check_vma is off: the Pallas kernels' out_shape structs carry no
+    # varying-axis type, which shard_map then rejects (seen with jax 0.11.2).
     return jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, pool, P()),
                          out_specs=(heads, pool), check_vma=False)(q, k, v, kv_cache, metadata)
 

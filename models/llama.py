@@ -13,8 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.base import (ROPE_TYPES, Linear, RMSNorm, apply_rope, lm_logits, paged_attention,
-                         gather_logits, rope_inv_freq)
+from models.base import (ROPE_TYPES, Linear, RMSNorm, apply_rope, gather_logits, lm_logits,
+                         rope_inv_freq, sharded_attention)
 from models.convert import Rule
 
 
@@ -142,7 +142,7 @@ class LlamaAttention(nn.Module):
         q = apply_rope(q.reshape(n, c.num_heads, c.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(n, c.num_kv_heads, c.head_dim), positions, inv_freq)
         v = v.reshape(n, c.num_kv_heads, c.head_dim)
-        out, kv_cache = paged_attention(
+        out, kv_cache = sharded_attention(
             q, k, v, kv_cache, metadata, scale=c.head_dim ** -0.5,
             backend=self.attention_backend, interpret=self.interpret, mesh=self.mesh)
         out = out.reshape(n, c.num_heads * c.head_dim)

@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.base import Linear, gather_logits, lm_logits, paged_attention
+from models.base import Linear, gather_logits, lm_logits, sharded_attention
 from models.convert import Rule
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
@@ -113,7 +113,7 @@ class OPTAttention(nn.Module):
         q = Linear(c.hidden_size, c.enable_bias, self.dtype, name="q_proj")(x).reshape(shape)
         k = Linear(c.hidden_size, c.enable_bias, self.dtype, name="k_proj")(x).reshape(shape)
         v = Linear(c.hidden_size, c.enable_bias, self.dtype, name="v_proj")(x).reshape(shape)
-        out, kv_cache = paged_attention(
+        out, kv_cache = sharded_attention(
             q, k, v, kv_cache, metadata, scale=c.head_dim ** -0.5,
             backend=self.attention_backend, interpret=self.interpret, mesh=self.mesh)
         out = out.reshape(n, c.hidden_size)
