@@ -85,6 +85,71 @@ def build_engine(model, *, block_size=16, max_num_seqs=256, max_model_len=2048,
     return LLMEngine(config, model=model, progress=progress)
 
 
+# ------------------------------------------------------------------ flags
+def add_model_args(parser, *, model_help="models.random_model preset or a JSON file with an "
+                   "HF config") -> None:
+    """--model and --dtype: the random-weight model engine_from_args builds."""
+    parser.add_argument("--model", default="llama-1.1b", help=model_help)
+    parser.add_argument("--dtype", default="bfloat16", help="params and KV cache dtype")
+
+
+def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: str = "",
+                    max_num_seqs_help="sequences per step, at most",
+                    max_model_len_help="context limit") -> None:
+    """The engine and KV pool flags engine_from_args reads (--block-size,
+    --max-num-seqs, --max-model-len, --max-num-batched-tokens, --kv-cache-gib,
+    --num-gpu-blocks, --gpu-memory-utilization, --swap-space).
+
+    kv_cache_gib_note: the script's reason for its pool size, put into the
+    --kv-cache-gib help (e.g. "; sharing pays off when ...").
+    """
+    p = parser
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=256, help=max_num_seqs_help)
+    p.add_argument("--max-model-len", type=int, default=2048, help=max_model_len_help)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prefill token budget per step (default max(max-model-len, 2048))")
+    p.add_argument("--kv-cache-gib", type=float, default=kv_cache_gib_default,
+                   help=f"KV pool size in GiB over all layers{kv_cache_gib_note} (0: size it "
+                        "from --gpu-memory-utilization)")
+    p.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV pool size in blocks (null block included); overrides --kv-cache-gib")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of device memory for the engine when the pool is not sized")
+    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
+
+
+def add_output_args(parser, kind: str) -> None:
+    """--no-progress and --out (default benchmarks/results/<kind>-<device>.json)."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", default=None, help="result JSON path (default "
+                        f"benchmarks/results/{kind}-<device>.json)")
+
+
+def engine_from_args(args, hf_config: dict):
+    """The random-weight model and warmed-up engine that the flags of
+    add_model_args / add_engine_args / add_output_args ask for.
+
+    Returns: (model, engine, info); info is the result JSON's "engine" entry:
+      warmup_seconds, compiles_at_warmup (engine.runner.num_traces after
+      warm-up), num_gpu_blocks, max_num_seqs, max_model_len.
+    """
+    import models
+    model = models.random_model(hf_config, dtype=args.dtype, seed=0)
+    engine = build_engine(model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          num_gpu_blocks=args.num_gpu_blocks,
+                          kv_cache_gib=args.kv_cache_gib or None,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          swap_space=args.swap_space, progress=not args.no_progress)
+    info = dict(warmup_seconds=engine.runner.warmup_seconds,
+                compiles_at_warmup=engine.runner.num_traces,
+                num_gpu_blocks=engine.runner.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
+                max_model_len=engine.config.max_model_len)
+    return model, engine, info
+
+
 def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):
     """A callable with BlockSpaceManager's signature for `system`."""
     if system == "jpaged":

