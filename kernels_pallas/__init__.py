@@ -122,7 +122,8 @@ def write_kv(kv_cache, k, v, slot_mapping, *, backend="auto", interpret=False):
     Args:
       kv_cache:     [2, num_blocks, num_kv_heads, block_size, head_dim]
       k, v:         [num_tokens, num_kv_heads, head_dim]
-      slot_mapping: i32[num_tokens]; out-of-range slots are dropped.
+      slot_mapping: i32[num_tokens]; slots outside the pool, or in block 0
+                    (the null block), are dropped.
     Returns:
       the updated kv_cache (same shape and dtype; updated in place under jit
       when the pool is donated).

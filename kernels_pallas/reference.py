@@ -17,8 +17,9 @@ def write_kv(kv_cache, k, v, slot_mapping):
     _, num_blocks, num_kv_heads, block_size, head_dim = kv_cache.shape
     num_slots = num_blocks * block_size
     slots = slot_mapping.astype(jnp.int32)
-    # NOTE: negative indices would wrap around in JAX; send them out of range.
-    slots = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
+    # NOTE: negative indices would wrap around in JAX; send them out of range,
+    # and block 0 (the null block) is never written.
+    slots = jnp.where((slots >= block_size) & (slots < num_slots), slots, num_slots)
     block_ids = slots // block_size
     offsets = slots % block_size
     block_ids = jnp.where(slots == num_slots, num_blocks, block_ids)

@@ -4,8 +4,8 @@ One program per new token writes that token's K and V rows of every KV head
 ([num_kv_heads, head_dim] each) into slot ``slot_mapping[t]``. The pool is
 aliased to the output, so under jit with the pool donated only the new rows
 move. Out-of-range slots (padding: the runner uses num_blocks * block_size;
-negative values too) are masked off: nothing is written, nothing wraps
-around.
+negative values too) and slots in block 0, the null block, are masked off:
+nothing is written, nothing wraps around.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _write_kv_kernel(slot_ref,   # i32[num_tokens]
     del kv_in_ref
     t = pl.program_id(0)
     slot = slot_ref[t]
-    ok = (slot >= 0) & (slot < num_slots)
+    ok = (slot >= block_size) & (slot < num_slots)  # block 0 (null) is never written
     slot = jnp.where(ok, slot, 0)
     blk, off = slot // block_size, slot % block_size
     h = jnp.arange(heads_pad)
@@ -53,8 +53,9 @@ def write_kv(kv_cache, k, v, slot_mapping, *, interpret=False, num_warps=None):
     Args:
       kv_cache:     [2, num_blocks, num_kv_heads, block_size, head_dim]
       k, v:         [num_tokens, num_kv_heads, head_dim]
-      slot_mapping: i32[num_tokens]; slots outside [0, num_blocks * block_size)
-                    are dropped.
+      slot_mapping: i32[num_tokens]; slots outside
+                    [block_size, num_blocks * block_size) are dropped (block 0
+                    is the null block).
       interpret:    Pallas interpret mode (CPU).
     Returns:
       the updated kv_cache (in place when the pool is donated).
