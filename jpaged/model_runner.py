@@ -165,6 +165,8 @@ class ModelRunner:
         activations = self.max_num_batched_tokens * (
             4 * cfg.hidden_size * 4 + 2 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size) * 4)
         activations += self.max_num_seqs * self.vocab_size * 4 * 4
+        # the prompt-logprobs variant holds every token's logits and logprobs
+        activations += self.max_num_batched_tokens * self.vocab_size * 4 * 2
         free = limit * utilization - stats.get("bytes_in_use", 0) - activations
         return max(0, int(free // (self.bytes_per_block // self.tensor_parallel_size)))
 
