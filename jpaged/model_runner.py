@@ -201,23 +201,35 @@ class ModelRunner:
 
     # ------------------------------------------------------------ warm-up
     def warm_up(self, progress: bool = True) -> float:
-        """Compiles every bucket, the block copy and the swap transfers."""
+        """Compiles every bucket, the block copy and the swap transfers.
+
+        The step buckets compile ahead of time on a thread pool (XLA compiles
+        outside the GIL, so they proceed in parallel); `lower().compile()`
+        fills the jit cache, so the first real call of a bucket compiles nothing.
+        """
+        import concurrent.futures
+        import os
         from tqdm import tqdm
         t0 = time.perf_counter()
-        jobs = [("decode", b) for b in self.decode_buckets]
-        jobs += [("prefill", b) for b in self.prefill_buckets]
-        jobs += [("copy", 0)]
-        jobs += [("swap", b) for b in self.swap_buckets]
-        for kind, b in tqdm(jobs, desc="compiling buckets", disable=not progress):
-            if kind in ("decode", "prefill"):
-                self._run([], decode=kind == "decode", pad_to=b)
-            elif kind == "copy":
-                self.copy_blocks([])
-            else:
-                ids = np.zeros(b, np.int32)
-                data = self._gather_fn(self.kv_caches, ids)
-                self.kv_caches = self._scatter_fn(self.kv_caches, data,
-                                                  np.full(b, self.num_gpu_blocks, np.int32))
+        steps = [(True, b) for b in self.decode_buckets]
+        steps += [(False, b) for b in self.prefill_buckets]
+        bar = tqdm(total=len(steps) + 1 + len(self.swap_buckets), desc="compiling buckets",
+                   disable=not progress)
+        workers = max(1, min(len(steps), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(self._run, [], decode=d, pad_to=b, compile_only=True)
+                       for d, b in steps]
+            for f in concurrent.futures.as_completed(futures):
+                f.result()
+                bar.update(1)
+        self.copy_blocks([])
+        bar.update(1)
+        for b in self.swap_buckets:
+            data = self._gather_fn(self.kv_caches, np.zeros(b, np.int32))
+            self.kv_caches = self._scatter_fn(self.kv_caches, data,
+                                              np.full(b, self.num_gpu_blocks, np.int32))
+            bar.update(1)
+        bar.close()
         jax.block_until_ready(self.kv_caches)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
@@ -254,7 +266,8 @@ class ModelRunner:
         return StepOutput(*(None if x[0] is None else np.concatenate(x)
                             for x in zip(*(dataclasses.astuple(o) for o in outs))))
 
-    def _run(self, seqs, *, decode, sampling_rows=(), pad_to=None, prompt_logprobs=False):
+    def _run(self, seqs, *, decode, sampling_rows=(), pad_to=None, prompt_logprobs=False,
+             compile_only=False):
         bs = self.block_size
         if decode:
             num_seqs_pad = pad_to or _bucket(self.decode_buckets, len(seqs))
@@ -302,9 +315,12 @@ class ModelRunner:
             list(sampling_rows), self.vocab_size, num_rows_pad,
             pad_prompt_to=self.max_model_len, pad_output_to=self.max_model_len,
             fixed_shapes=True)
-        self.kv_caches, out, plp = self._step_fn(
-            self.model.params, self.kv_caches, input_ids, positions, metadata,
-            logits_indices, sampling, prompt_next, modes=STEP_MODES)
+        args = (self.model.params, self.kv_caches, input_ids, positions, metadata,
+                logits_indices, sampling, prompt_next)
+        if compile_only:  # warm-up: compile this bucket, run nothing
+            self._step_fn.lower(*args, modes=STEP_MODES).compile()
+            return None
+        self.kv_caches, out, plp = self._step_fn(*args, modes=STEP_MODES)
         rows = len(sampling_rows)
         out, plp = jax.device_get((out, plp))  # the step's one device->host sync
         prompt = ((None, None, None) if plp is None else
