@@ -29,3 +29,15 @@ def check_pool(kv_cache):
         raise ValueError(
             "kv_cache must be [2, num_blocks, num_kv_heads, block_size, head_dim], "
             f"got shape {kv_cache.shape}")
+
+
+def check_attention(q, kv_cache):
+    """Checks q [..., num_heads, head_dim] against the pool; GQA groups must divide."""
+    check_pool(kv_cache)
+    num_heads, head_dim = q.shape[-2:]
+    _, _, num_kv_heads, _, kv_dim = kv_cache.shape
+    if kv_dim != head_dim:
+        raise ValueError(f"q head_dim {head_dim} != kv_cache head_dim {kv_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of "
+                         f"num_kv_heads {num_kv_heads}")

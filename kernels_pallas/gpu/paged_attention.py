@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.gpu._util import (LOG2E, check_pool, compiler_params,
+from kernels_pallas.gpu._util import (LOG2E, check_attention, compiler_params,
                                       dot_precision, next_pow2)
 
 NUM_SMS = 132  # H100 SXM; only steers the split heuristic.
@@ -139,14 +139,9 @@ def paged_attention(q, kv_cache, block_tables, context_lens, *, scale,
     Returns:
       [num_seqs, num_heads, head_dim] in q's dtype.
     """
-    check_pool(kv_cache)
+    check_attention(q, kv_cache)
     num_seqs, num_heads, head_dim = q.shape
-    _, _, num_kv_heads, block_size, kv_dim = kv_cache.shape
-    if kv_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} != kv_cache head_dim {kv_dim}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of "
-                         f"num_kv_heads {num_kv_heads}")
+    _, _, num_kv_heads, block_size, _ = kv_cache.shape
     if block_tables.shape[0] != num_seqs or context_lens.shape != (num_seqs,):
         raise ValueError("block_tables / context_lens do not match q's num_seqs: "
                          f"{block_tables.shape}, {context_lens.shape}, {q.shape}")

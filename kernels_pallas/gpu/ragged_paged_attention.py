@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.gpu._util import (LOG2E, check_pool, compiler_params,
+from kernels_pallas.gpu._util import (LOG2E, check_attention, compiler_params,
                                       dot_precision, next_pow2)
 
 
@@ -152,14 +152,9 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
     Returns:
       [num_tokens, num_heads, head_dim] in q's dtype.
     """
-    check_pool(kv_cache)
+    check_attention(q, kv_cache)
     num_tokens, num_heads, head_dim = q.shape
-    _, _, num_kv_heads, block_size, kv_dim = kv_cache.shape
-    if kv_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} != kv_cache head_dim {kv_dim}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of "
-                         f"num_kv_heads {num_kv_heads}")
+    _, _, num_kv_heads, block_size, _ = kv_cache.shape
     num_seqs, max_blocks = block_tables.shape
     if context_lens.shape != (num_seqs,) or query_start_loc.shape != (num_seqs + 1,):
         raise ValueError("context_lens must be [num_seqs] and query_start_loc "
