@@ -10,6 +10,7 @@ within one GPU call).
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -64,11 +65,14 @@ def load_hf_config(spec: str) -> dict:
 
 def build_engine(model, *, block_size=16, max_num_seqs=256, max_model_len=2048,
                  max_num_batched_tokens=None, num_gpu_blocks=None, kv_cache_gib=None,
-                 gpu_memory_utilization=0.9, swap_space=4.0, seed=0, progress=True):
+                 gpu_memory_utilization=0.9, swap_space=4.0, seed=0, progress=True,
+                 tensor_parallel_size=1):
     """An LLMEngine on a loaded model, warmed up (every bucket compiled).
 
-    kv_cache_gib: size the KV pool in GiB (all layers) instead of from
-    gpu_memory_utilization; num_gpu_blocks overrides both.
+    kv_cache_gib: size the KV pool in GiB (all layers, all devices together)
+    instead of from gpu_memory_utilization; num_gpu_blocks overrides both.
+    tensor_parallel_size: devices the params and KV pool are split over (the
+    model is loaded on the first device and sharded by the ModelRunner).
     """
     from jpaged.config import EngineConfig
     from jpaged.engine import LLMEngine
@@ -81,7 +85,8 @@ def build_engine(model, *, block_size=16, max_num_seqs=256, max_model_len=2048,
                           max_num_batched_tokens=max_num_batched_tokens,
                           num_gpu_blocks=num_gpu_blocks,
                           gpu_memory_utilization=gpu_memory_utilization,
-                          swap_space=swap_space, seed=seed)
+                          swap_space=swap_space, seed=seed,
+                          tensor_parallel_size=tensor_parallel_size)
     return LLMEngine(config, model=model, progress=progress)
 
 
@@ -93,12 +98,24 @@ def add_model_args(parser, *, model_help="models.random_model preset or a JSON f
     parser.add_argument("--dtype", default="bfloat16", help="params and KV cache dtype")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1, else an error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
 def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: str = "",
                     max_num_seqs_help="sequences per step, at most",
                     max_model_len_help="context limit") -> None:
     """The engine and KV pool flags engine_from_args reads (--block-size,
     --max-num-seqs, --max-model-len, --max-num-batched-tokens, --kv-cache-gib,
-    --num-gpu-blocks, --gpu-memory-utilization, --swap-space).
+    --num-gpu-blocks, --gpu-memory-utilization, --swap-space,
+    --tensor-parallel-size).
 
     kv_cache_gib_note: the script's reason for its pool size, put into the
     --kv-cache-gib help (e.g. "; sharing pays off when ...").
@@ -117,6 +134,9 @@ def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: s
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of device memory for the engine when the pool is not sized")
     p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
+    p.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                   help="devices the model and KV pool are split over (the first N devices; "
+                        "--kv-cache-gib is the pool over all of them)")
 
 
 def add_output_args(parser, kind: str) -> None:
@@ -132,7 +152,8 @@ def engine_from_args(args, hf_config: dict):
 
     Returns: (model, engine, info); info is the result JSON's "engine" entry:
       warmup_seconds, compiles_at_warmup (engine.runner.num_traces after
-      warm-up), num_gpu_blocks, max_num_seqs, max_model_len.
+      warm-up), num_gpu_blocks, max_num_seqs, max_model_len,
+      tensor_parallel_size.
     """
     import models
     model = models.random_model(hf_config, dtype=args.dtype, seed=0)
@@ -142,11 +163,13 @@ def engine_from_args(args, hf_config: dict):
                           num_gpu_blocks=args.num_gpu_blocks,
                           kv_cache_gib=args.kv_cache_gib or None,
                           gpu_memory_utilization=args.gpu_memory_utilization,
-                          swap_space=args.swap_space, progress=not args.no_progress)
+                          swap_space=args.swap_space, progress=not args.no_progress,
+                          tensor_parallel_size=args.tensor_parallel_size)
     info = dict(warmup_seconds=engine.runner.warmup_seconds,
                 compiles_at_warmup=engine.runner.num_traces,
                 num_gpu_blocks=engine.runner.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
-                max_model_len=engine.config.max_model_len)
+                max_model_len=engine.config.max_model_len,
+                tensor_parallel_size=args.tensor_parallel_size)
     return model, engine, info
 
 

@@ -16,10 +16,16 @@ The paper's regime is memory-bound: with a large pool every system fills
 policies run fewer requests at once (2 GiB holds ~93k tokens of the 1.1B
 Llama shape: Orca-Max ~45 requests, jpaged up to --max-num-seqs).
 
-Writes benchmarks/results/throughput-<device>.json (or --out): device, commit,
-command, per system output tokens/s, requests/s, peak concurrent sequences,
-KV waste at peak, preemptions/swaps, host and device ms per step, plus
-warm-up time and compile counts; prints a table last.
+Tensor parallelism: --tensor-parallel-size N splits the model and the KV pool
+over N devices; --scaling-baseline names the result JSON of a run at another
+size (same model, workload and pool) and records the speedup and scaling
+efficiency (speedup x baseline size / N) of each system against it.
+
+Writes benchmarks/results/throughput-<device>.json (throughput-<device>-tp<N>.json
+for N > 1; or --out): device, commit, command, tensor_parallel_size, per
+system output tokens/s, requests/s, peak concurrent sequences, KV waste at
+peak, preemptions/swaps, host and device ms per step, plus warm-up time and
+compile counts; prints a table last.
 """
 from __future__ import annotations
 
@@ -61,8 +67,13 @@ def parse_args(argv):
     p.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of HF generate")
     p.add_argument("--hf-timeout", type=float, default=200,
                    help="seconds the HF child process may run before it is stopped")
+    p.add_argument("--scaling-baseline", default=None,
+                   help="result JSON of this script at another --tensor-parallel-size (same "
+                        "model, workload, pool): record speedup and scaling efficiency vs it")
     add_output_args(p, "throughput")
     args = p.parse_args(argv)
+    if args.scaling_baseline is not None and not os.path.isfile(args.scaling_baseline):
+        p.error(f"--scaling-baseline: no file at {args.scaling_baseline}")
     try:
         args.systems = parse_list(args.systems, SYSTEMS + HF_SYSTEMS)
     except ValueError as e:
@@ -126,7 +137,7 @@ def main(argv=None):
                                   result_header, run_offline, use_system, write_result)
     result = result_header("scripts/bench_throughput.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
-                  workload=workload.summary())
+                  tensor_parallel_size=args.tensor_parallel_size, workload=workload.summary())
     t0 = time.perf_counter()
     model, engine, info = engine_from_args(args, hf_config)
     traces_after_warmup = info["compiles_at_warmup"]
@@ -149,12 +160,15 @@ def main(argv=None):
     for name, r in systems.items():
         if base and r.get("output_tokens_per_s"):
             r["jpaged_speedup"] = base / r["output_tokens_per_s"]
-    out = args.out or default_out("throughput", result["device"])
+    tp = args.tensor_parallel_size  # tp > 1 gets its own file: tp1 and tp2 runs stay side by side
+    if args.scaling_baseline:
+        result["scaling"] = scaling(result, args.scaling_baseline)
+    out = args.out or default_out("throughput", result["device"], f"tp{tp}" if tp > 1 else "")
     write_result(result, out)
 
     rows = [dict(r, system=LABELS[name], status=r.get("skipped") and "skipped"
                  or r.get("error") and "error" or "ok") for name, r in systems.items()]
-    print(f"\n{result['device']}  model {args.model} ({args.dtype}, random weights)  "
+    print(f"\n{result['device']}  tp {tp}  model {args.model} ({args.dtype}, random weights)  "
           f"workload {workload.name} x{len(requests)}  pool {engine.runner.num_gpu_blocks} "
           f"blocks  warm-up {engine.runner.warmup_seconds:.1f} s, "
           f"{traces_after_warmup} compiles (+{result['engine']['compiles_after_warmup']} after)")
@@ -167,8 +181,41 @@ def main(argv=None):
         ("jpaged_speedup", "jpaged x", ".2f"),
         ("peak_concurrent_seqs", "peak seqs", "d"), ("kv_waste_pct_at_peak", "waste %", ".1f"),
         ("preemptions", "preempt", "d"), ("host_ms_per_step", "host ms/step", ".2f")]))
+    for name, r in result.get("scaling", {}).get("systems", {}).items():
+        print(f"  {LABELS[name]}: {r['speedup']:.2f}x the tp {result['scaling']['baseline_tp']} "
+              f"run, scaling efficiency {100 * r['efficiency']:.0f}%")
     print(f"wrote {out}")
     return result
+
+
+def scaling(result: dict, baseline_path: str) -> dict:
+    """Speedup and scaling efficiency of each system against a result JSON of
+    this script at another tensor-parallel size; notes what differs between
+    the two runs besides the size (model, dtype, workload, pool)."""
+    with open(baseline_path) as f:
+        base = json.load(f)
+    tp, base_tp = result["tensor_parallel_size"], base.get("tensor_parallel_size", 1)
+    out = dict(baseline=baseline_path, baseline_tp=base_tp, baseline_commit=base.get("commit"),
+               systems={})
+    keys = [("model",), ("dtype",), ("workload",), ("engine", "num_gpu_blocks"),
+            ("engine", "max_num_seqs"), ("engine", "max_num_batched_tokens")]
+    differs = []
+    for key in keys:
+        mine, theirs = result, base
+        for k in key:
+            mine, theirs = (mine or {}).get(k), (theirs or {}).get(k)
+        if mine != theirs:
+            differs.append(".".join(key))
+    if differs:
+        out["differs"] = differs
+    for name, r in result["systems"].items():
+        b = base.get("systems", {}).get(name, {}).get("output_tokens_per_s")
+        if b and r.get("output_tokens_per_s"):
+            speedup = r["output_tokens_per_s"] / b
+            out["systems"][name] = dict(baseline_output_tokens_per_s=b,
+                                        output_tokens_per_s=r["output_tokens_per_s"],
+                                        speedup=speedup, efficiency=speedup * base_tp / tp)
+    return out
 
 
 if __name__ == "__main__":
