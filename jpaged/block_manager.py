@@ -189,6 +189,11 @@ class BlockSpaceManager:
         need = self._append_cost(seqs, self._gpu_tables, self.gpu_allocator)
         return need <= self.gpu_allocator.get_num_free_blocks()
 
+    def append_cost(self, seq_group: SequenceGroup) -> int:
+        """Device blocks that append_slots for every RUNNING sequence of the group takes."""
+        seqs = seq_group.get_seqs(SequenceStatus.RUNNING)
+        return self._append_cost(seqs, self._gpu_tables, self.gpu_allocator)
+
     def append_slots(self, seq: Sequence) -> list[tuple[int, int]]:
         """Makes seq's table cover all its tokens and its last block private.
 

@@ -91,6 +91,10 @@ class EngineConfig:
       seed: seed of the sampler's default random stream.
       tensor_parallel_size: devices the model is sharded over, >= 1.
       attention_backend: "auto", "reference", "gpu" or "tpu".
+      async_scheduling: schedule and dispatch the next step while the
+        device still runs the current one, when nothing needs the current
+        step's tokens on the host first (see jpaged.engine); the tokens are
+        the same either way.
     """
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -107,6 +111,7 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
+    async_scheduling: bool = True
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -131,6 +136,8 @@ class EngineConfig:
         _check_int("seed", self.seed, 0)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if self.max_model_len is not None:
             self._check_budget(self.max_model_len)
 

@@ -11,6 +11,18 @@ One engine step:
      their prompt, beams fork and free through the block manager; stop
      conditions are checked on token ids and on detokenized text; finished
      sequences give their blocks back.
+
+Async scheduling (``EngineConfig.async_scheduling``, on by default) overlaps
+the host with the device: a step that needs no host decision before the next
+one (no beam search, no parallel-sampling fork, no penalties, no prompt
+logprobs, prefix caching off) stays in flight. Its sequences get a
+placeholder token, the next step is scheduled and dispatched at once and
+reads those tokens on the device, and only then does the host wait for the
+first step's results and update (3). A sequence that stopped in the first
+step computed one extra token in the second, which is dropped. Before
+scheduling, the in-flight step is finished first whenever the next schedule
+could preempt (too few free blocks for every running sequence's next slot),
+so preemption and swapping only ever see known tokens.
 """
 from __future__ import annotations
 
@@ -22,13 +34,13 @@ import numpy as np
 
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import Detokenizer
-from jpaged.model_runner import MAX_LOGPROBS, ModelRunner, SeqInput
+from jpaged.model_runner import MAX_LOGPROBS, ModelRunner, PendingStep, SeqInput
 from jpaged.sampler import MAX_BANNED, derive_seed
 from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jpaged.sampling_params import SamplingParams, SamplingType
 from jpaged.block_manager import BlockSpaceManager
 from jpaged.scheduler import Scheduler
-from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus
+from jpaged.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceGroup, SequenceStatus
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # KV pool size on a device that reports no memory
 
@@ -39,6 +51,21 @@ class _SeqState:
     incremental detokenizer state (None without a tokenizer)."""
     seed: int
     detok: object
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step and what its update needs.
+
+    rows: seq_id -> sampler row, for the sequences holding a placeholder
+    that the next step reads on the device (run-ahead steps only).
+    """
+    groups: list
+    owners: list
+    spans: dict
+    step: PendingStep
+    ahead: bool
+    rows: dict = dataclasses.field(default_factory=dict)
 
 
 class LLMEngine:
@@ -84,9 +111,14 @@ class LLMEngine:
         self._rng = np.random.default_rng(config.seed)
         self._states: dict[int, _SeqState] = {}
         self._finished_beams: dict[str, list[Sequence]] = {}
-        self.stats = dict(num_steps=0, num_prefill_tokens=0, num_cached_prompt_tokens=0,
-                          num_generated_tokens=0, peak_blocks_used=0,
-                          host_seconds=0.0, device_seconds=0.0)
+        self._inflight: _InFlight | None = None
+        # host_seconds: step time the host spent working; device_seconds:
+        # time it waited for device results (with async scheduling the device
+        # also runs while the host works). num_steps_ahead: steps dispatched
+        # before the previous step's results were on the host.
+        self.stats = dict(num_steps=0, num_steps_ahead=0, num_prefill_tokens=0,
+                          num_cached_prompt_tokens=0, num_generated_tokens=0,
+                          peak_blocks_used=0, host_seconds=0.0, device_seconds=0.0)
         if warm_up:
             self.runner.warm_up(progress=progress)
 
@@ -150,6 +182,8 @@ class LLMEngine:
                     self._states.pop(s.seq_id, None)
         self._finished_beams.pop(request_id, None)
         sched.abort_seq_group(request_id)
+        if self._inflight is not None and not self.has_unfinished_requests():
+            self._finish_inflight()  # nothing left reads it
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_seqs()
@@ -157,38 +191,82 @@ class LLMEngine:
     # ------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """Runs one schedule -> execute -> update round; returns the
-        requests that finished in it (rejected ones included)."""
+        requests that finished in it (rejected ones included). With async
+        scheduling the update is that of the previous step, run while this
+        one is on the device."""
         t0 = time.perf_counter()
+        self._wait = 0.0
+        finished = []
+        if self._inflight is not None and not self.scheduler.can_decode_without_preemption():
+            finished += self._finish_inflight()
         out = self.scheduler.schedule()
-        finished = [self._rejected_output(g, reason) for g, reason in out.ignored_seq_groups]
+        finished += [self._rejected_output(g, reason) for g, reason in out.ignored_seq_groups]
         if out.blocks_to_swap_out:
             self.runner.swap_out(out.blocks_to_swap_out)
         if out.blocks_to_swap_in:
             self.runner.swap_in(out.blocks_to_swap_in)
         if out.blocks_to_copy:
             self.runner.copy_blocks(out.blocks_to_copy)
+        launched = None
         if out.scheduled_seq_groups:
+            # NOTE: schedule() already counted the step's tokens as computed
+            # (num_computed_tokens, prefix-cache blocks): it always runs.
             groups = [s.seq_group for s in out.scheduled_seq_groups]
             seq_inputs, rows, owners, spans = self._build_inputs(
                 out.scheduled_seq_groups, out.is_prefill)
-            t1 = time.perf_counter()
-            result = self.runner.execute(seq_inputs, rows, out.is_prefill)
-            t2 = time.perf_counter()
-            self.stats["device_seconds"] += t2 - t1
-            # NOTE: schedule() already counted the step's tokens as computed
-            # (num_computed_tokens, prefix-cache blocks): it always runs.
-            self._update(groups, owners, result)
-            if result.prompt_logprobs is not None:
-                self._record_prompt_logprobs(groups, spans, result)
+            prev = self._inflight.step if self._inflight is not None else None
+            step = self.runner.dispatch(seq_inputs, rows, out.is_prefill, prev)
+            launched = _InFlight(groups, owners, spans, step,
+                                 ahead=self._may_run_ahead(groups, out.is_prefill, step))
             self.stats["num_steps"] += 1
-            used = self.runner.num_gpu_blocks - 1 - self.block_manager.get_num_free_gpu_blocks()
-            self.stats["peak_blocks_used"] = max(self.stats["peak_blocks_used"], used)
-            self.stats["host_seconds"] += (time.perf_counter() - t0) - (t2 - t1)
-            for g in groups:
-                if g.is_finished():
-                    finished.append(self._final_output(g))
+            self.stats["num_steps_ahead"] += prev is not None
+        if self._inflight is not None:  # the previous step, while this one runs
+            finished += self._finish_inflight()
+        if launched is not None:
+            self._inflight = launched
+            if launched.ahead:
+                for i, (g, seq, _, _) in enumerate(launched.owners):
+                    if seq.status == SequenceStatus.RUNNING:
+                        seq.append_token_id(PLACEHOLDER_TOKEN_ID, 0.0)
+                        launched.rows[seq.seq_id] = i
+            if not launched.ahead:
+                finished += self._finish_inflight()
         self.scheduler.free_finished_seq_groups()
+        if self._inflight is not None and not self.scheduler.has_unfinished_seqs():
+            finished += self._finish_inflight()  # only stopped sequences: leave the engine idle
+        used = self.runner.num_gpu_blocks - 1 - self.block_manager.get_num_free_gpu_blocks()
+        self.stats["peak_blocks_used"] = max(self.stats["peak_blocks_used"], used)
+        self.stats["host_seconds"] += time.perf_counter() - t0 - self._wait
+        self.stats["device_seconds"] += self._wait
         return finished
+
+    def _may_run_ahead(self, groups, is_prefill, step) -> bool:
+        """Whether the next step may be scheduled before this one's results
+        are on the host: nothing in it needs a host decision first."""
+        if not self.config.async_scheduling or step.result is not None \
+                or getattr(self.block_manager, "enable_prefix_caching", False):
+            return False
+        for g in groups:
+            sp = g.sampling_params
+            if (sp.sampling_type == SamplingType.BEAM or sp.presence_penalty != 0
+                    or sp.frequency_penalty != 0 or sp.repetition_penalty != 1
+                    or (is_prefill and (sp.actual_best_of > 1 or sp.prompt_logprobs is not None))):
+                return False
+        return True
+
+    def _finish_inflight(self) -> list[RequestOutput]:
+        """Waits for the in-flight step's results and applies them."""
+        inflight, self._inflight = self._inflight, None
+        t = time.perf_counter()
+        result = self.runner.fetch(inflight.step)
+        self._wait += time.perf_counter() - t
+        # A group that finished (stopped one step earlier, or was aborted)
+        # since this step was dispatched takes no part.
+        groups = [g for g in inflight.groups if not g.is_finished()]
+        self._update(groups, inflight.owners, result)
+        if result.prompt_logprobs is not None:
+            self._record_prompt_logprobs(groups, inflight.spans, result)
+        return [self._final_output(g) for g in groups if g.is_finished()]
 
     # ------------------------------------------------------------ helpers
     def _build_inputs(self, scheduled, is_prefill):
@@ -199,21 +277,27 @@ class LLMEngine:
             sp = g.sampling_params
             for seq in g.get_seqs(status=SequenceStatus.RUNNING):
                 table = self.block_manager.get_block_table(seq)
+                prev_row = -1
                 if is_prefill:
                     start = seq.get_len() - sched.num_new_tokens[seq.seq_id]
                     tokens = seq.get_token_ids()[start:]
+                    if seq.output_token_ids and seq.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                        raise RuntimeError(f"sequence {seq.seq_id} is prefilled with an "
+                                           "unknown token")
                     self.stats["num_prefill_tokens"] += len(tokens)
                     self.stats["num_cached_prompt_tokens"] += start
                     first = seq.get_output_len() == 0
                     n = sp.actual_best_of if first and sp.sampling_type != SamplingType.BEAM else 1
                 else:
                     start, tokens, n = seq.get_len() - 1, [seq.get_last_token_id()], 1
+                    if tokens[0] == PLACEHOLDER_TOKEN_ID:  # sampled by the in-flight step
+                        prev_row = self._inflight.rows[seq.seq_id]
                 next_ids = None
                 if is_prefill and sp.prompt_logprobs is not None and seq.get_output_len() == 0:
                     next_ids = seq.get_token_ids()[start + 1:] + [self.model.config.vocab_size]
                 spans[seq.seq_id] = (num_tokens, len(tokens))
                 num_tokens += len(tokens)
-                seq_inputs.append(SeqInput(tokens, start, table, n, next_ids))
+                seq_inputs.append(SeqInput(tokens, start, table, n, next_ids, prev_row))
                 state = self._states[seq.seq_id]
                 for j in range(n):
                     seed = state.seed if j == 0 else derive_seed(state.seed, j)
@@ -260,7 +344,8 @@ class LLMEngine:
     def _update(self, groups, owners, result):
         by_group: dict[str, list] = {}
         for i, (g, seq, j, seed) in enumerate(owners):
-            by_group.setdefault(g.request_id, []).append((seq, j, seed, i))
+            if seq.status == SequenceStatus.RUNNING:  # not stopped since the step began
+                by_group.setdefault(g.request_id, []).append((seq, j, seed, i))
         for g in groups:
             entries = by_group.get(g.request_id, [])
             if g.first_token_time is None:
@@ -300,7 +385,10 @@ class LLMEngine:
         if sp.logprobs is not None:  # building the dict costs host time per token
             entry = {int(t): float(l) for t, l in zip(topk_ids[:sp.logprobs], topk_lps)}
             entry[token_id] = logprob
-        seq.append_token_id(token_id, logprob, entry)
+        if seq.output_token_ids and seq.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+            seq.set_last_token_id(token_id, logprob, entry)
+        else:
+            seq.append_token_id(token_id, logprob, entry)
 
     def _check_stop(self, seq, sp) -> bool:
         """Sets a finished status on `seq` if a stop condition holds."""

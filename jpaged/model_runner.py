@@ -69,12 +69,17 @@ class SeqInput:
     prompt_next_ids: for prompt logprobs, the token that follows each of
                  token_ids (None: not wanted); the step then returns the
                  logprob of each and the top MAX_LOGPROBS at every position.
+    prev_row:    decode only: >= 0 when the input token is not known on the
+                 host yet; the step then reads it from row ``prev_row`` of
+                 the previous step's sampled tokens, on the device
+                 (token_ids[0] is ignored).
     """
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
     num_samples: int = 1
     prompt_next_ids: list[int] | None = None
+    prev_row: int = -1
 
 
 @dataclasses.dataclass
@@ -88,6 +93,21 @@ class StepOutput:
     prompt_logprobs: np.ndarray | None = None        # f32[tokens]
     prompt_topk_token_ids: np.ndarray | None = None  # i32[tokens, MAX_LOGPROBS]
     prompt_topk_logprobs: np.ndarray | None = None   # f32[tokens, MAX_LOGPROBS]
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """A dispatched step whose results are still on the device.
+
+    next_tokens feeds the following step's inputs without a host round trip
+    (SeqInput.prev_row); ``ModelRunner.fetch`` brings the rest to the host.
+    """
+    out: object                # sampler_lib.SamplerOutput of device arrays
+    plp: object                # sampler_lib.PromptLogprobs or None
+    num_rows: int
+    num_tokens: int
+    next_tokens: jax.Array     # i32[max_num_seqs] sampled tokens, zero padded
+    result: StepOutput | None = None  # set once fetched
 
 
 class ModelRunner:
@@ -139,6 +159,11 @@ class ModelRunner:
         self.num_traces = 0
         self.warmup_seconds = None
         self._step_fn = jax.jit(self._step, donate_argnums=(1,), static_argnames=("modes",))
+        # The sampled tokens that feed the next step stay on the device; a
+        # step with nothing to read gets zeros of the same shape and sharding.
+        self._token_sharding = (parallel.replicated(self.mesh) if self.mesh is not None
+                                else jax.sharding.SingleDeviceSharding(self._device))
+        self._no_prev = jax.device_put(np.zeros(max_num_seqs, np.int32), self._token_sharding)
         self._copy_fn = jax.jit(self._copy, donate_argnums=(0,))
         self._gather_fn = jax.jit(self._gather)
         self._scatter_fn = jax.jit(self._scatter, donate_argnums=(0,))
@@ -172,19 +197,29 @@ class ModelRunner:
 
     # ------------------------------------------------------------ jitted bodies
     def _step(self, params, kv_caches, input_ids, positions, metadata,
-              logits_indices, sampling, prompt_next_ids, modes):
+              logits_indices, sampling, prompt_next_ids, prev_tokens, prev_rows, modes):
+        """prev_tokens: i32[max_num_seqs], the previous step's next_tokens;
+        prev_rows: i32[num_tokens], where >= 0 the input token is
+        prev_tokens[prev_rows] instead of input_ids (async scheduling)."""
         self.num_traces += 1  # runs only while tracing: counts compilations
+        input_ids = jnp.where(prev_rows >= 0, prev_tokens[jnp.maximum(prev_rows, 0)], input_ids)
+        plp = None
         if prompt_next_ids is None:
             logits, kv_caches = self.model.apply(params, input_ids, positions,
                                                  kv_caches, metadata, logits_indices)
-            return kv_caches, sampler_lib.sample(logits, sampling, modes), None
-        # NOTE: a None vs array argument is a separate jit entry: prompt
-        # logprobs need the logits of every token, the usual step only a few.
-        logits, kv_caches = self.model.apply(params, input_ids, positions,
-                                             kv_caches, metadata, None)
-        out = sampler_lib.sample(logits[logits_indices], sampling, modes)
-        return kv_caches, out, sampler_lib.prompt_logprobs(logits, prompt_next_ids,
-                                                           MAX_LOGPROBS)
+            out = sampler_lib.sample(logits, sampling, modes)
+        else:
+            # NOTE: a None vs array argument is a separate jit entry: prompt
+            # logprobs need the logits of every token, the usual step only a few.
+            logits, kv_caches = self.model.apply(params, input_ids, positions,
+                                                 kv_caches, metadata, None)
+            out = sampler_lib.sample(logits[logits_indices], sampling, modes)
+            plp = sampler_lib.prompt_logprobs(logits, prompt_next_ids, MAX_LOGPROBS)
+        ids = out.sampled_token_ids
+        next_tokens = jnp.zeros(self.max_num_seqs, jnp.int32).at[:ids.shape[0]].set(ids)
+        if self.mesh is not None:  # the same sharding as _no_prev: no recompile
+            next_tokens = jax.lax.with_sharding_constraint(next_tokens, self._token_sharding)
+        return kv_caches, out, plp, next_tokens
 
     def _copy(self, kv_caches, src, dst):
         return tuple(copy_blocks(c, src, dst, backend=self.attention_backend)
@@ -236,16 +271,24 @@ class ModelRunner:
 
     # ------------------------------------------------------------ a step
     def execute(self, seqs: list[SeqInput], sampling_rows: list[dict],
-                is_prefill: bool) -> StepOutput:
-        """Runs one step: pads into its bucket, calls the jitted step.
+                is_prefill: bool, prev: PendingStep | None = None) -> StepOutput:
+        """Runs one step to completion: ``fetch(dispatch(...))``."""
+        return self.fetch(self.dispatch(seqs, sampling_rows, is_prefill, prev))
+
+    def dispatch(self, seqs: list[SeqInput], sampling_rows: list[dict], is_prefill: bool,
+                 prev: PendingStep | None = None) -> PendingStep:
+        """Starts one step on the device and returns without waiting for it.
 
         sampling_rows: one dict per sampler row (sampler.build_sampling_tensors
         format), in the order of `seqs` (num_samples rows per sequence).
+        prev: the step dispatched just before, whose sampled tokens the
+        sequences with ``prev_row >= 0`` read.
         A prefill larger than the largest bucket (a recomputed group of many
-        sequences) runs as several calls, each within the bucket.
+        sequences) runs as several calls, each within the bucket, and is
+        waited for: its PendingStep comes back with ``result`` set.
         """
         if not is_prefill:
-            return self._run(seqs, decode=True, sampling_rows=sampling_rows)
+            return self._run(seqs, decode=True, sampling_rows=sampling_rows, prev=prev)
         want_prompt = any(s.prompt_next_ids is not None for s in seqs)
         parts, part, tokens = [], [], 0
         for s in seqs:
@@ -255,19 +298,37 @@ class ModelRunner:
             part.append(s)
             tokens += len(s.token_ids)
         parts.append(part)
+        if len(parts) == 1:
+            return self._run(seqs, decode=False, sampling_rows=sampling_rows,
+                             prompt_logprobs=want_prompt)
         outs, row = [], 0
         for part in parts:
             n = sum(s.num_samples for s in part)
-            outs.append(self._run(part, decode=False, sampling_rows=sampling_rows[row:row + n],
-                                  prompt_logprobs=want_prompt))
+            outs.append(self.fetch(self._run(part, decode=False,
+                                             sampling_rows=sampling_rows[row:row + n],
+                                             prompt_logprobs=want_prompt)))
             row += n
-        if len(outs) == 1:
-            return outs[0]
-        return StepOutput(*(None if x[0] is None else np.concatenate(x)
-                            for x in zip(*(dataclasses.astuple(o) for o in outs))))
+        result = StepOutput(*(None if x[0] is None else np.concatenate(x)
+                              for x in zip(*(dataclasses.astuple(o) for o in outs))))
+        return PendingStep(None, None, row, sum(len(s.token_ids) for s in seqs),
+                           self._no_prev, result)
+
+    def fetch(self, step: PendingStep) -> StepOutput:
+        """Waits for a dispatched step and copies its results to the host."""
+        if step.result is None:
+            out, plp = jax.device_get((step.out, step.plp))  # the step's device->host sync
+            rows, t = step.num_rows, step.num_tokens
+            prompt = ((None, None, None) if plp is None else
+                      (plp.token_logprobs[:t], plp.topk_token_ids[:t], plp.topk_logprobs[:t]))
+            step.result = StepOutput(np.asarray(out.sampled_token_ids)[:rows],
+                                     np.asarray(out.sampled_logprobs)[:rows],
+                                     np.asarray(out.topk_token_ids)[:rows],
+                                     np.asarray(out.topk_logprobs)[:rows], *prompt)
+            step.out = step.plp = None
+        return step.result
 
     def _run(self, seqs, *, decode, sampling_rows=(), pad_to=None, prompt_logprobs=False,
-             compile_only=False):
+             compile_only=False, prev=None):
         bs = self.block_size
         if decode:
             num_seqs_pad = pad_to or _bucket(self.decode_buckets, len(seqs))
@@ -285,16 +346,18 @@ class ModelRunner:
         context_lens = np.zeros(num_seqs_pad, np.int32)
         query_start_loc = np.zeros(num_seqs_pad + 1, np.int32)
         logits_indices = np.zeros(num_rows_pad, np.int32)
+        prev_rows = np.full(num_tokens_pad, -1, np.int32)
         prompt_next = (np.full(num_tokens_pad, self.vocab_size, np.int32)
                        if prompt_logprobs else None)
         if decode:
-            t = row = self._fill_decode(seqs, input_ids, positions, slot_mapping,
-                                        block_tables, context_lens, query_start_loc,
-                                        logits_indices)
+            t = self._fill_decode(seqs, input_ids, positions, slot_mapping, block_tables,
+                                  context_lens, query_start_loc, logits_indices, prev_rows)
         else:
             t = row = 0
             for i, s in enumerate(seqs):
                 n = len(s.token_ids)
+                if s.prev_row >= 0:
+                    raise ValueError("a prefill's tokens must all be known on the host")
                 pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
                 table = np.asarray(s.block_table, np.int32)
                 input_ids[t:t + n] = s.token_ids
@@ -309,33 +372,30 @@ class ModelRunner:
                 t += n
                 row += s.num_samples
             query_start_loc[len(seqs) + 1:] = t
+        if prev is None and (prev_rows >= 0).any():
+            raise ValueError("a sequence reads the previous step's token, but no step was given")
         metadata = AttentionMetadata(slot_mapping, block_tables, context_lens,
                                      query_start_loc, is_decode=decode)
         sampling, _ = sampler_lib.build_sampling_tensors(
             list(sampling_rows), self.vocab_size, num_rows_pad,
             pad_prompt_to=self.max_model_len, pad_output_to=self.max_model_len,
             fixed_shapes=True)
+        prev_tokens = self._no_prev if prev is None else prev.next_tokens
         args = (self.model.params, self.kv_caches, input_ids, positions, metadata,
-                logits_indices, sampling, prompt_next)
+                logits_indices, sampling, prompt_next, prev_tokens, prev_rows)
         if compile_only:  # warm-up: compile this bucket, run nothing
             self._step_fn.lower(*args, modes=STEP_MODES).compile()
             return None
-        self.kv_caches, out, plp = self._step_fn(*args, modes=STEP_MODES)
-        rows = len(sampling_rows)
-        out, plp = jax.device_get((out, plp))  # the step's one device->host sync
-        prompt = ((None, None, None) if plp is None else
-                  (plp.token_logprobs[:t], plp.topk_token_ids[:t], plp.topk_logprobs[:t]))
-        return StepOutput(np.asarray(out.sampled_token_ids)[:rows],
-                          np.asarray(out.sampled_logprobs)[:rows],
-                          np.asarray(out.topk_token_ids)[:rows],
-                          np.asarray(out.topk_logprobs)[:rows], *prompt)
+        self.kv_caches, out, plp, next_tokens = self._step_fn(*args, modes=STEP_MODES)
+        return PendingStep(out, plp, len(sampling_rows), t, next_tokens)
 
     def _fill_decode(self, seqs, input_ids, positions, slot_mapping, block_tables,
-                     context_lens, query_start_loc, logits_indices) -> int:
+                     context_lens, query_start_loc, logits_indices, prev_rows) -> int:
         """The decode step's arrays, vectorised: one token per sequence."""
         n, bs = len(seqs), self.block_size
         pos = np.fromiter((s.start_pos for s in seqs), np.int32, n)
-        input_ids[:n] = [s.token_ids[0] for s in seqs]
+        prev_rows[:n] = [s.prev_row for s in seqs]
+        input_ids[:n] = [max(s.token_ids[0], 0) for s in seqs]
         positions[:n] = pos
         last = np.fromiter((s.block_table[p // bs] for s, p in zip(seqs, pos.tolist())),
                            np.int32, n)

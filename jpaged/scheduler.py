@@ -166,6 +166,17 @@ class Scheduler:
                 keep.append(group)
         self.running = keep
 
+    def can_decode_without_preemption(self) -> bool:
+        """Whether every running group can get its next slots together now,
+        so the next schedule() preempts and rejects nothing."""
+        bm = self.block_manager
+        free, need = bm.get_num_free_gpu_blocks(), 0
+        for group in self.running:
+            need += bm.append_cost(group)
+            if need > free:
+                return False
+        return True
+
     # -- one step ------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:

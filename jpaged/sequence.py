@@ -12,6 +12,12 @@ import copy
 import enum
 
 
+# A generated token whose value is still on the device: async scheduling
+# appends it when a step is dispatched and fills it in when the step's
+# results arrive; the next step reads the value on the device.
+PLACEHOLDER_TOKEN_ID = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -85,6 +91,15 @@ class Sequence:
         """Appends a generated token; its K/V are computed by the next step."""
         self.output_token_ids.append(token_id)
         self.output_logprobs.append(logprobs_entry)
+        self.cumulative_logprob += logprob
+
+    def set_last_token_id(self, token_id: int, logprob: float, logprobs_entry=None) -> None:
+        """Fills in the last generated token, appended as PLACEHOLDER_TOKEN_ID
+        while the step that samples it was still running (async scheduling)."""
+        if self.output_token_ids[-1] != PLACEHOLDER_TOKEN_ID:
+            raise ValueError(f"sequence {self.seq_id}: its last token is not a placeholder")
+        self.output_token_ids[-1] = token_id
+        self.output_logprobs[-1] = logprobs_entry
         self.cumulative_logprob += logprob
 
     def get_len(self) -> int:

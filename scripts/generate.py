@@ -65,6 +65,9 @@ def parse_args(argv=None):
     m.add_argument("--enable-prefix-caching", action="store_true",
                    help="reuse cached KV blocks of shared prompt prefixes")
     m.add_argument("--seed", type=int, default=0, help="engine seed")
+    m.add_argument("--no-async-scheduling", action="store_true",
+                   help="wait for each step's tokens before scheduling the next (by default "
+                        "the host schedules the next step while the device runs)")
     t = p.add_argument_group("tensor parallelism (README, \"Tensor parallelism\")")
     t.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices the model and KV pool are split over (heads, MLP columns, "
@@ -137,7 +140,9 @@ def main(argv=None):
     model = args.model
     if args.random_weights:
         import models
-        model = models.random_model(args.model, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
+        from jpaged.benchmark import load_hf_config  # a preset name or an HF config .json
+        model = models.random_model(load_hf_config(args.model),
+                                    dtype="bfloat16" if args.dtype == "auto" else args.dtype,
                                     seed=args.seed)
         rng = np.random.default_rng(args.seed)
         vocab = model.config.vocab_size
@@ -166,9 +171,11 @@ def main(argv=None):
               gpu_memory_utilization=args.gpu_memory_utilization,
               swap_space=args.swap_space, preemption_mode=args.preemption_mode,
               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+              async_scheduling=not args.no_async_scheduling,
               tensor_parallel_size=args.tensor_parallel_size,
               use_tqdm_warmup=not args.no_progress)
     t_ready = time.perf_counter()
+    traces_at_warmup = llm.engine.runner.num_traces
     if args.chat:
         outs = [llm.chat([{"role": "user", "content": p}], sp, use_tqdm=False)[0]
                 if isinstance(p, str) else llm.generate([p], sp, use_tqdm=False)[0]
@@ -195,10 +202,15 @@ def main(argv=None):
     gen = sum(len(c.token_ids) for o in outs for c in o.outputs)
     elapsed = t_done - t_ready
     pool = eng.runner.num_gpu_blocks - 1
+    steps = max(1, st["num_steps"])
     print(f"\nrequests: {len(outs)} ({sum(o.error is not None for o in outs)} rejected) | "
           f"generated tokens: {gen} | {gen / max(elapsed, 1e-9):.1f} tokens/s over {elapsed:.2f} s | "
           f"start-up {t_ready - t0:.1f} s (warm-up {eng.runner.warmup_seconds or 0:.1f} s, "
-          f"{eng.runner.num_traces} compiles) | peak KV usage {st['peak_blocks_used']}/{pool} blocks "
+          f"{traces_at_warmup} compiles, {eng.runner.num_traces - traces_at_warmup} after) | "
+          f"{st['num_steps']} steps ({st['num_steps_ahead']} dispatched ahead): host "
+          f"{1e3 * st['host_seconds'] / steps:.2f} ms/step, waiting for the device "
+          f"{1e3 * st['device_seconds'] / steps:.2f} ms/step | peak KV usage "
+          f"{st['peak_blocks_used']}/{pool} blocks "
           f"({100 * st['peak_blocks_used'] / max(pool, 1):.1f}%) | preemptions "
           f"{eng.scheduler.num_preemptions}", file=sys.stderr)
 

@@ -1,0 +1,158 @@
+"""Async scheduling: the next step is dispatched before the previous step's
+tokens reach the host (jpaged.engine). It must change nothing but timing:
+every test runs the same requests with async_scheduling on and off and
+compares the outputs, and checks that steps really ran ahead."""
+import numpy as np
+import pytest
+
+import models
+from jpaged import LLM, SamplingParams
+from jpaged.sequence import PLACEHOLDER_TOKEN_ID
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+         "vocab_size": 320, "max_position_embeddings": 256, "eos_token_id": 2}
+ENGINE = dict(block_size=4, max_num_seqs=8, max_model_len=64, max_num_batched_tokens=64,
+              swap_space=0.002)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return models.random_model(LLAMA, dtype="float32", seed=1)
+
+
+@pytest.fixture(scope="module")
+def pair(llama):
+    """One engine per mode, warmed up once for the module."""
+    return {mode: LLM(llama, use_tqdm_warmup=False, async_scheduling=mode,
+                      **dict(ENGINE, num_gpu_blocks=200))
+            for mode in (True, False)}
+
+
+def _prompts(seed, lengths):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 320, n).tolist() for n in lengths]
+
+
+def _summary(outs):
+    """Everything a user sees, logprobs rounded (float sums differ in order)."""
+    rows = []
+    for o in outs:
+        for c in o.outputs:
+            lps = None if c.logprobs is None else [
+                {t: round(v, 4) for t, v in e.items()} for e in c.logprobs]
+            rows.append((o.request_id, o.error, c.index, tuple(c.token_ids), c.finish_reason,
+                         c.stop_reason, round(c.cumulative_logprob, 3), lps))
+        if not o.outputs:
+            rows.append((o.request_id, o.error))
+    return rows
+
+
+def _generate(llm, prompts, params):
+    llm.engine.stats.update(num_steps=0, num_steps_ahead=0)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    return outs, dict(llm.engine.stats)
+
+
+MIXED = [
+    SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+    SamplingParams(temperature=0.9, top_p=0.8, top_k=20, seed=1, max_tokens=10, logprobs=2),
+    SamplingParams(n=2, best_of=3, temperature=1.2, min_p=0.05, seed=4, max_tokens=9),
+    SamplingParams(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5, seed=5,
+                   frequency_penalty=0.2, max_tokens=11),
+    SamplingParams(n=2, use_beam_search=True, temperature=0.0, max_tokens=7),
+    SamplingParams(temperature=0.0, stop_token_ids=[5, 6, 7, 8, 9, 10, 11, 12], max_tokens=30),
+    SamplingParams(temperature=1.0, seed=9, min_tokens=4, stop_token_ids=[20, 21, 22],
+                   max_tokens=14),
+    SamplingParams(temperature=0.0, prompt_logprobs=2, max_tokens=5),
+    SamplingParams(n=3, temperature=0.8, seed=11, max_tokens=16),
+    SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),  # runs into max_model_len
+]
+
+
+def test_mixed_requests_same_outputs_and_steps_run_ahead(pair):
+    ps = _prompts(0, [5, 17, 30, 3, 44, 21, 9, 12, 6, 40])
+    params = MIXED + [SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
+                      for k in (1, 2, 3)]
+    ps += _prompts(1, [7, 8, 9])
+    on, on_stats = _generate(pair[True], ps, params)
+    off, off_stats = _generate(pair[False], ps, params)
+    assert all(o.error is None for o in on)
+    assert _summary(on) == _summary(off)
+    assert [o.prompt_logprobs for o in on] == [o.prompt_logprobs for o in off]
+    assert off_stats["num_steps_ahead"] == 0
+    assert on_stats["num_steps_ahead"] > on_stats["num_steps"] // 3
+    # the capped request ends at max_model_len, whatever ran ahead of it
+    assert len(on[9].outputs[0].token_ids) == 64 - 40
+    for llm in pair.values():
+        bm = llm.engine.block_manager
+        assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+        assert llm.engine._inflight is None
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_tiny_pool_preempts_and_gives_the_same_tokens(llama, mode):
+    """A pool too small for the batch: the engine must finish the in-flight
+    step before a schedule that preempts, in either preemption mode."""
+    ps = _prompts(2, [10, 12, 14, 9, 11, 13])
+    sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    runs = {}
+    for on in (True, False):
+        llm = LLM(llama, use_tqdm_warmup=False, async_scheduling=on, preemption_mode=mode,
+                  **dict(ENGINE, num_gpu_blocks=24, swap_space=0.01))
+        outs, stats = _generate(llm, ps, sp)
+        runs[on] = ([o.outputs[0].token_ids for o in outs], stats,
+                    llm.engine.scheduler.num_preemptions)
+        bm = llm.engine.block_manager
+        assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][2] > 0 and runs[False][2] > 0
+    assert runs[True][1]["num_steps_ahead"] > 0
+
+
+def test_abort_while_a_step_is_in_flight(pair):
+    eng = pair[True].engine
+    ps = _prompts(3, [6, 9, 12])
+    sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), None, sp, prompt_token_ids=p)
+    eng.step()  # prefill, left in flight
+    eng.step()  # first decode, dispatched before the prefill's tokens came back
+    assert eng._inflight is not None and eng._inflight.ahead
+    seq = eng.scheduler.running[0].get_seqs()[0]
+    assert seq.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID
+    eng.abort_request("1")
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            done[o.request_id] = o
+    assert sorted(done) == ["0", "2"] and eng._inflight is None
+    ref, _ = _generate(pair[False], [ps[0], ps[2]], sp)
+    assert [done["0"].outputs[0].token_ids, done["2"].outputs[0].token_ids] == \
+        [o.outputs[0].token_ids for o in ref]
+    assert all(PLACEHOLDER_TOKEN_ID not in o.outputs[0].token_ids for o in done.values())
+    bm = eng.block_manager
+    assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+
+
+def test_nothing_compiles_after_warm_up(pair, monkeypatch):
+    """The previous step's tokens are a device array of one fixed shape and
+    placement, so running ahead reuses the warmed-up executables: counted at
+    XLA compile requests (cache loads included), not only at traces."""
+    from jax._src import compiler
+    calls = []
+    real = compiler.compile_or_get_cached
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compiler, "compile_or_get_cached", spy)
+    llm = pair[True]
+    ps = _prompts(4, [5, 30, 17, 44, 3, 21, 9, 60])
+    sps = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+           SamplingParams(temperature=0.9, seed=3, max_tokens=12)] * 4
+    outs, stats = _generate(llm, ps, sps)
+    assert all(o.error is None for o in outs)
+    assert stats["num_steps_ahead"] > 0
+    assert calls == []
