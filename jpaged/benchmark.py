@@ -185,14 +185,25 @@ def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching
     raise ValueError(f"unknown system {system!r}; choose from {list(SYSTEMS)}")
 
 
-def use_system(engine, system: str, enable_prefix_caching: bool = False) -> None:
+def use_system(engine, system: str, enable_prefix_caching: bool = False,
+               num_blocks: int | None = None) -> None:
     """Gives the (idle) engine a fresh block manager and scheduler for
-    `system` and zeroes its counters; the model runner and KV pool stay."""
+    `system` and zeroes its counters; the model runner and KV pool stay.
+
+    num_blocks: hand out only the first num_blocks blocks of the pool (null
+    block included), as a smaller pool would, with the compiled steps of
+    the full one; default the whole pool.
+    """
     if engine.has_unfinished_requests():
         raise RuntimeError("use_system() needs an idle engine")
+    pool = engine.runner.num_gpu_blocks
+    if num_blocks is None:
+        num_blocks = pool
+    if not 2 <= num_blocks <= pool:
+        raise ValueError(f"num_blocks must be in [2, {pool}] (the pool), got {num_blocks}")
     cfg = engine.config
     factory = block_manager_factory(system, cfg.max_model_len, enable_prefix_caching)
-    engine.block_manager = factory(cfg.block_size, engine.runner.num_gpu_blocks,
+    engine.block_manager = factory(cfg.block_size, num_blocks,
                                    engine.runner.num_cpu_blocks, watermark=cfg.watermark,
                                    enable_prefix_caching=enable_prefix_caching)
     engine.scheduler = Scheduler(engine.scheduler.config, engine.block_manager)

@@ -197,7 +197,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         self._wait = 0.0
         finished = []
-        if self._inflight is not None and not self.scheduler.can_decode_without_preemption():
+        if self._inflight is not None and (not self.scheduler.can_decode_without_preemption()
+                                           or self._all_running_end_now()):
             finished += self._finish_inflight()
         out = self.scheduler.schedule()
         finished += [self._rejected_output(g, reason) for g, reason in out.ignored_seq_groups]
@@ -239,6 +240,18 @@ class LLMEngine:
         self.stats["host_seconds"] += time.perf_counter() - t0 - self._wait
         self.stats["device_seconds"] += self._wait
         return finished
+
+    def _all_running_end_now(self) -> bool:
+        """Whether every running sequence ends with the in-flight step's token
+        (max_tokens or max_model_len): a step run ahead would be all waste."""
+        limit = self.config.max_model_len
+        for g in self.scheduler.running:
+            max_tokens = g.sampling_params.max_tokens
+            for seq in g.get_seqs(SequenceStatus.RUNNING):
+                if not ((max_tokens is not None and seq.get_output_len() >= max_tokens)
+                        or seq.get_len() >= limit):
+                    return False
+        return True
 
     def _may_run_ahead(self, groups, is_prefill, step) -> bool:
         """Whether the next step may be scheduled before this one's results

@@ -140,9 +140,11 @@ def run_continuous(model, requests, device: str, progress: bool = True,
 
 
 def run_all(hf_config: dict, requests, *, dtype="bfloat16", device="cuda", batch_size=64,
-            seed=0, progress=True, systems=("hf-generate", "hf-generate-batch")) -> dict:
+            seed=0, progress=True, systems=("hf-generate", "hf-generate-batch"),
+            out_path: str | None = None) -> dict:
     """Runs the chosen HF systems; each result is its figures, or
-    {"skipped": reason} / {"error": message}."""
+    {"skipped": reason} / {"error": message}. out_path: rewritten after
+    each system, so a caller that stops this process early keeps what finished."""
     reason = unavailable_reason(device)
     if reason is not None:
         return {s: dict(skipped=reason) for s in systems}
@@ -165,7 +167,16 @@ def run_all(hf_config: dict, requests, *, dtype="bfloat16", device="cuda", batch
             out[system] = res
         except Exception as e:  # recorded, so the other systems' figures survive
             out[system] = dict(error=f"{type(e).__name__}: {e}")
+        if out_path is not None:
+            _write_json(out, out_path)
     return out
+
+
+def _write_json(obj, path: str) -> None:
+    import os
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -186,9 +197,8 @@ def main(argv=None):
     requests = load_workload(args.workload).requests
     res = run_all(hf_config, requests, dtype=args.dtype, device=args.device,
                   batch_size=args.batch_size, progress=not args.no_progress,
-                  systems=tuple(args.systems.split(",")))
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+                  systems=tuple(args.systems.split(",")), out_path=args.out)
+    _write_json(res, args.out)
     print(json.dumps(res, indent=2), file=sys.stderr)
 
 

@@ -39,6 +39,10 @@ def parse_args(argv):
                    help="multiplies the prefix lengths (tiny test models only)")
     add_engine_args(p, kv_cache_gib_default=1.0,
                     kv_cache_gib_note="; sharing pays off when memory bounds the batch")
+    p.add_argument("--usable-kv-gib", type=float, default=None,
+                   help="hand out only this many GiB of the pool's blocks (default: all); "
+                        "keeps the compiled steps of a larger --kv-cache-gib (e.g. "
+                        "bench_throughput's) while memory bounds the batch")
     add_output_args(p, "sharing")
     args = p.parse_args(argv)
     try:
@@ -52,6 +56,8 @@ def parse_args(argv):
         p.error("--parallel and --beams sizes must be >= 2")
     if any(s not in PREFIX_LENS for s in args.shots):
         p.error(f"--shots must be among {sorted(PREFIX_LENS)}")
+    if args.usable_kv_gib is not None and not args.usable_kv_gib > 0:
+        p.error("--usable-kv-gib must be > 0")
     return args
 
 
@@ -72,13 +78,21 @@ def main(argv=None):
     result = result_header("scripts/bench_sharing.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   workload=workload.summary())
-    _, engine, info = engine_from_args(args, hf_config)
+    model, engine, info = engine_from_args(args, hf_config)
+    num_blocks = None
+    if args.usable_kv_gib is not None:
+        num_blocks = 1 + int(args.usable_kv_gib * (1 << 30)
+                             // model.kv_bytes_per_block(args.block_size))
+        if num_blocks > engine.runner.num_gpu_blocks:
+            raise SystemExit(f"--usable-kv-gib {args.usable_kv_gib} is more than the pool "
+                             f"({engine.runner.num_gpu_blocks} blocks)")
+    info["usable_blocks"] = num_blocks or engine.runner.num_gpu_blocks
     result["engine"] = info
     traces = info["compiles_at_warmup"]
     progress = not args.no_progress
 
     def run(requests, params, desc, caching=False):
-        use_system(engine, "jpaged", enable_prefix_caching=caching)
+        use_system(engine, "jpaged", enable_prefix_caching=caching, num_blocks=num_blocks)
         return run_offline(engine, requests, params, sharing=True, progress=progress, desc=desc)
 
     rows = []

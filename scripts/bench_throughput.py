@@ -111,8 +111,13 @@ def run_hf(args, hf_config, requests) -> dict:
         try:
             proc = subprocess.run(cmd, timeout=args.hf_timeout, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env)
-        except subprocess.TimeoutExpired:
-            return {s: dict(error=f"HF child process timed out after {args.hf_timeout} s")
+        except subprocess.TimeoutExpired:  # keep the systems that finished in time
+            done = {}
+            if os.path.exists(opath):
+                with open(opath) as f:
+                    done = json.load(f)
+            return {s: done.get(s) or dict(error=f"HF child process timed out after "
+                                                 f"{args.hf_timeout} s")
                     for s in systems}
         if proc.returncode != 0 or not os.path.exists(opath):
             tail = (proc.stderr or "")[-800:]

@@ -103,10 +103,16 @@ def test_bench_sharing_and_plots(files):
     out = files / "sharing.json"
     argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
             "--num-requests", "4", "--num-prefix-requests", "8", "--parallel", "2,4",
-            "--beams", "2", "--prefix-scale", "0.1", *ENGINE_ARGS, "--out", str(out)]
+            "--beams", "2", "--prefix-scale", "0.1", "--usable-kv-gib", "0.0001",
+            *ENGINE_ARGS, "--out", str(out)]
     script("bench_sharing").main(argv)
     res = json.loads(out.read_text())
     header_ok(res, argv)
+    # 1280-byte blocks (2 layers x K,V x 2 heads x 4 slots x 10 dims x f32):
+    # 0.0001 GiB holds 83, plus the null block
+    assert res["engine"]["usable_blocks"] == 84 and res["engine"]["num_gpu_blocks"] == 200
+    for e in res["parallel_sampling"].values():
+        assert 0 < e["shared"]["peak_blocks_used"] <= 83
     assert set(res["parallel_sampling"]) == {"2", "4"} and set(res["beam_search"]) == {"2"}
     for e in [*res["parallel_sampling"].values(), *res["beam_search"].values()]:
         assert 0 < e["blocks_saved_pct"] < 100
