@@ -16,6 +16,12 @@ attention kernels run once per shard through shard_map (models.base):
   heads read (1 per device when tp is a multiple of num_kv_heads). The k/v
   projection columns are repeated the same way, so each device computes the
   K/V of the heads it stores.
+- when the query heads of a KV group do not split evenly over that group's
+  copies (SmolLM2's 9 query / 3 KV heads at tp 2), each group is padded with
+  zero query heads (zero q_proj columns and bias, zero o_proj rows) up to the
+  next multiple of the copies: 9 / 3 at tp 2 -> 12 query / 6 KV heads, 6 and
+  3 per device. A zero head adds exactly 0 to o_proj's output, so the model
+  computes the same function; see ``sharded_heads`` for the rule.
 - norms, biases after a row-parallel matmul, OPT's position table and
   project_in/out are replicated.
 
@@ -74,27 +80,66 @@ def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
     return Mesh(np.array(devices[:tensor_parallel_size]), (TP_AXIS,))
 
 
+def sharded_heads(config, tp: int) -> tuple[int, int]:
+    """(query heads, KV heads) of the model sharded tp ways; ValueError when
+    it cannot be split (check_divisible).
+
+    With K KV heads and G = num_heads / K query heads per KV head, each KV
+    head is stored r = lcm(K, tp) / K times so that the pool splits evenly,
+    and its group's query heads are shared out over those r copies: the
+    group is padded with zero heads to G' = ceil(G / r) * r, the smallest
+    multiple of r that is >= G. Then K * G' query heads and K * r KV heads
+    both split over tp (K * r is a multiple of tp and K * G' of K * r), every
+    device gets G' / r query heads per stored KV head, and query head i still
+    reads KV head i // (G' / r), a copy of its own original one.
+    Examples: 9 / 3 at tp 2 -> (12, 6); at tp 4 -> (12, 12); at tp 3 -> (9, 3).
+    """
+    check_divisible(config, tp)
+    num_kv_heads = config.num_kv_heads
+    repeats = math.lcm(num_kv_heads, tp) // num_kv_heads
+    group_size = config.num_heads // num_kv_heads
+    padded_group_size = -(-group_size // repeats) * repeats
+    num_heads, num_kv_heads = num_kv_heads * padded_group_size, num_kv_heads * repeats
+    assert num_heads % tp == 0 and num_kv_heads % tp == 0 and num_heads % num_kv_heads == 0
+    return num_heads, num_kv_heads
+
+
 def sharded_num_kv_heads(config, tp: int) -> int:
     """KV heads the sharded model stores: num_kv_heads when tp divides it,
     else lcm(num_kv_heads, tp) (each KV head repeated for the devices whose
     query heads read it). Raises ValueError when the heads cannot be split."""
-    check_divisible(config, tp)
-    return math.lcm(config.num_kv_heads, tp)
+    return sharded_heads(config, tp)[1]
+
+
+def sharded_num_heads(config, tp: int) -> int:
+    """Query heads the sharded model computes: num_heads, or more when zero
+    heads pad the KV groups (sharded_heads). Raises ValueError like it."""
+    return sharded_heads(config, tp)[0]
+
+
+def _can_pad_heads(config) -> bool:
+    """Whether num_heads, num_kv_heads and head_dim are independent config
+    fields, so a padded copy of the config keeps head_dim (Llama: yes; OPT
+    derives num_kv_heads and head_dim from num_heads: no)."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    return {"num_heads", "num_kv_heads", "head_dim"} <= fields
 
 
 def check_divisible(config, tp: int) -> None:
     """ValueError naming the dimension when the model cannot be split tp ways."""
-    if config.num_heads % tp:
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tp!r}")
+    if config.num_heads % tp and not _can_pad_heads(config):
         raise ValueError(f"tensor_parallel_size={tp} must divide the number of attention "
-                         f"heads ({config.num_heads}): every device runs a whole number of "
-                         f"query heads; pick a divisor of {config.num_heads}")
+                         f"heads ({config.num_heads}) of this {type(config).__name__} model: "
+                         "every device runs a whole number of query heads, and this family "
+                         "derives head_dim from the head count, so zero heads cannot pad it; "
+                         f"pick a divisor of {config.num_heads}")
     ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
     if ffn is not None and ffn % tp:
         raise ValueError(f"tensor_parallel_size={tp} must divide the MLP width ({ffn}): "
-                         "its columns are split over the devices")
-    # num_heads is a multiple of num_kv_heads and of tp, so of their lcm:
-    # the replicated KV heads always form whole GQA groups.
-    assert config.num_heads % math.lcm(config.num_kv_heads, tp) == 0
+                         "its columns are split over the devices; pick a divisor of "
+                         f"{ffn}")
 
 
 def param_spec(path: str, shape, vocab_size: int, tp: int) -> P:
@@ -120,12 +165,21 @@ def param_shardings(params, mesh: Mesh, vocab_size: int):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def _map_attention(params, num_layers: int, fn):
+    """params with every layer's self_attn dict replaced by fn(a copy of it);
+    the caller's tree stays as it was."""
+    params = dict(params)
+    for i in range(num_layers):
+        layer = dict(params[f"layers_{i}"])
+        layer["self_attn"] = fn(dict(layer["self_attn"]))
+        params[f"layers_{i}"] = layer
+    return params
+
+
 def _repeat_kv_heads(params, num_layers: int, num_kv_heads: int, head_dim: int, repeats: int):
     """k_proj / v_proj columns (and biases) with each KV head repeated
     ``repeats`` times in place: head h becomes heads h*repeats .. h*repeats+repeats-1."""
-    params = dict(params)  # the caller's tree stays as it was
-    for i in range(num_layers):
-        attn = dict(params[f"layers_{i}"]["self_attn"])
+    def repeat(attn):
         for proj in ("k_proj", "v_proj"):
             p = dict(attn[proj])
             kernel = p["kernel"]  # [hidden, num_kv_heads * head_dim]
@@ -135,10 +189,40 @@ def _repeat_kv_heads(params, num_layers: int, num_kv_heads: int, head_dim: int, 
                 bias = p["bias"].reshape(num_kv_heads, head_dim)
                 p["bias"] = jnp.repeat(bias, repeats, axis=0).reshape(-1)
             attn[proj] = p
-        layer = dict(params[f"layers_{i}"])
-        layer["self_attn"] = attn
-        params[f"layers_{i}"] = layer
-    return params
+        return attn
+    return _map_attention(params, num_layers, repeat)
+
+
+def _pad_query_heads(params, num_layers: int, num_kv_heads: int, head_dim: int,
+                     group_size: int, padded_group_size: int):
+    """q_proj columns (and bias) and o_proj rows with each KV group's
+    ``group_size`` query heads followed by zero heads up to ``padded_group_size``:
+    group g's head j (j < group_size) moves to g*padded_group_size + j.
+
+    NOTE: a zero head's q is 0, so it attends uniformly and yields a finite
+    mean of V, which the zero o_proj rows then multiply by 0: the output is
+    unchanged. Its FLOPs (q/o matmul columns, attention) are spent for nothing;
+    that is the price of an even split.
+    """
+    pad = padded_group_size - group_size
+
+    def pad_heads(x, axis):  # axis of x holding num_heads * head_dim
+        shape = x.shape[:axis] + (num_kv_heads, group_size, head_dim) + x.shape[axis + 1:]
+        widths = [(0, 0)] * len(shape)
+        widths[axis + 1] = (0, pad)
+        padded = jnp.pad(x.reshape(shape), widths)
+        return padded.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 1:])
+
+    def pad_attn(attn):
+        q = dict(attn["q_proj"])
+        q["kernel"] = pad_heads(q["kernel"], 1)  # [hidden, num_heads * head_dim]
+        if "bias" in q:
+            q["bias"] = pad_heads(q["bias"], 0)
+        o = dict(attn["o_proj"])
+        o["kernel"] = pad_heads(o["kernel"], 0)  # [num_heads * head_dim, hidden]
+        attn["q_proj"], attn["o_proj"] = q, o  # o_proj's bias is per output: unchanged
+        return attn
+    return _map_attention(params, num_layers, pad_attn)
 
 
 def shard_model(model, mesh: Mesh):
@@ -147,14 +231,20 @@ def shard_model(model, mesh: Mesh):
     where needed, the module told the mesh, the KV pool sharded on axis 2.
 
     Returns:
-      a LoadedModel whose config.num_kv_heads is sharded_num_kv_heads(...)
-      and whose init_kv_caches builds [2, num_blocks, that, block_size,
+      a LoadedModel whose config.num_heads and config.num_kv_heads are
+      sharded_heads(...) (zero query heads padded in, KV heads repeated) and
+      whose init_kv_caches builds [2, num_blocks, num_kv_heads, block_size,
       head_dim] arrays sharded over "tp".
     """
     tp = mesh.shape[TP_AXIS]
     config = model.config
-    num_kv_heads = sharded_num_kv_heads(config, tp)
+    num_heads, num_kv_heads = sharded_heads(config, tp)
     params = model.params
+    if num_heads != config.num_heads:
+        params = _pad_query_heads(params, config.num_layers, config.num_kv_heads,
+                                  config.head_dim, config.num_heads // config.num_kv_heads,
+                                  num_heads // config.num_kv_heads)
+        config = dataclasses.replace(config, num_heads=num_heads)
     if num_kv_heads != config.num_kv_heads:
         params = _repeat_kv_heads(params, config.num_layers, config.num_kv_heads,
                                   config.head_dim, num_kv_heads // config.num_kv_heads)

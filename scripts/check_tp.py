@@ -18,9 +18,9 @@ Writes benchmarks/results/tp-check-<device>.json (or --out), rewritten
 after every run so a stopped job leaves what it finished; prints a table
 last. Exit status 0 whether or not the tokens agree (the JSON says); 1 if
 a run failed or a model cannot be split that many ways (jpaged.parallel's
-rules: the size must divide the query heads and the MLP width; the JSON
-holds the reason, and a model no size but 1 can split is skipped), 2 for
-bad flags.
+rules: the size must divide the MLP width, and for OPT the heads; Llama
+query heads are padded with zero heads where needed; the JSON holds the
+reason, and a model no size but 1 can split is skipped), 2 for bad flags.
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def script(name):
     return mod
 
 
-# 9 query heads (SmolLM2's count) cannot be split 2 ways.
+# 9 query / 3 KV heads (SmolLM2's counts): at tp 2 each group of 3 query heads
+# is padded with a zero head (12 heads) and each KV head stored twice (6).
 LLAMA_9_HEADS = dict(LLAMA, hidden_size=72, num_attention_heads=9)
 
 
@@ -86,11 +87,29 @@ def test_check_tp_json_and_tokens_equal_at_tp2(check_run):
     assert "all equal: True" in stdout and f"{NUM_PROMPTS}/{NUM_PROMPTS}" in stdout
 
 
+def test_check_tp_splits_nine_query_heads_two_ways(tmp_path):
+    rc, res, stdout, name = run_check_tp(
+        tmp_path, LLAMA_9_HEADS, "--num-prompts", "2", "--min-prompt-len", "5",
+        "--max-prompt-len", "12", "--max-tokens", str(MAX_TOKENS), "--block-size", "4",
+        "--max-num-seqs", "2", "--max-model-len", "32", "--max-num-batched-tokens", "32")
+    assert rc == 0, stdout
+    model = res["models"][name]
+    assert model["config"]["num_heads"] == 9 and model["config"]["num_kv_heads"] == 3
+    one, two = model["runs"]["1"], model["runs"]["2"]
+    assert two["kv_pool_devices"] == 2
+    assert all(len(t) == MAX_TOKENS for t in one["tokens"])
+    assert two["tokens"] == one["tokens"]
+    v = two["vs_tp1"]
+    assert v["all_equal"] and v["num_equal"] == v["num_requests"] == 2
+    assert 0 <= v["prefill_logits_max_abs_diff"] < 1e-5 * one["prefill_logits_max_abs"]
+    assert res["all_equal"] is True and "all equal: True" in stdout
+
+
 def test_check_tp_reports_a_model_it_cannot_split(tmp_path):
-    rc, res, stdout, name = run_check_tp(tmp_path, LLAMA_9_HEADS)
+    rc, res, stdout, name = run_check_tp(tmp_path, dict(LLAMA_9_HEADS, intermediate_size=95))
     assert rc == 1
     model = res["models"][name]
-    assert "must divide the number of attention heads (9)" in model["runs"]["2"]["error"]
+    assert "must divide the MLP width (95)" in model["runs"]["2"]["error"]
     assert "skipped" in model and "1" not in model["runs"]  # nothing was run
     assert res["all_equal"] is False and "skipped" in stdout
 

@@ -22,9 +22,14 @@ LLAMA_GQA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermed
 # 2 KV heads on 4 devices: each KV head replicated on the 2 devices that read it.
 LLAMA_KV2 = dict(LLAMA_GQA, num_key_value_heads=2, tie_word_embeddings=True)
 # 3 KV heads (like SmolLM2) on 2 devices: neither divides the other, so the
-# pool holds lcm(3, 2) = 6 heads, 3 per device; 4 devices do not divide 6 heads.
+# pool holds lcm(3, 2) = 6 heads, 3 per device.
 LLAMA_KV3 = dict(LLAMA_GQA, hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
                  vocab_size=120)
+# SmolLM2's 9 query / 3 KV heads (head_dim 8), with q/k/v/o biases: at tp 2
+# each group of 3 query heads is padded with a zero head to 4 (12 heads) and
+# each KV head stored twice (6); at tp 4, 12 query and 12 KV heads.
+LLAMA_9_HEADS = dict(LLAMA_KV3, hidden_size=72, intermediate_size=96, num_attention_heads=9,
+                     attention_bias=True)
 OPT = {"architectures": ["OPTForCausalLM"], "hidden_size": 64, "ffn_dim": 128,
        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128,
        "max_position_embeddings": 256, "word_embed_proj_dim": 64,
@@ -84,6 +89,7 @@ def _describe(runner) -> dict:
                 pool_shard_shapes=[list(s.data.shape) for s in shards],
                 pool_devices=len(pool.sharding.device_set),
                 num_kv_heads=runner.model.config.num_kv_heads,
+                num_heads=runner.model.config.num_heads,
                 params=params)
 
 
@@ -145,19 +151,23 @@ def _worker() -> dict:
     for tp in (1, 2):
         out["cases"][f"llm_llama_gqa_tp{tp}"] = _llm_case(llama, tp)
     for name, cfg, tps in (("llama_gqa", LLAMA_GQA, (1, 4)), ("opt", OPT, (1, 2, 4)),
-                           ("llama_kv2", LLAMA_KV2, (1, 4)), ("llama_kv3", LLAMA_KV3, (1, 2))):
+                           ("llama_kv2", LLAMA_KV2, (1, 4)), ("llama_kv3", LLAMA_KV3, (1, 2)),
+                           ("llama_9_heads", LLAMA_9_HEADS, (1, 2, 4))):
         model = llama if name == "llama_gqa" else models.random_model(cfg, seed=2)
         prompts = _prompts(cfg["vocab_size"], SHORT_LENS)
         for tp in tps:
             eng, tokens = _engine_generate(model, tp, prompts, greedy)
-            out["cases"][f"{name}_tp{tp}"] = dict(
+            out["cases"][f"{name}_tp{tp}"] = case = dict(
                 tokens=tokens, describe=_describe(eng.runner),
                 pool=_pool_heads(eng.runner).tolist(), shards_equal=_shards_equal(eng.runner))
-        if name == "llama_kv3":
-            try:
-                _engine_generate(model, 4, prompts, greedy)
+            if name == "llama_9_heads":  # runner.model: the padded, sharded twin
+                case["logits"] = eng.runner.model.logits(prompts[0], block_size=4).tolist()
+        if name == "opt":
+            try:  # 4 heads on 3 devices: OPT's head_dim follows the head count, no padding
+                _engine_generate(model, 3, prompts, greedy)
             except ValueError as e:
                 out["errors"]["heads"] = str(e)
+        if name == "llama_kv3":
             try:
                 _engine_generate(model, 8, prompts, greedy)
             except ValueError as e:
@@ -301,9 +311,31 @@ def test_kv_heads_that_do_not_divide_use_lcm(tp_run):
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_query_heads_padded_per_kv_group(tp_run, tp):
+    one, many = tp_run["cases"]["llama_9_heads_tp1"], tp_run["cases"][f"llama_9_heads_tp{tp}"]
+    assert many["tokens"] == one["tokens"]
+    ref, logits = np.array(one["logits"]), np.array(many["logits"])
+    assert np.abs(logits - ref).max() < 1e-5 * np.abs(ref).max()
+    d = many["describe"]
+    repeats = {2: 2, 4: 4}[tp]  # lcm(3, tp) / 3 copies of each KV head
+    assert d["num_heads"] == 12 and d["num_kv_heads"] == 3 * repeats
+    assert d["pool_shard_shapes"][0][2] == 3 * repeats // tp
+    # the pool holds each original KV head's K/V in its copies, in order
+    np.testing.assert_allclose(np.array(many["pool"]),
+                               np.repeat(np.array(one["pool"]), repeats, axis=2), atol=1e-5)
+    p = d["params"]
+    head_cols = 12 // tp * 8  # query heads per device x head_dim
+    assert p["layers_0/self_attn/q_proj/kernel"]["shard_shapes"] == [[72, head_cols]] * tp
+    assert p["layers_0/self_attn/q_proj/bias"]["shard_shapes"] == [[head_cols]] * tp
+    assert p["layers_0/self_attn/o_proj/kernel"]["shard_shapes"] == [[head_cols, 72]] * tp
+    assert p["layers_0/self_attn/o_proj/bias"]["spec"] == []
+    assert one["describe"]["num_heads"] == 9 and one["describe"]["num_kv_heads"] == 3
+
+
 def test_errors_name_the_problem(tp_run):
-    assert "tensor_parallel_size=4 must divide the number of attention heads (6)" in \
-        tp_run["errors"]["heads"]
+    assert "tensor_parallel_size=3 must divide the number of attention heads (4) of this " \
+        "OPTConfig model" in tp_run["errors"]["heads"]
     assert "tensor_parallel_size=8 needs that many devices, but jax sees 4" in \
         tp_run["errors"]["devices"]
 
@@ -346,16 +378,72 @@ def test_check_divisible_errors():
     from jpaged import parallel
     from models import LlamaConfig, OPTConfig
     llama = LlamaConfig.from_hf(dict(LLAMA_GQA, intermediate_size=100))
-    with pytest.raises(ValueError, match=r"must divide the number of attention heads \(8\)"):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide the MLP width "
+                                         r"\(100\).*pick a divisor of 100"):
         parallel.check_divisible(llama, 3)
     with pytest.raises(ValueError, match=r"must divide the MLP width \(100\)"):
         parallel.check_divisible(llama, 8)
     opt = OPTConfig.from_hf(dict(OPT, ffn_dim=130))
     with pytest.raises(ValueError, match=r"MLP width \(130\)"):
         parallel.check_divisible(opt, 4)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide the number of "
+                                         r"attention heads \(4\) of this OPTConfig model.*"
+                                         r"pick a divisor of 4"):
+        parallel.check_divisible(OPTConfig.from_hf(OPT), 3)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size must be an int >= 1, got 0"):
+        parallel.check_divisible(llama, 0)
     assert parallel.sharded_num_kv_heads(LlamaConfig.from_hf(LLAMA_KV3), 2) == 6
     assert parallel.sharded_num_kv_heads(LlamaConfig.from_hf(LLAMA_KV2), 4) == 4
     assert parallel.sharded_num_kv_heads(LlamaConfig.from_hf(LLAMA_GQA), 2) == 4
+
+
+@pytest.mark.parametrize("cfg,tp,heads", [
+    (LLAMA_9_HEADS, 1, (9, 3)), (LLAMA_9_HEADS, 3, (9, 3)),   # no padding needed
+    (LLAMA_9_HEADS, 2, (12, 6)),    # 3 -> 4 per group, 2 copies of each KV head
+    (LLAMA_9_HEADS, 4, (12, 12)),   # 3 -> 4 per group, 4 copies: 1 query per KV head
+    (LLAMA_9_HEADS, 6, (12, 6)),    # 2 copies, 6 devices: 2 query / 1 KV head each
+    (LLAMA_9_HEADS, 8, (24, 24)),   # 8 copies: 5 zero heads per group
+    (LLAMA_KV3, 4, (12, 12)),       # 2 -> 4 per group
+    (dict(LLAMA_GQA, intermediate_size=96), 3, (12, 12)),  # 8 / 4: 2 -> 3 per group, 3 copies
+    (OPT, 2, (4, 4)), (OPT, 4, (4, 4)),
+])
+def test_sharded_heads_rule(cfg, tp, heads):
+    import models
+    from jpaged import parallel
+    config = models.ARCHITECTURES[models.architecture_of(cfg)].config_cls.from_hf(cfg)
+    num_heads, num_kv_heads = parallel.sharded_heads(config, tp)
+    assert (num_heads, num_kv_heads) == heads
+    # both split evenly, whole GQA groups per device
+    assert num_heads % tp == 0 and num_kv_heads % tp == 0 and num_heads % num_kv_heads == 0
+    assert parallel.sharded_num_heads(config, tp) == num_heads
+
+
+def test_pad_query_heads_places_real_heads_and_zeros():
+    """3 KV groups of 3 heads (head_dim 2) padded to 4: head j of group g
+    moves to 4g + j; head 4g + 3 is zero in q_proj (columns, bias) and o_proj (rows)."""
+    from jpaged.parallel import _pad_query_heads
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return rng.normal(size=shape).astype(np.float32)
+    attn = dict(q_proj=dict(kernel=normal(5, 18), bias=normal(18)),
+                o_proj=dict(kernel=normal(18, 5), bias=normal(5)),
+                k_proj=dict(kernel=normal(5, 6)))
+    params = {"layers_0": {"self_attn": attn}}
+    out = _pad_query_heads(params, 1, num_kv_heads=3, head_dim=2, group_size=3,
+                           padded_group_size=4)["layers_0"]["self_attn"]
+    q = np.asarray(out["q_proj"]["kernel"]).reshape(5, 3, 4, 2)
+    np.testing.assert_array_equal(q[:, :, :3], attn["q_proj"]["kernel"].reshape(5, 3, 3, 2))
+    np.testing.assert_array_equal(q[:, :, 3], 0)
+    qb = np.asarray(out["q_proj"]["bias"]).reshape(3, 4, 2)
+    np.testing.assert_array_equal(qb[:, :3], attn["q_proj"]["bias"].reshape(3, 3, 2))
+    np.testing.assert_array_equal(qb[:, 3], 0)
+    o = np.asarray(out["o_proj"]["kernel"]).reshape(3, 4, 2, 5)
+    np.testing.assert_array_equal(o[:, :3], attn["o_proj"]["kernel"].reshape(3, 3, 2, 5))
+    np.testing.assert_array_equal(o[:, 3], 0)
+    assert out["o_proj"]["bias"] is attn["o_proj"]["bias"]
+    assert out["k_proj"] is attn["k_proj"]
+    assert params["layers_0"]["self_attn"]["q_proj"]["kernel"].shape == (5, 18)  # untouched
 
 
 def test_too_many_devices_is_a_clear_error():
