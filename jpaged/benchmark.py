@@ -165,6 +165,9 @@ def engine_from_args(args, hf_config: dict):
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           swap_space=args.swap_space, progress=not args.no_progress,
                           tensor_parallel_size=args.tensor_parallel_size)
+    print(f"[{time.strftime('%H:%M:%S')}] engine ready: warm-up "
+          f"{engine.runner.warmup_seconds:.1f} s, {engine.runner.num_traces} compiles, "
+          f"{engine.runner.num_gpu_blocks} blocks", flush=True)
     info = dict(warmup_seconds=engine.runner.warmup_seconds,
                 compiles_at_warmup=engine.runner.num_traces,
                 num_gpu_blocks=engine.runner.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
@@ -393,6 +396,16 @@ def _json_default(x):
     if isinstance(x, (np.integer, np.floating)):
         return x.item()
     raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def progress_line(label: str, figures: dict) -> None:
+    """One flushed line of a finished run's main figures (logs survive a kill)."""
+    keys = ("output_tokens_per_s", "mean_normalized_latency", "throughput_gain",
+            "blocks_saved_pct", "peak_concurrent_seqs", "preemptions", "host_ms_per_step",
+            "device_ms_per_step", "seconds", "sim_seconds")
+    shown = {k: round(v, 4) if isinstance(v, float) else v
+             for k, v in figures.items() if k in keys}
+    print(f"[{time.strftime('%H:%M:%S')}] {label}: {json.dumps(shown)}", flush=True)
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

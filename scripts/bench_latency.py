@@ -85,7 +85,7 @@ def main(argv=None):
     from tqdm import tqdm
     from jpaged import SamplingParams
     from jpaged.benchmark import (LABELS, default_out, engine_from_args, format_table,
-                                  load_hf_config, result_header, run_poisson,
+                                  load_hf_config, progress_line, result_header, run_poisson,
                                   use_system, write_result)
     from jpaged.workloads import make_workload, poisson_arrivals
     hf_config = load_hf_config(args.model)
@@ -99,6 +99,7 @@ def main(argv=None):
                   clock="simulated: sum of measured step times, idle gaps skipped")
     _, engine, info = engine_from_args(args, hf_config)
     result["engine"] = info
+    out = args.out or default_out("latency", result["device"])
     traces = info["compiles_at_warmup"]
     deadline = time.perf_counter() + args.time_limit
     systems = {}
@@ -124,6 +125,9 @@ def main(argv=None):
         pt = run_poisson(engine, reqs, arrivals, params, deadline=deadline)
         pt = dict(rate=rate, **pt)
         points.append(pt)
+        result["systems"] = systems
+        progress_line(f"{system} @ {rate:g} req/s", pt)
+        write_result(result, out)  # so far: a run stopped later keeps this
         if pt["truncated"]:
             use_system(engine, system)  # drops what the abort left behind
         if bound is None:
@@ -141,7 +145,6 @@ def main(argv=None):
     result["latency_bound"] = bound
     result["engine"]["compiles_after_warmup"] = engine.runner.num_traces - traces
     result["systems"] = systems
-    out = args.out or default_out("latency", result["device"])
     write_result(result, out)
 
     rows = []

@@ -65,7 +65,8 @@ def main(argv=None):
     args = parse_args(argv)
     from jpaged import SamplingParams
     from jpaged.benchmark import (default_out, engine_from_args, format_table, load_hf_config,
-                                  result_header, run_offline, use_system, write_result)
+                                  progress_line, result_header, run_offline, use_system,
+                                  write_result)
     from jpaged.workloads import PREFIX_LENS, Request, make_workload, shared_prefix
 
     hf_config = load_hf_config(args.model)
@@ -89,6 +90,7 @@ def main(argv=None):
     info["usable_blocks"] = num_blocks or engine.runner.num_gpu_blocks
     result["engine"] = info
     traces = info["compiles_at_warmup"]
+    out = args.out or default_out("sharing", result["device"])
     progress = not args.no_progress
 
     def run(requests, params, desc, caching=False):
@@ -98,6 +100,8 @@ def main(argv=None):
     rows = []
 
     def compare(kind, size, shared, unshared, note):
+        progress_line(f"{kind} {size}", shared)
+        write_result(result, out)  # so far: a run stopped later keeps this
         entry = dict(shared=shared, unshared=unshared, unshared_is=note,
                      blocks_saved_pct=shared["blocks_saved_pct"],
                      throughput_gain=shared["output_tokens_per_s"] / unshared["output_tokens_per_s"])
@@ -145,12 +149,13 @@ def main(argv=None):
         entry = dict(prefix_len=prefix_lens[shots], with_caching=cached, without_caching=plain,
                      throughput_gain=cached["output_tokens_per_s"] / plain["output_tokens_per_s"])
         result["shared_prefix"][f"{shots}-shot"] = entry
+        progress_line(f"{shots}-shot prefix", entry)
+        write_result(result, out)
         rows.append(dict(experiment=f"{shots}-shot prefix ({prefix_lens[shots]} tok)",
                          saved=None, with_tps=cached["output_tokens_per_s"],
                          without_tps=plain["output_tokens_per_s"],
                          gain=entry["throughput_gain"]))
     result["engine"]["compiles_after_warmup"] = engine.runner.num_traces - traces
-    out = args.out or default_out("sharing", result["device"])
     write_result(result, out)
     print(f"\n{result['device']}  model {args.model}  workload {workload.name}  "
           f"pool {engine.runner.num_gpu_blocks} blocks")

@@ -136,10 +136,14 @@ def main(argv=None):
                              args.seed, max_total_len=args.max_model_len)
     requests = workload.requests
     hf_results = run_hf(args, hf_config, requests)  # before JAX initialises the GPU
+    for name, r in hf_results.items():
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: "
+              f"{r.get('output_tokens_per_s') or r.get('error') or r.get('skipped')}", flush=True)
 
     from jpaged import SamplingParams
     from jpaged.benchmark import (LABELS, default_out, engine_from_args, format_table,
-                                  result_header, run_offline, use_system, write_result)
+                                  progress_line, result_header, run_offline, use_system,
+                                  write_result)
     result = result_header("scripts/bench_throughput.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   tensor_parallel_size=args.tensor_parallel_size, workload=workload.summary())
@@ -153,22 +157,24 @@ def main(argv=None):
         max_num_batched_tokens=engine.config.max_num_batched_tokens)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
               for r in requests]
-    systems = {}
+    tp = args.tensor_parallel_size  # tp > 1 gets its own file: tp1 and tp2 runs stay side by side
+    out = args.out or default_out("throughput", result["device"], f"tp{tp}" if tp > 1 else "")
+    systems = dict(hf_results)
+    result["systems"] = systems
     for system in [s for s in args.systems if s not in HF_SYSTEMS]:
         use_system(engine, system)
         systems[system] = run_offline(engine, requests, params, progress=not args.no_progress,
                                       desc=LABELS[system])
-    systems.update(hf_results)
+        progress_line(system, systems[system])
+        write_result(result, out)  # so far: a run stopped later keeps this
     result["engine"]["compiles_after_warmup"] = engine.runner.num_traces - traces_after_warmup
     result["systems"] = systems
     base = systems.get("jpaged", {}).get("output_tokens_per_s")
     for name, r in systems.items():
         if base and r.get("output_tokens_per_s"):
             r["jpaged_speedup"] = base / r["output_tokens_per_s"]
-    tp = args.tensor_parallel_size  # tp > 1 gets its own file: tp1 and tp2 runs stay side by side
     if args.scaling_baseline:
         result["scaling"] = scaling(result, args.scaling_baseline)
-    out = args.out or default_out("throughput", result["device"], f"tp{tp}" if tp > 1 else "")
     write_result(result, out)
 
     rows = [dict(r, system=LABELS[name], status=r.get("skipped") and "skipped"

@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# The paper's throughput and latency comparisons in one H100 call (<10 min):
-#   bash benchmarks/gpu/issue6.sh            (results under $OUT)
-# Both scripts build the same engine (llama-1.1b shape, random bf16 weights,
-# 2 GiB KV pool), so the second loads the first's compiled steps from the
-# XLA cache. Time limits keep each step bounded; a failed step doesn't stop the next.
+# The paper's evaluation in one H100 call (<10 min): throughput, latency vs
+# rate, sharing. All three build the same engine (llama-1.1b shape, random
+# bf16 weights, 2 GiB KV pool), so the later two load the first's compiled
+# steps from the XLA cache. Each script writes its JSON after every run and
+# prints a flushed line per run, so a step stopped by its time limit keeps
+# what finished.
+#   bash benchmarks/gpu/issue6.sh            (results and logs under $OUT)
 set -uo pipefail
 OUT=${OUT:-/tmp/jpaged-out}
 mkdir -p "$OUT"
-export PYTHONPATH=. JPAGED_XLA_CACHE=${JPAGED_XLA_CACHE:-/tmp/jpaged-xla}
+export PYTHONPATH=. PYTHONUNBUFFERED=1 JPAGED_XLA_CACHE=${JPAGED_XLA_CACHE:-/tmp/jpaged-xla}
 W=benchmarks/workloads/sharegpt-1000.json
-COMMON="--model llama-1.1b --workload $W --kv-cache-gib 2 --no-progress"
+COMMON="--model llama-1.1b --kv-cache-gib 2 --no-progress"
+step() {  # name, time limit, command...
+    local name=$1 limit=$2; shift 2
+    echo "== $name ($(date +%T), limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || echo "FAILED or stopped: $name (rc $?)"
+    grep -v "^\s*$" "$OUT/$name.log" | tail -25
+}
 nvidia-smi -L
-date
-timeout 320 python3 scripts/bench_throughput.py $COMMON --num-requests 600 \
-    --hf-num-requests 64 --hf-timeout 170 --out "$OUT/throughput.json" 2>&1 | tail -40 \
-    || echo "FAILED bench_throughput"
-date
-timeout 230 python3 scripts/bench_latency.py $COMMON --time-limit 150 \
-    --out "$OUT/latency.json" 2>&1 | tail -20 || echo "FAILED bench_latency"
-date
+step throughput 240 python3 scripts/bench_throughput.py $COMMON --workload $W \
+    --num-requests 300 --hf-num-requests 32 --hf-timeout 80 --out "$OUT/throughput.json"
+step latency 140 python3 scripts/bench_latency.py $COMMON --workload $W \
+    --rates 2,8,16,32 --duration 6 --min-requests 20 --time-limit 90 --out "$OUT/latency.json"
+step sharing 150 python3 scripts/bench_sharing.py $COMMON --usable-kv-gib 0.25 \
+    --num-requests 60 --num-prefix-requests 120 --out "$OUT/sharing.json"
+echo "== done $(date +%T)"
