@@ -1,9 +1,10 @@
 """What the bench scripts share: one warmed-up engine, systems swapped in,
 the offline and Poisson run loops, per-step probes, result metadata.
 
-Systems: "jpaged" (the paged block manager, default settings) and the
+Systems: "jpaged" (the paged block manager, default settings), the
 contiguous-reservation baselines "orca-max", "orca-pow2", "orca-oracle"
-(jpaged.reservation). All run on the same engine object, so the same
+(jpaged.reservation), and "jpaged-sync" (jpaged with async scheduling off,
+for the host/device overlap's share). All run on the same engine object, so the same
 compiled steps, model, kernels and KV pool: ``use_system`` swaps the block
 manager and scheduler between runs (compiling once keeps a multi-system run
 within one GPU call).
@@ -11,6 +12,7 @@ within one GPU call).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -28,9 +30,10 @@ from jpaged.reservation import ReservationBlockManager, kv_slot_usage
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import SequenceStatus
 
-SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle")
+SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync")
 LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
-          "orca-oracle": "Orca-Oracle", "hf-generate": "HF generate (static)",
+          "orca-oracle": "Orca-Oracle", "jpaged-sync": "jpaged, async scheduling off",
+          "hf-generate": "HF generate (static)",
           "hf-generate-batch": "HF generate_batch (continuous)"}
 
 
@@ -156,7 +159,12 @@ def engine_from_args(args, hf_config: dict):
       tensor_parallel_size.
     """
     import models
+    from jpaged.engine import enable_compilation_cache
+    enable_compilation_cache()  # the model's init compiles too
+    t0 = time.perf_counter()
     model = models.random_model(hf_config, dtype=args.dtype, seed=0)
+    print(f"[{time.strftime('%H:%M:%S')}] random weights ready in {time.perf_counter() - t0:.1f} s",
+          flush=True)
     engine = build_engine(model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len,
                           max_num_batched_tokens=args.max_num_batched_tokens,
@@ -178,7 +186,7 @@ def engine_from_args(args, hf_config: dict):
 
 def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):
     """A callable with BlockSpaceManager's signature for `system`."""
-    if system == "jpaged":
+    if system in ("jpaged", "jpaged-sync"):
         return BlockSpaceManager
     if system.startswith("orca-") and system[5:] in ("max", "pow2", "oracle"):
         if enable_prefix_caching:
@@ -210,6 +218,8 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
                                    engine.runner.num_cpu_blocks, watermark=cfg.watermark,
                                    enable_prefix_caching=enable_prefix_caching)
     engine.scheduler = Scheduler(engine.scheduler.config, engine.block_manager)
+    # "jpaged-sync": jpaged waiting for each step's tokens (no host/device overlap)
+    engine.config = dataclasses.replace(engine.config, async_scheduling=system != "jpaged-sync")
     for k, v in engine.stats.items():
         engine.stats[k] = type(v)(0)
 
@@ -267,7 +277,8 @@ def engine_counters(engine) -> dict:
     """Step, preemption and timing counters of the engine's current system."""
     st, sch = engine.stats, engine.scheduler
     steps = max(1, st["num_steps"])
-    return dict(num_steps=st["num_steps"], preemptions=sch.num_preemptions,
+    return dict(num_steps=st["num_steps"], steps_dispatched_ahead=st["num_steps_ahead"],
+                preemptions=sch.num_preemptions,
                 swaps_out=sch.num_swaps_out, swaps_in=sch.num_swaps_in,
                 host_ms_per_step=1e3 * st["host_seconds"] / steps,
                 device_ms_per_step=1e3 * st["device_seconds"] / steps,
@@ -360,7 +371,12 @@ def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
 
 # ------------------------------------------------------------------ results
 def git_commit() -> str | None:
-    """HEAD's hash, with "-dirty" when tracked files differ from it."""
+    """HEAD's hash, with "-dirty" when tracked files differ from it; the
+    JPAGED_COMMIT environment variable wins (a copied tree whose .git is not
+    the source's, as on the GPU machine)."""
+    import os
+    if os.environ.get("JPAGED_COMMIT"):
+        return os.environ["JPAGED_COMMIT"]
     try:
         head = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()

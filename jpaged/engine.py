@@ -77,7 +77,7 @@ class LLMEngine:
         signature (block_size, num_gpu_blocks, num_cpu_blocks, watermark=,
         enable_prefix_caching=) returning a compatible manager, e.g. the
         contiguous-reservation baseline of jpaged.reservation."""
-        _enable_compilation_cache()
+        enable_compilation_cache()
         if model is None:
             import models
             model = models.load_model(config.model, dtype=_resolve_dtype(config.dtype),
@@ -588,7 +588,7 @@ def _resolve_dtype(dtype: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def _enable_compilation_cache() -> None:
+def enable_compilation_cache() -> None:
     """Keeps compiled steps on disk (JPAGED_XLA_CACHE, default
     ~/.cache/jpaged/xla; "off" disables), so a second start of the same
     model and bucket set skips most of its compile time."""

@@ -53,10 +53,11 @@ def parse_args(argv):
                         "by `python -m jpaged.workloads`")
     p.add_argument("--num-requests", type=int, default=600, help="requests in the workload")
     p.add_argument("--seed", type=int, default=0, help="workload sampling seed")
-    p.add_argument("--systems", default="jpaged,orca-max,orca-pow2,orca-oracle,"
+    p.add_argument("--systems", default="jpaged,orca-max,orca-pow2,orca-oracle,jpaged-sync,"
                    "hf-generate,hf-generate-batch",
                    help="comma-separated systems to run: jpaged, orca-max, orca-pow2, "
-                        "orca-oracle, hf-generate, hf-generate-batch")
+                        "orca-oracle, jpaged-sync (async scheduling off), hf-generate, "
+                        "hf-generate-batch")
     add_engine_args(p, kv_cache_gib_default=2.0,
                     max_num_seqs_help="sequences per step, at most (every system)",
                     max_model_len_help="context limit; Orca-Max reserves this many tokens "

@@ -141,6 +141,8 @@ def main(argv=None):
     if args.random_weights:
         import models
         from jpaged.benchmark import load_hf_config  # a preset name or an HF config .json
+        from jpaged.engine import enable_compilation_cache
+        enable_compilation_cache()  # the model's init compiles too
         model = models.random_model(load_hf_config(args.model),
                                     dtype="bfloat16" if args.dtype == "auto" else args.dtype,
                                     seed=args.seed)

@@ -56,7 +56,10 @@ def test_bench_throughput(files, capsys):
     assert "wrote" in capsys.readouterr().out
     expected = sum(r["output_len"] for r in json.loads((files / "w.json").read_text())["requests"])
     systems = res["systems"]
-    assert set(systems) == {"jpaged", *ORCA, "hf-generate", "hf-generate-batch"}
+    assert set(systems) == {"jpaged", *ORCA, "jpaged-sync", "hf-generate", "hf-generate-batch"}
+    assert systems["jpaged"]["output_tokens"] == systems["jpaged-sync"]["output_tokens"]
+    assert systems["jpaged"]["steps_dispatched_ahead"] > 0
+    assert systems["jpaged-sync"]["steps_dispatched_ahead"] == 0
     for name in ("jpaged", *ORCA):
         r = systems[name]
         assert r["num_rejected"] == 0 and r["output_tokens"] == expected
