@@ -282,6 +282,7 @@ def engine_counters(engine) -> dict:
                 swaps_out=sch.num_swaps_out, swaps_in=sch.num_swaps_in,
                 host_ms_per_step=1e3 * st["host_seconds"] / steps,
                 device_ms_per_step=1e3 * st["device_seconds"] / steps,
+                dispatch_ms_per_step=1e3 * st["dispatch_seconds"] / steps,
                 generated_tokens=st["num_generated_tokens"],
                 prefill_tokens=st["num_prefill_tokens"],
                 cached_prompt_tokens=st["num_cached_prompt_tokens"])
@@ -418,7 +419,7 @@ def progress_line(label: str, figures: dict) -> None:
     """One flushed line of a finished run's main figures (logs survive a kill)."""
     keys = ("output_tokens_per_s", "mean_normalized_latency", "throughput_gain",
             "blocks_saved_pct", "peak_concurrent_seqs", "preemptions", "host_ms_per_step",
-            "device_ms_per_step", "seconds", "sim_seconds")
+            "dispatch_ms_per_step", "device_ms_per_step", "seconds", "sim_seconds")
     shown = {k: round(v, 4) if isinstance(v, float) else v
              for k, v in figures.items() if k in keys}
     print(f"[{time.strftime('%H:%M:%S')}] {label}: {json.dumps(shown)}", flush=True)

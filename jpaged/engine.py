@@ -114,11 +114,14 @@ class LLMEngine:
         self._inflight: _InFlight | None = None
         # host_seconds: step time the host spent working; device_seconds:
         # time it waited for device results (with async scheduling the device
-        # also runs while the host works). num_steps_ahead: steps dispatched
-        # before the previous step's results were on the host.
+        # also runs while the host works); dispatch_seconds: the part of
+        # host_seconds spent in runner.dispatch (input arrays and the jitted
+        # call). num_steps_ahead: steps dispatched before the previous step's
+        # results were on the host.
         self.stats = dict(num_steps=0, num_steps_ahead=0, num_prefill_tokens=0,
                           num_cached_prompt_tokens=0, num_generated_tokens=0,
-                          peak_blocks_used=0, host_seconds=0.0, device_seconds=0.0)
+                          peak_blocks_used=0, host_seconds=0.0, device_seconds=0.0,
+                          dispatch_seconds=0.0)
         if warm_up:
             self.runner.warm_up(progress=progress)
 
@@ -216,7 +219,9 @@ class LLMEngine:
             seq_inputs, rows, owners, spans = self._build_inputs(
                 out.scheduled_seq_groups, out.is_prefill)
             prev = self._inflight.step if self._inflight is not None else None
+            t = time.perf_counter()
             step = self.runner.dispatch(seq_inputs, rows, out.is_prefill, prev)
+            self.stats["dispatch_seconds"] += time.perf_counter() - t
             launched = _InFlight(groups, owners, spans, step,
                                  ahead=self._may_run_ahead(groups, out.is_prefill, step))
             self.stats["num_steps"] += 1

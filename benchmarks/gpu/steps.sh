@@ -6,6 +6,7 @@
 # through the XLA cache), generate (scripts/generate.py itself on 300
 # random prompts of SmolLM2's shape), generate-sync (the same with
 # --no-async-scheduling, for the side-by-side ratio).
+# SYSTEMS=jpaged,orca-max,... limits the throughput step's systems.
 # Each bench script writes its JSON after every run and prints a flushed
 # line per run, so a step stopped by its time limit keeps what finished.
 set -uo pipefail
@@ -25,10 +26,11 @@ run() {  # name, time limit, command...
 nvidia-smi -L
 for s in "$@"; do
     case $s in
-    throughput) run throughput 330 python3 scripts/bench_throughput.py $COMMON --workload $W \
-        --num-requests 300 --hf-num-requests 32 --hf-timeout 150 --out "$OUT/throughput.json" ;;
-    latency) run latency 300 python3 scripts/bench_latency.py $COMMON --workload $W \
-        --rates 2,8,16,32,48 --duration 6 --min-requests 20 --time-limit 190 \
+    throughput) run throughput 300 python3 scripts/bench_throughput.py $COMMON --workload $W \
+        --num-requests 300 --hf-num-requests 32 --hf-timeout 150 ${SYSTEMS:+--systems $SYSTEMS} \
+        --out "$OUT/throughput.json" ;;
+    latency) run latency 230 python3 scripts/bench_latency.py $COMMON --workload $W \
+        --rates 2,8,16,32,48 --duration 6 --min-requests 20 --time-limit 140 \
         --out "$OUT/latency.json" ;;
     sharing) run sharing 240 python3 scripts/bench_sharing.py $COMMON --usable-kv-gib 0.25 \
         --num-requests 60 --num-prefix-requests 120 --out "$OUT/sharing.json" ;;
