@@ -30,7 +30,7 @@ for s in "$@"; do
         --num-requests 300 --hf-num-requests 32 --hf-timeout 150 ${SYSTEMS:+--systems $SYSTEMS} \
         --out "$OUT/throughput.json" ;;
     latency) run latency 230 python3 scripts/bench_latency.py $COMMON --workload $W \
-        --rates 2,8,16,32,48 --duration 6 --min-requests 20 --time-limit 140 \
+        --rates 2,8,16,32 --duration 6 --min-requests 20 --time-limit 140 \
         --out "$OUT/latency.json" ;;
     sharing) run sharing 240 python3 scripts/bench_sharing.py $COMMON --usable-kv-gib 0.25 \
         --num-requests 60 --num-prefix-requests 120 --out "$OUT/sharing.json" ;;
