@@ -162,7 +162,7 @@ def engine_from_args(args, hf_config: dict):
     from jpaged.engine import enable_compilation_cache
     enable_compilation_cache()  # the model's init compiles too
     t0 = time.perf_counter()
-    model = models.random_model(hf_config, dtype=args.dtype, seed=0)
+    model = models.random_model(hf_config, dtype=args.dtype, seed=0, fast_init=True)
     print(f"[{time.strftime('%H:%M:%S')}] random weights ready in {time.perf_counter() - t0:.1f} s",
           flush=True)
     engine = build_engine(model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,

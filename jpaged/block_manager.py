@@ -189,10 +189,20 @@ class BlockSpaceManager:
         need = self._append_cost(seqs, self._gpu_tables, self.gpu_allocator)
         return need <= self.gpu_allocator.get_num_free_blocks()
 
-    def append_cost(self, seq_group: SequenceGroup) -> int:
-        """Device blocks that append_slots for every RUNNING sequence of the group takes."""
-        seqs = seq_group.get_seqs(SequenceStatus.RUNNING)
-        return self._append_cost(seqs, self._gpu_tables, self.gpu_allocator)
+    def can_append_slots_all(self, seq_groups: list[SequenceGroup]) -> bool:
+        """can_append_slots for all the groups at once (their costs add up)."""
+        free = self.gpu_allocator.get_num_free_blocks()
+        # A sequence's next slot takes at most one block (a new one, or a
+        # copy of a shared last block): this bound settles most steps cheaply.
+        if sum(g.num_seqs(SequenceStatus.RUNNING) for g in seq_groups) <= free:
+            return True
+        need = 0
+        for g in seq_groups:
+            need += self._append_cost(g.get_seqs(SequenceStatus.RUNNING), self._gpu_tables,
+                                      self.gpu_allocator)
+            if need > free:
+                return False
+        return True
 
     def append_slots(self, seq: Sequence) -> list[tuple[int, int]]:
         """Makes seq's table cover all its tokens and its last block private.

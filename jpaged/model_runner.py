@@ -164,6 +164,7 @@ class ModelRunner:
         self._token_sharding = (parallel.replicated(self.mesh) if self.mesh is not None
                                 else jax.sharding.SingleDeviceSharding(self._device))
         self._no_prev = jax.device_put(np.zeros(max_num_seqs, np.int32), self._token_sharding)
+        self._pad_tokens: dict[tuple, jax.Array] = {}  # see _place_penalty_tokens
         self._copy_fn = jax.jit(self._copy, donate_argnums=(0,))
         self._gather_fn = jax.jit(self._gather)
         self._scatter_fn = jax.jit(self._scatter, donate_argnums=(0,))
@@ -380,6 +381,7 @@ class ModelRunner:
             list(sampling_rows), self.vocab_size, num_rows_pad,
             pad_prompt_to=self.max_model_len, pad_output_to=self.max_model_len,
             fixed_shapes=True)
+        sampling = self._place_penalty_tokens(sampling)
         prev_tokens = self._no_prev if prev is None else prev.next_tokens
         args = (self.model.params, self.kv_caches, input_ids, positions, metadata,
                 logits_indices, sampling, prompt_next, prev_tokens, prev_rows)
@@ -388,6 +390,24 @@ class ModelRunner:
             return None
         self.kv_caches, out, plp, next_tokens = self._step_fn(*args, modes=STEP_MODES)
         return PendingStep(out, plp, len(sampling_rows), t, next_tokens)
+
+    def _place_penalty_tokens(self, sampling):
+        """The penalty stage's [rows, max_model_len] token arrays go to the
+        device only when some row has a penalty; otherwise a device-resident
+        padding array of that shape stands in (a few MB less to copy per
+        step). Both are placed alike, so they share one compiled step."""
+        s = sampling
+        if np.any((s.repetition_penalties != 1) | (s.presence_penalties != 0)
+                  | (s.frequency_penalties != 0)):
+            return dataclasses.replace(
+                s, output_token_ids=jax.device_put(s.output_token_ids, self._token_sharding),
+                prompt_token_ids=jax.device_put(s.prompt_token_ids, self._token_sharding))
+        shape = s.output_token_ids.shape
+        pad = self._pad_tokens.get(shape)
+        if pad is None:
+            pad = self._pad_tokens[shape] = jax.device_put(
+                np.full(shape, self.vocab_size, np.int32), self._token_sharding)
+        return dataclasses.replace(s, output_token_ids=pad, prompt_token_ids=pad)
 
     def _fill_decode(self, seqs, input_ids, positions, slot_mapping, block_tables,
                      context_lens, query_start_loc, logits_indices, prev_rows) -> int:

@@ -162,11 +162,9 @@ class ReservationBlockManager(BlockSpaceManager):
     def can_append_slots(self, seq_group: SequenceGroup) -> bool:
         return all(self._covers(s) for s in seq_group.get_seqs(SequenceStatus.RUNNING))
 
-    def append_cost(self, seq_group: SequenceGroup) -> int:
-        """0 while the reservations cover the next tokens; else more blocks than are free."""
-        if self.can_append_slots(seq_group):
-            return 0
-        return self.gpu_allocator.get_num_free_blocks() + 1
+    def can_append_slots_all(self, seq_groups: list[SequenceGroup]) -> bool:
+        """Reservations never grow: every group's must cover its next tokens."""
+        return all(self.can_append_slots(g) for g in seq_groups)
 
     def append_slots(self, seq: Sequence) -> list[tuple[int, int]]:
         """Never allocates: the reservation already covers the new token."""

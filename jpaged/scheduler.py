@@ -169,13 +169,7 @@ class Scheduler:
     def can_decode_without_preemption(self) -> bool:
         """Whether every running group can get its next slots together now,
         so the next schedule() preempts and rejects nothing."""
-        bm = self.block_manager
-        free, need = bm.get_num_free_gpu_blocks(), 0
-        for group in self.running:
-            need += bm.append_cost(group)
-            if need > free:
-                return False
-        return True
+        return self.block_manager.can_append_slots_all(self.running)
 
     # -- one step ------------------------------------------------------------
 

@@ -50,8 +50,10 @@ def main(argv=None):
                   random_weights=True)
 
     # 1. Pallas path vs reference path, same weights.
-    ref = models.random_model(args.model, dtype="float32", seed=0, attention_backend="reference")
-    pal = models.random_model(args.model, dtype="float32", seed=0, attention_backend="auto")
+    ref = models.random_model(args.model, dtype="float32", seed=0, attention_backend="reference",
+                              fast_init=True)
+    pal = models.random_model(args.model, dtype="float32", seed=0, attention_backend="auto",
+                              fast_init=True)
     ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()
     a, b = ref.logits(ids), pal.logits(ids)
     ga, gb = ref.generate_greedy(ids, 16, stop_at_eos=False), pal.generate_greedy(ids, 16, stop_at_eos=False)
@@ -62,7 +64,7 @@ def main(argv=None):
     del ref, pal
 
     # 2. The engine on a batch of random prompts.
-    model = models.random_model(args.model, dtype=args.dtype, seed=0)
+    model = models.random_model(args.model, dtype=args.dtype, seed=0, fast_init=True)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, model.config.vocab_size, args.prompt_len).tolist()
                for _ in range(args.num_prompts)]

@@ -71,7 +71,8 @@ def parse_args(argv=None):
     t = p.add_argument_group("tensor parallelism (README, \"Tensor parallelism\")")
     t.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices the model and KV pool are split over (heads, MLP columns, "
-                        "vocabulary); must divide the number of attention heads")
+                        "vocabulary); must divide the MLP width; query heads that don't "
+                        "split evenly are padded with zero heads")
     t.add_argument("--coordinator-address", default=None,
                    help="multi-host: host:port of process 0, for jax.distributed.initialize "
                         "(or JAX_COORDINATOR_ADDRESS); a single host needs none of these")
@@ -145,7 +146,7 @@ def main(argv=None):
         enable_compilation_cache()  # the model's init compiles too
         model = models.random_model(load_hf_config(args.model),
                                     dtype="bfloat16" if args.dtype == "auto" else args.dtype,
-                                    seed=args.seed)
+                                    seed=args.seed, fast_init=True)
         rng = np.random.default_rng(args.seed)
         vocab = model.config.vocab_size
         prompts += [rng.integers(0, vocab, args.random_prompt_len).tolist()

@@ -102,24 +102,27 @@ def plot_latency(data, path, plt, bound=None, ymax=None):
 
 
 def plot_sharing(data, path, plt):
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, key, what in ((axes[0], "parallel_sampling", "parallel sampling n"),
-                          (axes[1], "beam_search", "beam width")):
-        entries = data.get(key) or {}
+    """One panel per experiment the file holds (parallel, beams, prefix)."""
+    panels = [k for k in ("parallel_sampling", "beam_search", "shared_prefix") if data.get(k)]
+    if not panels:
+        raise ValueError(f"{path}: the sharing result holds no experiment")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 0.4, 4), squeeze=False)
+    what = {"parallel_sampling": "parallel sampling n", "beam_search": "beam width"}
+    for ax, key in zip(axes[0], panels):
+        entries = data[key]
         xs = list(entries)
-        saved = [entries[k]["blocks_saved_pct"] for k in xs]
         gain = [entries[k]["throughput_gain"] for k in xs]
-        ax.bar(xs, saved, color="tab:green")
-        ax.set_xlabel(what)
+        if key == "shared_prefix":
+            ax.bar(xs, gain, color="tab:purple")
+            ax.set_ylabel("speed-up with prefix caching (x)")
+            ax.set_xlabel("shared prefix")
+            continue
+        ax.bar(xs, [entries[k]["blocks_saved_pct"] for k in xs], color="tab:green")
+        ax.set_xlabel(what[key])
         ax.set_ylabel("KV blocks saved by sharing (%)")
         twin = ax.twinx()
         twin.plot(xs, gain, color="black", marker="o")
         twin.set_ylabel("throughput gain over unshared (x)")
-    entries = data.get("shared_prefix") or {}
-    xs = list(entries)
-    axes[2].bar(xs, [entries[k]["throughput_gain"] for k in xs], color="tab:purple")
-    axes[2].set_ylabel("speed-up with prefix caching (x)")
-    axes[2].set_xlabel("shared prefix")
     fig.suptitle(_title(data, "KV sharing"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -151,7 +151,10 @@ def test_nothing_compiles_after_warm_up(pair, monkeypatch):
     llm = pair[True]
     ps = _prompts(4, [5, 30, 17, 44, 3, 21, 9, 60])
     sps = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
-           SamplingParams(temperature=0.9, seed=3, max_tokens=12)] * 4
+           SamplingParams(temperature=0.9, seed=3, max_tokens=12)] * 3
+    # penalties send their token arrays from the host: the same executables
+    sps += [SamplingParams(temperature=0.7, seed=4, repetition_penalty=1.2, max_tokens=10),
+            SamplingParams(temperature=0.0, presence_penalty=0.5, max_tokens=10)]
     outs, stats = _generate(llm, ps, sps)
     assert all(o.error is None for o in outs)
     assert stats["num_steps_ahead"] > 0

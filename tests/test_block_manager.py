@@ -284,3 +284,24 @@ def test_bad_arguments():
         BlockSpaceManager(BS, 8, 2, watermark=1.0)
     with pytest.raises(ValueError, match="num_gpu_blocks"):
         BlockSpaceManager(BS, 1, 2)
+
+
+def test_can_append_slots_all_adds_the_groups_costs():
+    """Three single-sequence groups of 5 tokens fill 6 of 7 usable blocks; a
+    sixth token lands in each one's second block (cost 0), a ninth needs a
+    new block each (cost 3 > 1 free), whatever each group alone could do."""
+    bm = BlockSpaceManager(BS, 8, 4, watermark=0.0)
+    groups = [group(str(i), range(5), seq_id=i) for i in range(3)]
+    for g in groups:
+        admit(bm, g)
+    assert bm.get_num_free_gpu_blocks() == 1
+    for g in groups:
+        g.get_seqs()[0].append_token_id(7, 0.0)
+    # more sequences than free blocks, but none needs a block: the exact count
+    assert bm.can_append_slots_all(groups)
+    for g in groups:  # tokens 7, 8, 9: the ninth needs a third block
+        for _ in range(3):
+            g.get_seqs()[0].append_token_id(7, 0.0)
+    assert all(bm.can_append_slots(g) for g in groups)  # each alone: 1 block, 1 free
+    assert not bm.can_append_slots_all(groups)
+    assert bm.can_append_slots_all(groups[:1])
