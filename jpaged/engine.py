@@ -112,6 +112,7 @@ class LLMEngine:
         self._states: dict[int, _SeqState] = {}
         self._finished_beams: dict[str, list[Sequence]] = {}
         self._inflight: _InFlight | None = None
+        self._wait = 0.0  # seconds of the current step spent waiting for the device
         # host_seconds: step time the host spent working; device_seconds:
         # time it waited for device results (with async scheduling the device
         # also runs while the host works); dispatch_seconds: the part of
