@@ -8,12 +8,7 @@ import pytest
 import models
 from jpaged import LLM, SamplingParams
 from jpaged.sequence import PLACEHOLDER_TOKEN_ID
-
-LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-         "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
-         "vocab_size": 320, "max_position_embeddings": 256, "eos_token_id": 2}
-ENGINE = dict(block_size=4, max_num_seqs=8, max_model_len=64, max_num_batched_tokens=64,
-              swap_space=0.002)
+from tiny import ENGINE, LLAMA
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,9 @@ import pathlib
 import pytest
 
 from jpaged.workloads import Workload, save_workload, synthetic_alpaca
+from tiny import ENGINE_FLAGS as ENGINE_ARGS, LLAMA
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The tiny model and engine of tests/test_engine.py (same compiled shapes).
-LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-         "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
-         "vocab_size": 320, "max_position_embeddings": 256, "eos_token_id": 2}
-ENGINE_ARGS = ["--dtype", "float32", "--block-size", "4", "--max-num-seqs", "8",
-               "--max-model-len", "64", "--max-num-batched-tokens", "64",
-               "--num-gpu-blocks", "200", "--swap-space", "0.002", "--no-progress"]
 ORCA = ("orca-max", "orca-pow2", "orca-oracle")
 
 

@@ -8,17 +8,12 @@ import pytest
 import models
 from jpaged import LLM, SamplingParams
 from kernels_pallas import AttentionMetadata
+from tiny import ENGINE, LLAMA
 
-LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-         "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
-         "vocab_size": 320, "max_position_embeddings": 256, "eos_token_id": 2}
 OPT = {"architectures": ["OPTForCausalLM"], "hidden_size": 64, "ffn_dim": 128,
        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 320,
        "max_position_embeddings": 256, "word_embed_proj_dim": 64,
        "do_layer_norm_before": True, "eos_token_id": 2}
-# Small bucket sets keep compile time down: decode 1..8, prefill 16..64.
-ENGINE = dict(block_size=4, max_num_seqs=8, max_model_len=64, max_num_batched_tokens=64,
-              swap_space=0.002)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,9 @@ import importlib.util
 import json
 import pathlib
 
+from tiny import ENGINE_FLAGS as ENGINE, LLAMA
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-         "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
-         "vocab_size": 320, "max_position_embeddings": 256, "eos_token_id": 2}
-# The tiny engine of tests/test_engine.py: the same compiled shapes.
-ENGINE = ["--dtype", "float32", "--block-size", "4", "--max-num-seqs", "8",
-          "--max-model-len", "64", "--max-num-batched-tokens", "64", "--num-gpu-blocks", "200",
-          "--swap-space", "0.002", "--no-progress"]
 
 
 def _generate_module():

@@ -8,15 +8,9 @@ from jpaged.block_manager import AllocStatus, BlockSpaceManager
 from jpaged.reservation import (ContiguousBlockAllocator, ReservationBlockManager,
                                 kv_slot_usage, reserved_len)
 from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus
+from tiny import ENGINE, LLAMA
 
 BS = 4
-# The tiny model and engine settings of tests/test_engine.py: same shapes, so
-# compiled steps come from the session's persistent compilation cache.
-LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-         "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
-         "vocab_size": 320, "max_position_embeddings": 256, "eos_token_id": 2}
-ENGINE = dict(block_size=4, max_num_seqs=8, max_model_len=64, max_num_batched_tokens=64,
-              swap_space=0.002)
 
 
 def group(seq_id, prompt_len, max_tokens, n=1):

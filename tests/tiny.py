@@ -1,0 +1,14 @@
+"""The tiny random model and engine settings several test files share (one
+set of compiled shapes, so the persistent XLA cache serves them all)."""
+
+# 6 query / 2 KV heads (GQA), head_dim 10.
+LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+         "vocab_size": 320, "max_position_embeddings": 256, "eos_token_id": 2}
+# Small bucket sets keep compile time down: decode 1..8, prefill 16..64.
+ENGINE = dict(block_size=4, max_num_seqs=8, max_model_len=64, max_num_batched_tokens=64,
+              swap_space=0.002)
+# The same engine as command-line flags of the scripts, with a 200-block pool.
+ENGINE_FLAGS = ["--dtype", "float32", "--block-size", "4", "--max-num-seqs", "8",
+                "--max-model-len", "64", "--max-num-batched-tokens", "64",
+                "--num-gpu-blocks", "200", "--swap-space", "0.002", "--no-progress"]
