@@ -461,13 +461,12 @@ class LLMEngine:
         finished = self._finished_beams.setdefault(g.request_id, [])
         running = []
         for _, parent, t, lp in cands[:2 * width]:
-            trial = parent.fork(-1)
-            trial.append_token_id(t, lp, {t: lp})
             ends = ((not sp.ignore_eos and t == self.eos_token_id) or t in sp.stop_token_ids
-                    or (sp.max_tokens is not None and trial.get_output_len() >= sp.max_tokens)
-                    or trial.get_len() >= self.config.max_model_len)
-            if ends:
-                trial.seq_id = next(self._seq_ids)
+                    or (sp.max_tokens is not None and parent.get_output_len() + 1 >= sp.max_tokens)
+                    or parent.get_len() + 1 >= self.config.max_model_len)
+            if ends:  # a copy joins the finished pool (only these need one)
+                trial = parent.fork(next(self._seq_ids))
+                trial.append_token_id(t, lp, {t: lp})
                 trial.status = (SequenceStatus.FINISHED_LENGTH_CAPPED
                                 if t != self.eos_token_id and t not in sp.stop_token_ids
                                 else SequenceStatus.FINISHED_STOPPED)
