@@ -300,7 +300,7 @@ class LLMEngine:
                 if is_prefill:
                     start = seq.get_len() - sched.num_new_tokens[seq.seq_id]
                     tokens = seq.get_token_ids()[start:]
-                    if seq.output_token_ids and seq.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                    if seq.ends_with_placeholder():
                         raise RuntimeError(f"sequence {seq.seq_id} is prefilled with an "
                                            "unknown token")
                     self.stats["num_prefill_tokens"] += len(tokens)
@@ -404,7 +404,7 @@ class LLMEngine:
         if sp.logprobs is not None:  # building the dict costs host time per token
             entry = {int(t): float(l) for t, l in zip(topk_ids[:sp.logprobs], topk_lps)}
             entry[token_id] = logprob
-        if seq.output_token_ids and seq.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+        if seq.ends_with_placeholder():
             seq.set_last_token_id(token_id, logprob, entry)
         else:
             seq.append_token_id(token_id, logprob, entry)

@@ -271,11 +271,6 @@ class ModelRunner:
         return self.warmup_seconds
 
     # ------------------------------------------------------------ a step
-    def execute(self, seqs: list[SeqInput], sampling_rows: list[dict],
-                is_prefill: bool, prev: PendingStep | None = None) -> StepOutput:
-        """Runs one step to completion: ``fetch(dispatch(...))``."""
-        return self.fetch(self.dispatch(seqs, sampling_rows, is_prefill, prev))
-
     def dispatch(self, seqs: list[SeqInput], sampling_rows: list[dict], is_prefill: bool,
                  prev: PendingStep | None = None) -> PendingStep:
         """Starts one step on the device and returns without waiting for it.

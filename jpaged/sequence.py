@@ -96,11 +96,15 @@ class Sequence:
     def set_last_token_id(self, token_id: int, logprob: float, logprobs_entry=None) -> None:
         """Fills in the last generated token, appended as PLACEHOLDER_TOKEN_ID
         while the step that samples it was still running (async scheduling)."""
-        if self.output_token_ids[-1] != PLACEHOLDER_TOKEN_ID:
+        if not self.ends_with_placeholder():
             raise ValueError(f"sequence {self.seq_id}: its last token is not a placeholder")
         self.output_token_ids[-1] = token_id
         self.output_logprobs[-1] = logprobs_entry
         self.cumulative_logprob += logprob
+
+    def ends_with_placeholder(self) -> bool:
+        """Whether the last token is still on the device (set_last_token_id fills it)."""
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID
 
     def get_len(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

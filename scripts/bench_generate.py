@@ -42,6 +42,7 @@ def main(argv=None):
     import numpy as np
     import models
     from jpaged import LLM, SamplingParams
+    from jpaged.benchmark import use_system
 
     device = jax.devices()[0].device_kind
     result = dict(device=device, command=" ".join(["python"] + sys.argv),
@@ -77,10 +78,7 @@ def main(argv=None):
     traces = eng.runner.num_traces
     runs = {}
     for mode in (True, False, True):  # on, off, on again: the second "on" is reported
-        eng.config = dataclasses.replace(eng.config, async_scheduling=mode)
-        for k in eng.stats:
-            eng.stats[k] = type(eng.stats[k])(0)
-        eng.scheduler.num_preemptions = 0
+        use_system(eng, "jpaged" if mode else "jpaged-sync")  # also zeroes the counters
         t = time.perf_counter()
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
         elapsed = time.perf_counter() - t
@@ -123,7 +121,6 @@ def main(argv=None):
 def _check_swap(llm, prompts, sp, full_pool_tokens, num_blocks) -> dict:
     """Round trip of blocks through the host pool (pinned staging where the
     device has it), then the batch in swap mode through num_blocks blocks."""
-    import dataclasses
     import jax
     import numpy as np
     from jpaged.benchmark import use_system
