@@ -18,7 +18,9 @@ settings are traced arrays, so a new mix of settings compiles nothing.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import operator
 import time
 
 import jax
@@ -408,15 +410,19 @@ class ModelRunner:
                      context_lens, query_start_loc, logits_indices, prev_rows) -> int:
         """The decode step's arrays, vectorised: one token per sequence."""
         n, bs = len(seqs), self.block_size
-        pos = np.fromiter((s.start_pos for s in seqs), np.int32, n)
-        prev_rows[:n] = [s.prev_row for s in seqs]
-        input_ids[:n] = [max(s.token_ids[0], 0) for s in seqs]
+        pos = np.fromiter(map(operator.attrgetter("start_pos"), seqs), np.int32, n)
+        prev_rows[:n] = list(map(operator.attrgetter("prev_row"), seqs))
+        # a placeholder (-1) input is replaced on the device (prev_rows)
+        input_ids[:n] = np.maximum(np.fromiter((s.token_ids[0] for s in seqs), np.int32, n), 0)
         positions[:n] = pos
-        last = np.fromiter((s.block_table[p // bs] for s, p in zip(seqs, pos.tolist())),
-                           np.int32, n)
-        slot_mapping[:n] = last * bs + pos % bs
-        for i, s in enumerate(seqs):
-            block_tables[i, :len(s.block_table)] = s.block_table
+        tables = list(map(operator.attrgetter("block_table"), seqs))
+        num_blocks = np.fromiter(map(len, tables), np.int64, n)
+        # NOTE: a boolean mask assigns in row-major order, so row i gets its
+        # table in its first num_blocks[i] columns: one pass over all tables.
+        block_tables[:n][np.arange(block_tables.shape[1]) < num_blocks[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(tables), np.int32)
+        assert (pos // bs < num_blocks).all(), "a block table misses its last position's block"
+        slot_mapping[:n] = block_tables[np.arange(n), pos // bs] * bs + pos % bs
         context_lens[:n] = pos + 1
         query_start_loc[1:n + 1] = np.arange(1, n + 1)
         query_start_loc[n + 1:] = n

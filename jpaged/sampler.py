@@ -29,6 +29,7 @@ are what beam search and ``cumulative_logprob`` add up.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -240,7 +241,9 @@ def build_sampling_tensors(
       fixed_shapes: always return the token arrays at widths pad_prompt_to /
         pad_output_to (both required), filling only the rows that have a
         penalty, so one compiled step serves every batch (the penalty stage
-        is then a run-time branch, see `sample`).
+        is then a run-time branch, see `sample`). When no row has a penalty
+        they are read-only broadcast views of the padding id, which cost
+        no host memory.
 
     Returns:
       (tensors with numpy arrays, modes). Rows whose `logprobs` is k get the
@@ -249,16 +252,26 @@ def build_sampling_tensors(
     n = len(rows)
     if n > pad_rows_to:
         raise ValueError(f"{n} rows do not fit in pad_rows_to={pad_rows_to}")
-    full = [dict(_DEFAULTS, **r) for r in rows] + [_PADDED_ROW] * (pad_rows_to - n)
-    unknown = set().union(*(r.keys() for r in rows)) - set(_DEFAULTS) if rows else set()
+    unknown = set().union(*rows) - _DEFAULTS.keys()
     if unknown:
         raise ValueError(f"unknown sampling row keys {sorted(unknown)}; allowed: {sorted(_DEFAULTS)}")
 
+    def values(name):
+        try:  # rows usually carry every key: a C-level pass
+            return list(map(operator.itemgetter(name), rows))
+        except KeyError:
+            default = _DEFAULTS[name]
+            return [r.get(name, default) for r in rows]
+
     def col(name, dtype):
-        return np.asarray([r[name] for r in full], dtype=dtype)
+        # NOTE: rows past n are the inert padded rows (_PADDED_ROW).
+        out = np.full(pad_rows_to, _PADDED_ROW[name], dtype)
+        out[:n] = values(name)
+        return out
 
     temps, top_ps, min_ps = col("temperature", np.float32), col("top_p", np.float32), col("min_p", np.float32)
-    top_ks = np.asarray([r["top_k"] if r["top_k"] is not None else 0 for r in full], np.int64)
+    top_ks = np.zeros(pad_rows_to, np.int64)
+    top_ks[:n] = [0 if k is None else k for k in values("top_k")]
     rep = col("repetition_penalty", np.float32)
     pres, freq = col("presence_penalty", np.float32), col("frequency_penalty", np.float32)
     if (temps < 0).any() or not np.isfinite(temps).all():
@@ -273,40 +286,44 @@ def build_sampling_tensors(
         raise ValueError("presence_penalty and frequency_penalty must be finite")
     top_ks = np.where((top_ks <= 0) | (top_ks >= vocab_size), 0, top_ks).astype(np.int32)
 
-    seeds = np.empty(pad_rows_to, np.uint32)
-    for i, r in enumerate(full):
-        s = r["seed"]
-        if s is None:
-            rng = np.random.default_rng() if rng is None else rng
-            s = int(rng.integers(0, 1 << 32))
-        seeds[i] = int(s) % (1 << 32)
+    seeds = np.zeros(pad_rows_to, np.uint32)
+    row_seeds = values("seed")
+    try:  # int64 & 0xFFFFFFFF is int(s) % 2**32, negative seeds included
+        seeds[:n] = np.asarray(row_seeds, np.int64) & 0xFFFFFFFF
+    except (TypeError, ValueError, OverflowError):  # a None seed (drawn in row order) or a huge one
+        for i, s in enumerate(row_seeds):
+            if s is None:
+                rng = np.random.default_rng() if rng is None else rng
+                s = int(rng.integers(0, 1 << 32))
+            seeds[i] = int(s) % (1 << 32)
     steps = col("step", np.int32)
 
     is_greedy = temps < SAMPLING_EPS
     sampled = ~is_greedy
+    has_penalty = (rep != 1) | (pres != 0) | (freq != 0)
     modes = SamplerModes(
         all_greedy=bool(is_greedy.all()),
-        do_penalties=bool(((rep != 1) | (pres != 0) | (freq != 0)).any()),
+        do_penalties=bool(has_penalty.any()),
         do_top_k_top_p=bool((sampled & ((top_ks > 0) | (top_ps < 1))).any()),
         do_min_p=bool((sampled & (min_ps > 0)).any()),
-        num_logprobs=max(logprobs_bucket(r["logprobs"]) for r in full),
+        num_logprobs=max(map(logprobs_bucket, dict.fromkeys(values("logprobs"))), default=0),
     )
     if coarse_modes:
         modes = modes.coarsen()
-
-    has_penalty = (rep != 1) | (pres != 0) | (freq != 0)
 
     def tokens(name, pad_to):
         if fixed_shapes:
             if pad_to is None:
                 raise ValueError("fixed_shapes needs pad_prompt_to and pad_output_to")
+            if not modes.do_penalties:
+                # A read-only view of padding: no [S, pad_to] array is written
+                # (ModelRunner swaps in a device-resident one).
+                return np.broadcast_to(np.int32(vocab_size), (pad_rows_to, pad_to))
             out = np.full((pad_rows_to, pad_to), vocab_size, np.int32)
-            if not has_penalty.any():
-                return out
         elif not modes.do_penalties:
             return np.zeros((pad_rows_to, 0), np.int32)
-        seqs = [r[name] if has_penalty[i] else () for i, r in enumerate(full)]
-        lens = np.fromiter((len(q) for q in seqs), np.int64, count=len(seqs))
+        seqs = [q if p else () for q, p in zip(values(name), has_penalty.tolist())]
+        lens = np.fromiter(map(len, seqs), np.int64, count=n)
         width = _bucket_width(int(lens.max()), pad_to, name.split("_")[0])
         if not fixed_shapes:
             out = np.full((pad_rows_to, width), vocab_size, np.int32)
@@ -316,19 +333,21 @@ def build_sampling_tensors(
                     out[i, :len(q)] = q
         except OverflowError as e:
             raise ValueError(f"{name} has an id outside [0, {vocab_size}): {e}") from None
-        bad = ((out < 0) | (out >= vocab_size)) & (np.arange(width)[None, :] < lens[:, None])
+        bad = ((out[:n] < 0) | (out[:n] >= vocab_size)) & (np.arange(width)[None, :] < lens[:, None])
         if bad.any():
             i = int(np.argmax(bad.any(axis=1)))
             raise ValueError(f"row {i}: {name} has ids outside [0, {vocab_size})")
         return out
 
     banned = np.full((pad_rows_to, MAX_BANNED), vocab_size, np.int32)
-    for i, r in enumerate(full):
-        ids = list(r["banned_token_ids"])
-        if ids:
-            if len(ids) > MAX_BANNED:
-                raise ValueError(f"row {i}: {len(ids)} banned_token_ids, at most {MAX_BANNED}")
-            banned[i, :len(ids)] = ids
+    row_banned = values("banned_token_ids")
+    num_banned = list(map(len, row_banned))
+    if any(num_banned):
+        for i, (ids, k) in enumerate(zip(row_banned, num_banned)):
+            if k > MAX_BANNED:
+                raise ValueError(f"row {i}: {k} banned_token_ids, at most {MAX_BANNED}")
+            if k:
+                banned[i, :k] = ids
     tensors = SamplingTensors(
         temperatures=temps, top_ps=top_ps, top_ks=top_ks, min_ps=min_ps,
         presence_penalties=pres, frequency_penalties=freq, repetition_penalties=rep,

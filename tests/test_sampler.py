@@ -323,3 +323,29 @@ def test_banned_tokens_are_never_drawn():
     assert out.sampled_token_ids.tolist() == [2, 1]
     # raw logprobs are of the unmodified distribution
     assert float(out.sampled_logprobs[0]) < float(out.sampled_logprobs[1])
+
+
+def test_builder_fixed_shapes_seeds_and_banned():
+    V, S, L = 10, 4, 8
+    # No row has a penalty: the token arrays are padding views, nothing written.
+    t, m = build_sampling_tensors([dict(output_token_ids=[1, 2]), {}], V, S,
+                                  pad_prompt_to=L, pad_output_to=L, fixed_shapes=True)
+    assert not m.do_penalties and t.output_token_ids.shape == t.prompt_token_ids.shape == (S, L)
+    assert (t.output_token_ids == V).all() and (t.prompt_token_ids == V).all()
+    # Some row has one: only the penalty rows are filled.
+    rows = [dict(output_token_ids=[1, 2]), dict(repetition_penalty=1.2, output_token_ids=[3],
+                                                 prompt_token_ids=[4, 5])]
+    t, m = build_sampling_tensors(rows, V, S, pad_prompt_to=L, pad_output_to=L, fixed_shapes=True)
+    assert m.do_penalties
+    np.testing.assert_array_equal(t.output_token_ids[:, :2], [[V, V], [3, V], [V, V], [V, V]])
+    np.testing.assert_array_equal(t.prompt_token_ids[1, :3], [4, 5, V])
+    # Seeds are taken mod 2**32 (negative and huge ones too); None draws from rng, in row order.
+    seeds = [-1, 2**40 + 7, 2**70 + 3, None, None]
+    t, _ = build_sampling_tensors([dict(seed=s) for s in seeds], V, 6, rng=np.random.default_rng(0))
+    drawn = np.random.default_rng(0).integers(0, 1 << 32, 2)
+    np.testing.assert_array_equal(t.seeds, [2**32 - 1, 7, 3, *drawn, 0])
+    # Banned ids pad with V; more than MAX_BANNED is an error naming the row.
+    t, _ = build_sampling_tensors([{}, dict(banned_token_ids=(2, 7))], V, 3)
+    np.testing.assert_array_equal(t.banned_token_ids[:, :3], [[V, V, V], [2, 7, V], [V, V, V]])
+    with pytest.raises(ValueError, match="row 1: 17 banned_token_ids"):
+        build_sampling_tensors([{}, dict(banned_token_ids=range(17))], V, 2)
