@@ -33,11 +33,14 @@ from jpaged import sampler as sampler_lib
 # Sampler rows return this many top logprobs (beam search asks for
 # 2 * beam_width of them, so beam widths up to 10 fit).
 MAX_LOGPROBS = 20
-# One sampler mode for every step: greedy rows, filters and penalties are
-# run-time branches inside it, so a new mix of settings never compiles.
-STEP_MODES = sampler_lib.SamplerModes(all_greedy=False, do_penalties=True,
-                                      do_top_k_top_p=True, do_min_p=True,
-                                      num_logprobs=MAX_LOGPROBS)
+# The sampler's static modes: (greedy or sampling) x (penalties or not), the
+# host picking one per step (sampler.SamplerModes.coarsen); all four are
+# compiled at warm-up for every row count, so a new mix of settings never
+# compiles. The sampler is its own jitted call after the model's: modes chosen
+# on the device (lax.cond) would make the host wait there for the whole
+# forward pass before launching the rest of the step.
+SAMPLER_MODES = tuple(sampler_lib.SamplerModes(greedy, pen, not greedy, not greedy, MAX_LOGPROBS)
+                      for greedy in (True, False) for pen in (False, True))
 MIN_PREFILL_BUCKET = 16
 MAX_SWAP_CHUNK = 256  # blocks moved per device<->host transfer at most
 
@@ -160,7 +163,8 @@ class ModelRunner:
                              if self.num_cpu_blocks else [])
         self.num_traces = 0
         self.warmup_seconds = None
-        self._step_fn = jax.jit(self._step, donate_argnums=(1,), static_argnames=("modes",))
+        self._forward_fn = jax.jit(self._forward, donate_argnums=(1,))
+        self._sample_fn = jax.jit(self._sample, static_argnames=("modes",))
         # The sampled tokens that feed the next step stay on the device; a
         # step with nothing to read gets zeros of the same shape and sharding.
         self._token_sharding = (parallel.replicated(self.mesh) if self.mesh is not None
@@ -199,30 +203,36 @@ class ModelRunner:
         return max(0, int(free // (self.bytes_per_block // self.tensor_parallel_size)))
 
     # ------------------------------------------------------------ jitted bodies
-    def _step(self, params, kv_caches, input_ids, positions, metadata,
-              logits_indices, sampling, prompt_next_ids, prev_tokens, prev_rows, modes):
-        """prev_tokens: i32[max_num_seqs], the previous step's next_tokens;
+    def _forward(self, params, kv_caches, input_ids, positions, metadata,
+                 logits_indices, prompt_next_ids, prev_tokens, prev_rows):
+        """The model: the sampler rows' logits (and prompt logprobs).
+
+        prev_tokens: i32[max_num_seqs], the previous step's next_tokens;
         prev_rows: i32[num_tokens], where >= 0 the input token is
         prev_tokens[prev_rows] instead of input_ids (async scheduling)."""
         self.num_traces += 1  # runs only while tracing: counts compilations
         input_ids = jnp.where(prev_rows >= 0, prev_tokens[jnp.maximum(prev_rows, 0)], input_ids)
-        plp = None
         if prompt_next_ids is None:
             logits, kv_caches = self.model.apply(params, input_ids, positions,
                                                  kv_caches, metadata, logits_indices)
-            out = sampler_lib.sample(logits, sampling, modes)
-        else:
-            # NOTE: a None vs array argument is a separate jit entry: prompt
-            # logprobs need the logits of every token, the usual step only a few.
-            logits, kv_caches = self.model.apply(params, input_ids, positions,
-                                                 kv_caches, metadata, None)
-            out = sampler_lib.sample(logits[logits_indices], sampling, modes)
-            plp = sampler_lib.prompt_logprobs(logits, prompt_next_ids, MAX_LOGPROBS)
+            return kv_caches, logits, None
+        # NOTE: a None vs array argument is a separate jit entry: prompt
+        # logprobs need the logits of every token, the usual step only a few.
+        logits, kv_caches = self.model.apply(params, input_ids, positions,
+                                             kv_caches, metadata, None)
+        plp = sampler_lib.prompt_logprobs(logits, prompt_next_ids, MAX_LOGPROBS)
+        return kv_caches, logits[logits_indices], plp
+
+    def _sample(self, logits, sampling, modes):
+        """One token per sampler row, and the same tokens zero-padded to
+        max_num_seqs (the next step's prev_tokens)."""
+        self.num_traces += 1
+        out = sampler_lib.sample(logits, sampling, modes)
         ids = out.sampled_token_ids
         next_tokens = jnp.zeros(self.max_num_seqs, jnp.int32).at[:ids.shape[0]].set(ids)
         if self.mesh is not None:  # the same sharding as _no_prev: no recompile
             next_tokens = jax.lax.with_sharding_constraint(next_tokens, self._token_sharding)
-        return kv_caches, out, plp, next_tokens
+        return out, next_tokens
 
     def _copy(self, kv_caches, src, dst):
         return tuple(copy_blocks(c, src, dst, backend=self.attention_backend)
@@ -257,6 +267,15 @@ class ModelRunner:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = [pool.submit(self._run, [], decode=d, pad_to=b, compile_only=True)
                        for d, b in steps]
+            logits = {}  # row count -> the forward's logits (shape, dtype, sharding)
+            for f in concurrent.futures.as_completed(futures):
+                info = f.result()
+                logits[info.shape[0]] = jax.ShapeDtypeStruct(info.shape, info.dtype,
+                                                             sharding=info.sharding)
+                bar.update(1)
+            bar.total += len(logits) * len(SAMPLER_MODES)
+            futures = [pool.submit(self._compile_sampler, x, m)
+                       for x in logits.values() for m in SAMPLER_MODES]
             for f in concurrent.futures.as_completed(futures):
                 f.result()
                 bar.update(1)
@@ -271,6 +290,18 @@ class ModelRunner:
         jax.block_until_ready(self.kv_caches)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
+
+    def _compile_sampler(self, logits, modes):
+        sampling, _ = self._sampling_inputs([], logits.shape[0])
+        self._sample_fn.lower(logits, sampling, modes=modes).compile()
+
+    def _sampling_inputs(self, rows, num_rows):
+        """The sampler's tensors for one step, and its modes (SAMPLER_MODES)."""
+        sampling, modes = sampler_lib.build_sampling_tensors(
+            list(rows), self.vocab_size, num_rows, pad_prompt_to=self.max_model_len,
+            pad_output_to=self.max_model_len, fixed_shapes=True, coarse_modes=True)
+        modes = dataclasses.replace(modes, num_logprobs=MAX_LOGPROBS)
+        return self._place_penalty_tokens(sampling), modes
 
     # ------------------------------------------------------------ a step
     def dispatch(self, seqs: list[SeqInput], sampling_rows: list[dict], is_prefill: bool,
@@ -374,18 +405,14 @@ class ModelRunner:
             raise ValueError("a sequence reads the previous step's token, but no step was given")
         metadata = AttentionMetadata(slot_mapping, block_tables, context_lens,
                                      query_start_loc, is_decode=decode)
-        sampling, _ = sampler_lib.build_sampling_tensors(
-            list(sampling_rows), self.vocab_size, num_rows_pad,
-            pad_prompt_to=self.max_model_len, pad_output_to=self.max_model_len,
-            fixed_shapes=True)
-        sampling = self._place_penalty_tokens(sampling)
         prev_tokens = self._no_prev if prev is None else prev.next_tokens
         args = (self.model.params, self.kv_caches, input_ids, positions, metadata,
-                logits_indices, sampling, prompt_next, prev_tokens, prev_rows)
+                logits_indices, prompt_next, prev_tokens, prev_rows)
         if compile_only:  # warm-up: compile this bucket, run nothing
-            self._step_fn.lower(*args, modes=STEP_MODES).compile()
-            return None
-        self.kv_caches, out, plp, next_tokens = self._step_fn(*args, modes=STEP_MODES)
+            return self._forward_fn.lower(*args).compile().out_info[1]
+        sampling, modes = self._sampling_inputs(sampling_rows, num_rows_pad)
+        self.kv_caches, logits, plp = self._forward_fn(*args)
+        out, next_tokens = self._sample_fn(logits, sampling, modes=modes)
         return PendingStep(out, plp, len(sampling_rows), t, next_tokens)
 
     def _place_penalty_tokens(self, sampling):

@@ -456,35 +456,26 @@ def sample(logits, t: SamplingTensors, modes: SamplerModes) -> SamplerOutput:
     S, V = logits.shape
     logprobs, topk_ids, topk_lp = compute_logprobs_topk(logits, modes.num_logprobs)
 
+    # NOTE: no stage is a run-time branch (lax.cond): on a GPU a cond makes
+    # the host wait for its predicate, i.e. for the whole forward pass before
+    # it, so the step's launch would block for the device time. The caller
+    # picks the modes on the host instead.
     if modes.do_penalties:
-        # A run-time branch: a batch without penalties skips the scatters.
-        any_penalty = jnp.any((t.repetition_penalties != 1) | (t.presence_penalties != 0)
-                              | (t.frequency_penalties != 0))
-        logits = jax.lax.cond(any_penalty, apply_penalties, lambda x, _: x, logits, t)
+        logits = apply_penalties(logits, t)
     logits = logits.at[jnp.arange(S)[:, None], t.banned_token_ids].set(-jnp.inf, mode="drop")
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if modes.all_greedy:
         token_ids = greedy_ids
     else:
         is_greedy = t.temperatures < SAMPLING_EPS
-
-        def draw(logits):
-            temps = jnp.where(is_greedy, 1.0, t.temperatures)
-            logits = logits / temps[:, None]
-            if modes.do_top_k_top_p:
-                # NOTE: the sort costs ~1 ms at S=256 on an H100; a run-time
-                # branch skips it when no row filters, without a new compile.
-                needed = jnp.any(~is_greedy & ((t.top_ks > 0) | (t.top_ps < 1)))
-                logits = jax.lax.cond(needed, apply_top_k_top_p, lambda x, *_: x,
-                                      logits, t.top_ks, t.top_ps)
-            if modes.do_min_p:
-                logits = apply_min_p(logits, t.min_ps)
-            noisy = logits + _row_gumbel(t.seeds, t.sample_steps, V)
-            sampled_ids = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
-            return jnp.where(is_greedy, greedy_ids, sampled_ids)
-
-        # A batch that is greedy at run time skips the draw entirely.
-        token_ids = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy_ids, draw, logits)
+        logits = logits / jnp.where(is_greedy, 1.0, t.temperatures)[:, None]
+        if modes.do_top_k_top_p:  # one sort, ~1 ms at S=256 on an H100
+            logits = apply_top_k_top_p(logits, t.top_ks, t.top_ps)
+        if modes.do_min_p:
+            logits = apply_min_p(logits, t.min_ps)
+        noisy = logits + _row_gumbel(t.seeds, t.sample_steps, V)
+        sampled_ids = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+        token_ids = jnp.where(is_greedy, greedy_ids, sampled_ids)
 
     lp, rank = _gather_logprob_rank(logprobs, token_ids)
     return SamplerOutput(token_ids, lp, rank, topk_ids, topk_lp)

@@ -2,10 +2,10 @@
 
 Runs `ModelRunner` alone (no scheduler) on a random-weight model: S sequences
 decoding at a fixed context, the step compiled once. Three loops:
-  sync:     build inputs, call the jitted step, wait for its tokens; the
-            call is timed apart (a wrapper around the jitted function);
+  sync:     build inputs, call the jitted model and sampler, wait for the
+            tokens; the two calls are timed apart (wrappers around them);
   pipelined: dispatch step k+1 before fetching step k (async scheduling's shape);
-  device:   the jitted step called back to back on inputs already on the
+  device:   the jitted calls made back to back on inputs already on the
             device: the call alone (launch cost) and, over the loop, the
             larger of launch and device time per step.
 Prints and (--out) appends one JSON record per run; XLA_FLAGS is recorded, so
@@ -45,15 +45,20 @@ def main(argv=None):
     seqs = [SeqInput([7], C, list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)))
             for i in range(S)]
     rows = [dict(temperature=0.0, seed=i, step=3) for i in range(S)]
-    step_fn, calls, last = runner._step_fn, [], {}
+    forward_fn, sample_fn, calls, last = runner._forward_fn, runner._sample_fn, [], {}
 
-    def timed(*a, **k):
+    def timed_forward(*a):
         t = time.perf_counter()
-        out = step_fn(*a, **k)
-        calls.append(time.perf_counter() - t)
-        last["args"], last["kwargs"] = a, k
+        out = forward_fn(*a)
+        last["call_start"], last["forward"] = t, a
         return out
-    runner._step_fn = timed
+
+    def timed_sample(*a, **k):
+        out = sample_fn(*a, **k)
+        calls.append(time.perf_counter() - last["call_start"])
+        last["sample"], last["modes"] = a[1:], k
+        return out
+    runner._forward_fn, runner._sample_fn = timed_forward, timed_sample
     t = time.perf_counter()
     runner.fetch(runner.dispatch(seqs, rows, is_prefill=False))
     compile_s = time.perf_counter() - t
@@ -85,26 +90,32 @@ def main(argv=None):
         return dict(step_ms=round(1e3 * (time.perf_counter() - t0) / args.steps, 3))
 
     def device_loop():
-        a = list(last["args"])
+        a = list(last["forward"])
         a[2:] = jax.device_put(a[2:])  # every per-step input already on the device
+        sampling = jax.device_put(last["sample"][0])
         kv, lat = runner.kv_caches, []  # a[1] was donated to that call
+
+        def one(kv):
+            kv, logits, _ = forward_fn(a[0], kv, *a[2:])
+            out, _ = sample_fn(logits, sampling, **last["modes"])
+            return kv, out
         for _ in range(3):
-            kv, out, _, _ = step_fn(a[0], kv, *a[2:], **last["kwargs"])
+            kv, out = one(kv)
         jax.block_until_ready(out)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             t = time.perf_counter()
-            kv, out, _, _ = step_fn(a[0], kv, *a[2:], **last["kwargs"])
+            kv, out = one(kv)
             lat.append(time.perf_counter() - t)
         jax.block_until_ready(out)
         wall = (time.perf_counter() - t0) / args.steps
         t = time.perf_counter()
-        kv, out, _, _ = step_fn(a[0], kv, *a[2:], **last["kwargs"])
+        kv, out = one(kv)
         jax.block_until_ready(out)
-        one = time.perf_counter() - t
+        single = time.perf_counter() - t
         runner.kv_caches = kv
         return dict(call_ms=ms(lat), step_ms=round(1e3 * wall, 3),
-                    one_step_ms=round(1e3 * one, 3))
+                    one_step_ms=round(1e3 * single, 3))
 
     sync_loop()  # warm
     rec = dict(label=args.label, model=args.model, dtype=args.dtype, num_seqs=S, context=C,

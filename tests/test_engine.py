@@ -7,6 +7,7 @@ import pytest
 
 import models
 from jpaged import LLM, SamplingParams
+from jpaged.model_runner import SAMPLER_MODES
 from kernels_pallas import AttentionMetadata
 from tiny import ENGINE, LLAMA
 
@@ -178,7 +179,9 @@ def test_no_compilation_after_warm_up(llama):
     llm = make_llm(llama, num_gpu_blocks=30, enable_prefix_caching=True)
     runner = llm.engine.runner
     traces = runner.num_traces
-    assert traces == len(runner.decode_buckets) + len(runner.prefill_buckets)
+    # one model step per bucket, the sampler's modes per row count
+    assert traces == (len(runner.decode_buckets) + len(runner.prefill_buckets)
+                      + len(runner.decode_buckets) * len(SAMPLER_MODES))
     rng = np.random.default_rng(8)
     sps = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
            SamplingParams(temperature=0.9, top_p=0.8, top_k=20, seed=1, max_tokens=10),
