@@ -6,7 +6,10 @@
 # through the XLA cache), generate (scripts/generate.py itself on 300
 # random prompts of SmolLM2's shape), generate-sync (the same with
 # --no-async-scheduling, for the side-by-side ratio).
+# dispatch (scripts/bench_dispatch.py: where a decode step's host time goes,
+# 1.1B and 13B shapes).
 # SYSTEMS=jpaged,orca-max,... limits the throughput step's systems.
+# BUDGET=<seconds> caps the whole call: a step gets at most what is left.
 # Each bench script writes its JSON after every run and prints a flushed
 # line per run, so a step stopped by its time limit keeps what finished.
 set -uo pipefail
@@ -17,8 +20,12 @@ W=benchmarks/workloads/sharegpt-1000.json
 COMMON="--model llama-1.1b --kv-cache-gib 2 --no-progress"
 GEN="--random-weights --model smollm2-135m-shape --num-random-prompts 300 --random-prompt-len 128
      --max-tokens 128 --ignore-eos --max-model-len 1024 --no-progress"
+START=$SECONDS
 run() {  # name, time limit, command...
     local name=$1 limit=$2; shift 2
+    local left=$(( ${BUDGET:-100000} - (SECONDS - START) ))
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -lt 30 ]; then echo "SKIPPED $name: ${left} s left"; return; fi
     echo "== $name ($(date +%T), limit ${limit}s)"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || echo "FAILED or stopped: $name (rc $?)"
     grep -v -e "^\s*$" -e cuda_timer "$OUT/$name.log" | tail -25
@@ -26,6 +33,9 @@ run() {  # name, time limit, command...
 nvidia-smi -L
 for s in "$@"; do
     case $s in
+    dispatch) run dispatch 150 bash -c "python3 scripts/bench_dispatch.py --model llama-1.1b \
+        --num-seqs 256 --label 1.1b --out $OUT/dispatch.json && python3 scripts/bench_dispatch.py \
+        --model llama-13b --num-seqs 128 --label 13b --out $OUT/dispatch.json" ;;
     throughput) run throughput 300 python3 scripts/bench_throughput.py $COMMON --workload $W \
         --num-requests 300 --hf-num-requests 32 --hf-timeout 150 ${SYSTEMS:+--systems $SYSTEMS} \
         --out "$OUT/throughput.json" ;;
