@@ -242,6 +242,10 @@ class Scheduler:
         bm = self.block_manager
         queue = sorted(self.running, key=self._key)
         running: list[SequenceGroup] = []
+        if bm.can_append_slots_all(queue):  # the common case: nobody is preempted
+            for group in queue:
+                self._append_slots(out, group)
+            running, queue = queue, []
         while queue:
             group = queue.pop(0)
             while not bm.can_append_slots(group):

@@ -18,7 +18,10 @@ import enum
 PLACEHOLDER_TOKEN_ID = -1
 
 
-class SequenceStatus(enum.Enum):
+class SequenceStatus(enum.IntEnum):
+    # NOTE: an IntEnum hashes and compares in C; a plain Enum's Python-level
+    # __hash__ showed up in the engine's per-step profile (status checks of
+    # every sequence, several per step).
     WAITING = enum.auto()
     RUNNING = enum.auto()
     SWAPPED = enum.auto()
