@@ -61,7 +61,7 @@ NUM_REQUESTS=500
 # requests are preempted by recompute, never swapped.
 BENCH_FLAGS=(--max-num-seqs 128 --max-model-len 2048 --max-num-batched-tokens 2048
              --kv-cache-gib 40 --swap-space 0)
-T_PROBE=60 T_CHECK=150 T_TP1=240 T_BF16_MIN=90
+T_PROBE=60 T_CHECK=${ISSUE8_T_CHECK:-150} T_TP1=240 T_BF16_MIN=90
 if [ "${ISSUE8_CPU_TINY:-0}" = 1 ]; then
     export JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=2"
     TINY=$(mktemp -d)
@@ -143,8 +143,20 @@ BASELINE=()
 run_step throughput_tp2 "$(left)" "${BENCH[@]}" --tensor-parallel-size 2 "${BASELINE[@]}" \
     --out "$TP2"
 
-# ---------------------------------------------------------------- 4. bf16 (optional)
-if [ "$(left)" -ge "$T_BF16_MIN" ]; then
+# ---------------------------------------------------------------- 4. one GPU (optional)
+# ISSUE8_ONE_GPU=1: the 1.1B paper-evaluation throughput on GPU 0 alone,
+# 1000 ShareGPT requests (more of the run at full batch than 300).
+ONE=$RESULTS/throughput-$DEV-1000.json
+if [ "${ISSUE8_ONE_GPU:-0}" = 1 ] && [ "$(left)" -ge 120 ]; then
+    run_step throughput_1gpu "$(left)" env CUDA_VISIBLE_DEVICES=0 "$PY" scripts/bench_throughput.py \
+        --model llama-1.1b --kv-cache-gib 2 --no-progress --workload "$WORKLOAD" \
+        --num-requests 1000 --systems jpaged,orca-oracle,orca-max,orca-pow2,jpaged-sync \
+        --out "$ONE"
+    [ -f "$ONE" ] && cp "$ONE" "$OUT/"
+fi
+
+# ---------------------------------------------------------------- 5. bf16 (optional)
+if [ "${ISSUE8_BF16:-1}" = 1 ] && [ "$(left)" -ge "$T_BF16_MIN" ]; then
     run_step check_tp_bf16 "$(left)" "$PY" scripts/check_tp.py --model "${CHECK_MODELS%%,*}" \
         --tp 1,2 --dtype bfloat16 --matmul-precision default "${CHECK_FLAGS[@]}" \
         --out "$CHECK_BF16"
