@@ -128,6 +128,14 @@ def run_hf(args, hf_config, requests) -> dict:
             return json.load(f)
 
 
+def add_speedups(systems: dict) -> None:
+    """jpaged_speedup: jpaged's output tokens/s over each system's."""
+    base = systems.get("jpaged", {}).get("output_tokens_per_s")
+    for r in systems.values():
+        if base and r.get("output_tokens_per_s"):
+            r["jpaged_speedup"] = base / r["output_tokens_per_s"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     from jpaged.benchmark import load_hf_config
@@ -167,13 +175,12 @@ def main(argv=None):
         systems[system] = run_offline(engine, requests, params, progress=not args.no_progress,
                                       desc=LABELS[system])
         progress_line(system, systems[system])
-        write_result(result, out)  # so far: a run stopped later keeps this
-    result["engine"]["compiles_after_warmup"] = engine.runner.num_traces - traces_after_warmup
-    result["systems"] = systems
-    base = systems.get("jpaged", {}).get("output_tokens_per_s")
-    for name, r in systems.items():
-        if base and r.get("output_tokens_per_s"):
-            r["jpaged_speedup"] = base / r["output_tokens_per_s"]
+        # so far, ratios included: a run stopped later keeps this
+        result["engine"]["compiles_after_warmup"] = (engine.runner.num_traces
+                                                     - traces_after_warmup)
+        add_speedups(systems)
+        write_result(result, out)
+    add_speedups(systems)
     if args.scaling_baseline:
         result["scaling"] = scaling(result, args.scaling_baseline)
     write_result(result, out)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU steps of issues 5 and 6, any subset in one device call (<10 min):
 #   JPAGED_COMMIT=<hash> bash benchmarks/gpu/steps.sh throughput generate
+# (<hash> written out here: the GPU machine's copied .git can be stale, so
+# $(git rev-parse HEAD) run there names the wrong commit)
 # Steps: throughput, latency, sharing (the paper's evaluation: llama-1.1b
 # shape, random bf16 weights, a 2 GiB KV pool; they share compiled steps
 # through the XLA cache), generate (scripts/generate.py itself on 300
