@@ -12,8 +12,9 @@ functions, one per bucket:
 
 Block tables are always ``ceil(max_model_len / block_size)`` wide. Every
 bucket (and the swap / copy helpers) is compiled by ``warm_up``; a run then
-compiles nothing more. Sampling happens inside the step, and its numeric
-settings are traced arrays, so a new mix of settings compiles nothing.
+compiles nothing more. A step is two jitted calls: the model, then the
+sampler (one of SAMPLER_MODES per row count, chosen on the host). The
+sampling settings are traced arrays, so a new mix of settings compiles nothing.
 """
 from __future__ import annotations
 
