@@ -240,8 +240,8 @@ def build_sampling_tensors(
         An engine should rather fix one seed per sequence when it is added.
       fixed_shapes: always return the token arrays at widths pad_prompt_to /
         pad_output_to (both required), filling only the rows that have a
-        penalty, so one compiled step serves every batch (the penalty stage
-        is then a run-time branch, see `sample`). When no row has a penalty
+        penalty, so the token arrays' shapes never change (whether the
+        penalty stage runs is the modes' do_penalties). When no row has a penalty
         they are read-only broadcast views of the padding id, which cost
         no host memory.
 
