@@ -40,8 +40,8 @@ MAX_LOGPROBS = 20
 # compiles. The sampler is its own jitted call after the model's: modes chosen
 # on the device (lax.cond) would make the host wait there for the whole
 # forward pass before launching the rest of the step.
-SAMPLER_MODES = tuple(sampler_lib.SamplerModes(greedy, pen, not greedy, not greedy, MAX_LOGPROBS)
-                      for greedy in (True, False) for pen in (False, True))
+SAMPLER_MODES = tuple(m for m in sampler_lib.all_modes(coarse=True)
+                      if m.num_logprobs == MAX_LOGPROBS)
 MIN_PREFILL_BUCKET = 16
 MAX_SWAP_CHUNK = 256  # blocks moved per device<->host transfer at most
 

@@ -170,17 +170,19 @@ def main(argv=None):
     out = args.out or default_out("throughput", result["device"], f"tp{tp}" if tp > 1 else "")
     systems = dict(hf_results)
     result["systems"] = systems
+
+    def record():  # what is known so far, ratios included: a run stopped later keeps it
+        result["engine"]["compiles_after_warmup"] = (engine.runner.num_traces
+                                                     - traces_after_warmup)
+        add_speedups(systems)
+        write_result(result, out)
     for system in [s for s in args.systems if s not in HF_SYSTEMS]:
         use_system(engine, system)
         systems[system] = run_offline(engine, requests, params, progress=not args.no_progress,
                                       desc=LABELS[system])
         progress_line(system, systems[system])
-        # so far, ratios included: a run stopped later keeps this
-        result["engine"]["compiles_after_warmup"] = (engine.runner.num_traces
-                                                     - traces_after_warmup)
-        add_speedups(systems)
-        write_result(result, out)
-    add_speedups(systems)
+        record()
+    record()
     if args.scaling_baseline:
         result["scaling"] = scaling(result, args.scaling_baseline)
     write_result(result, out)
