@@ -4,11 +4,19 @@ Field names and meanings follow vLLM 0.2-0.5 (the paper's engine). Beam
 search is as in vLLM 0.2-0.5: the beam width is ``best_of`` (default ``n``),
 sampling is deterministic (temperature 0) and the ``n`` best beams are
 returned. Host core: stdlib only, never imports jax.
+
+Every value is checked where it is given, with a ValueError naming the
+field: floats must be finite and fit a float32 (the device samples in
+float32), token ids and top_k must fit an int32, and a bool, float or string
+is never taken for an int. numpy scalars are accepted and stored as Python
+int / float.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import numbers
 
 _SAMPLING_EPS = 1e-5
 
@@ -20,12 +28,18 @@ class SamplingType(enum.IntEnum):
     BEAM = 3
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # the sampler works in float32 on the device
+_INT32_MAX = 2**31 - 1  # token ids and top_k live in int32 arrays there
+
+
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int, numpy's integer scalars included; never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or float, numpy's scalars included; never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass
@@ -40,16 +54,18 @@ class SamplingParams:
       frequency_penalty: subtracted per occurrence of a generated token, in [-2, 2].
       repetition_penalty: divides positive (multiplies negative) logits of tokens
         in the prompt or output, in (0, 2]; 1 is off.
-      temperature: >= 0; below 1e-5 means greedy.
+      temperature: >= 0 (and a finite float32); below 1e-5 means greedy.
       top_p: nucleus mass kept, in (0, 1].
-      top_k: tokens kept, -1 (off) or >= 1.
+      top_k: tokens kept, -1 (off) or in [1, 2**31 - 1].
       min_p: drop tokens with probability below min_p * the top probability, in [0, 1].
       seed: per-request random seed (int >= 0) or None.
       use_beam_search: beam search of width best_of.
-      length_penalty: beam score = cumulative logprob / length**length_penalty.
+      length_penalty: beam score = cumulative logprob / length**length_penalty
+        (a finite float32).
       early_stopping: beam search stop rule: True, False or "never".
-      stop: strings that end a completion (excluded from the text).
-      stop_token_ids: token ids that end a completion (kept in the token ids).
+      stop: a string or a list of strings that end a completion (excluded from the text).
+      stop_token_ids: a list of token ids in [0, 2**31 - 1] that end a completion
+        (kept in the token ids); the engine checks them against the vocabulary.
       include_stop_str_in_output: keep the matched stop string in the text.
       ignore_eos: keep generating after the EOS token.
       max_tokens: output tokens at most, >= 1; None -> up to max_model_len.
@@ -82,13 +98,6 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
         self._verify_args()
         if self.use_beam_search:
             self._verify_beam_search()
@@ -105,20 +114,37 @@ class SamplingParams:
                                      f"(best_of defaults to n)")
 
     def _verify_args(self) -> None:
-        def number(name, low, high, low_open=False):
+        # NOTE: each check stores the normalised value (numpy scalars -> int / float,
+        # stop and stop_token_ids -> lists), so later checks and the engine see plain types.
+        def number(name, low=None, high=None, low_open=False):
             value = getattr(self, name)
-            lo_ok = value > low if low_open else value >= low
-            if not _is_number(value) or not (lo_ok and value <= high):
-                left = "(" if low_open else "["
-                raise ValueError(f"{name} must be in {left}{low}, {high}], got {value!r}")
+            if low is None:
+                allowed = f"a finite number with |{name}| <= {_FLOAT32_MAX:.4g} (float32)"
+            elif high is None:
+                allowed = f">= {low} and <= {_FLOAT32_MAX:.4g} (float32)"
+            else:
+                allowed = f"in {'(' if low_open else '['}{low}, {high}]"
+            if not _is_number(value):
+                raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
+            value = float(value)
+            in_range = math.isfinite(value) and abs(value) <= _FLOAT32_MAX
+            if low is not None:
+                in_range = in_range and (value > low if low_open else value >= low)
+            if high is not None:
+                in_range = in_range and value <= high
+            if not in_range:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+            setattr(self, name, value)
 
-        def integer(name, low, allow_none=False):
+        def integer(name, low, high=None, allow_none=False):
             value = getattr(self, name)
             if value is None and allow_none:
                 return
-            if not _is_int(value) or value < low:
+            if not _is_int(value) or value < low or (high is not None and value > high):
+                upper = f" and <= {high}" if high is not None else ""
                 none = " or None" if allow_none else ""
-                raise ValueError(f"{name} must be an int >= {low}{none}, got {value!r}")
+                raise ValueError(f"{name} must be an int >= {low}{upper}{none}, got {value!r}")
+            setattr(self, name, int(value))
 
         def boolean(name):
             if not isinstance(getattr(self, name), bool):
@@ -131,24 +157,41 @@ class SamplingParams:
         number("presence_penalty", -2.0, 2.0)
         number("frequency_penalty", -2.0, 2.0)
         number("repetition_penalty", 0.0, 2.0, low_open=True)
-        if not _is_number(self.temperature) or not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        number("temperature", 0.0)
         number("top_p", 0.0, 1.0, low_open=True)
-        if not _is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
-            raise ValueError(f"top_k must be -1 (off) or an int >= 1, got {self.top_k!r}")
+        # The sampler keeps top_k in int32; any k >= the vocabulary size is off.
+        if not (_is_int(self.top_k) and (self.top_k == -1 or 1 <= self.top_k <= _INT32_MAX)):
+            raise ValueError(f"top_k must be -1 (off) or an int in [1, {_INT32_MAX}], "
+                             f"got {self.top_k!r}")
+        self.top_k = int(self.top_k)
         number("min_p", 0.0, 1.0)
         integer("seed", 0, allow_none=True)
         boolean("use_beam_search")
-        if not _is_number(self.length_penalty):
-            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+        number("length_penalty")
         if self.early_stopping not in (True, False, "never") or type(self.early_stopping) not in (bool, str):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {s!r}")
-        for t in self.stop_token_ids:
-            if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must be ints >= 0, got {t!r}")
+                raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, "
+                                 f"got {s!r} in {self.stop!r}")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of token ids (ints), got "
+                             f"{self.stop_token_ids!r}; for one id write [id]")
+        bad = [t for t in self.stop_token_ids if not (_is_int(t) and 0 <= t <= _INT32_MAX)]
+        if bad:
+            raise ValueError(f"stop_token_ids must be ints in [0, {_INT32_MAX}], got {bad[0]!r} "
+                             f"in {list(self.stop_token_ids)!r}")
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         boolean("include_stop_str_in_output")
         boolean("ignore_eos")
         integer("max_tokens", 1, allow_none=True)
