@@ -8,14 +8,18 @@
 directory (config.json + safetensors / sharded safetensors / pytorch_model.bin),
 a directory written by ``models.checkpoint.save_converted`` (scripts/convert.py),
 or a .gguf file. Default models are converted on first use and cached under
-$JPAGED_CACHE (default ~/.cache/jpaged)/<name>.
+$JPAGED_CACHE (default ~/.cache/jpaged)/<name>; a cache found incomplete or
+corrupt is rebuilt from the GGUF, with a warning.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import pathlib
+import shutil
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -26,6 +30,20 @@ from models import checkpoint, convert, llama, opt
 from models.base import DTYPES, LoadedModel, canonical_dtype, single_sequence_metadata
 from models.llama import LlamaConfig, LlamaForCausalLM
 from models.opt import OPTConfig, OPTForCausalLM
+
+
+class _DropTorchAdvisory(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found" advisory (jpaged
+    needs no torch); every other transformers message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found.")
+
+
+# NOTE: nothing above imports transformers (models import it lazily), so the
+# filter is on its logger "transformers", which logs the advisory, in time.
+if not any(isinstance(f, _DropTorchAdvisory) for f in logging.getLogger("transformers").filters):
+    logging.getLogger("transformers").addFilter(_DropTorchAdvisory())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +119,21 @@ def architecture_of(hf_config: dict) -> str:
     raise ValueError(f"unknown architecture {declared}; supported: {sorted(ARCHITECTURES)}")
 
 
-def _build(hf_config: dict, dtype: str, attention_backend: str, interpret: bool):
-    architecture = architecture_of(hf_config)
-    family = ARCHITECTURES[architecture]
-    config = family.config_cls.from_hf(hf_config)
+def _build(hf_config: dict, dtype: str, attention_backend: str, interpret: bool,
+           source: str | None = None):
+    """(architecture, family, config, module); errors name ``source``, the config's file."""
+    try:
+        architecture = architecture_of(hf_config)
+        family = ARCHITECTURES[architecture]
+        config = family.config_cls.from_hf(hf_config)
+    except KeyError as e:
+        if source is None:
+            raise ValueError(f"the HF config lacks the required key {e.args[0]!r}") from None
+        raise ValueError(f"{source} lacks the required key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        if source is None:
+            raise
+        raise ValueError(f"{source}: {e}") from e
     module = family.module_cls(config, dtype=DTYPES[dtype],
                                attention_backend=attention_backend, interpret=interpret)
     return architecture, family, config, module
@@ -124,8 +153,10 @@ def abstract_params(module) -> Any:
     return shapes["params"]
 
 
-def _loaded(hf_config, params, tokenizer, dtype, attention_backend, interpret) -> LoadedModel:
-    architecture, _, config, module = _build(hf_config, dtype, attention_backend, interpret)
+def _loaded(hf_config, params, tokenizer, dtype, attention_backend, interpret,
+            source: str | None = None) -> LoadedModel:
+    architecture, _, config, module = _build(hf_config, dtype, attention_backend, interpret,
+                                             source)
     params = jax.device_put(params, jax.local_devices()[0])
     return LoadedModel(config=config, hf_config=hf_config, params=params, module=module,
                        tokenizer=tokenizer, architecture=architecture, dtype=dtype)
@@ -138,7 +169,7 @@ def convert_hf_state_dict(hf_config: dict, state_dict: dict, dtype="float32",
     Raises ValueError listing every missing / misshapen / unknown tensor.
     """
     dtype = canonical_dtype(dtype)
-    _, family, config, module = _build(hf_config, dtype, "reference", False)
+    _, family, config, module = _build(hf_config, dtype, "reference", False, source)
     state_dict = {family.normalize_hf_name(k): v for k, v in state_dict.items()}
     return convert.convert_state_dict(state_dict, family.rules, abstract_params(module),
                                       DTYPES[dtype], ignore=family.ignore(config),
@@ -163,7 +194,8 @@ def _convert_source(path: pathlib.Path, dtype: str):
         raise ValueError(f"{path} is a file but not a .gguf; pass a model directory, "
                          "a .gguf file or one of " + str(list(DEFAULT_MODELS)))
     hf_config = convert.read_hf_config(path)
-    architecture_of(hf_config)  # fail on an unknown architecture before reading weights
+    # Fail on an unknown architecture or a bad config before reading weights.
+    _build(hf_config, dtype, "reference", False, source=str(path / "config.json"))
     state_dict = convert.read_hf_state_dict(path)
     params = convert_hf_state_dict(hf_config, state_dict, dtype, source=str(path))
     return hf_config, params, _hf_tokenizer(path)
@@ -195,12 +227,9 @@ def load_model(name_or_path, dtype="float32", attention_backend: str = "auto",
     name = str(name_or_path)
     if name in DEFAULT_MODELS:
         cached = cache_dir() / name
-        if not checkpoint.is_converted_dir(cached):
-            from models import gguf
-            hf_config, params, tokenizer = _convert_source(
-                pathlib.Path(gguf.find_default_model(name)), "float32")
-            checkpoint.save_converted(cached, params, hf_config, tokenizer)
-        name = str(cached)
+        saved = _load_default(name, cached)
+        return _loaded(saved.hf_config, _cast(saved.params, dtype), saved.tokenizer, dtype,
+                       attention_backend, interpret, source=str(cached / checkpoint.MARKER))
     path = pathlib.Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: pass an existing Hugging Face "
@@ -209,9 +238,46 @@ def load_model(name_or_path, dtype="float32", attention_backend: str = "auto",
     if checkpoint.is_converted_dir(path):
         saved = checkpoint.load_converted(path)
         return _loaded(saved.hf_config, _cast(saved.params, dtype), saved.tokenizer, dtype,
-                       attention_backend, interpret)
+                       attention_backend, interpret, source=str(path / checkpoint.MARKER))
     hf_config, params, tokenizer = _convert_source(path, dtype)
     return _loaded(hf_config, params, tokenizer, dtype, attention_backend, interpret)
+
+
+# What save_converted writes into a checkpoint, and orbax's own temporary
+# "params.orbax-checkpoint-tmp-*": a cache directory holding only these is a
+# partial conversion of ours and safe to delete.
+_CHECKPOINT_ENTRIES = (checkpoint.MARKER, "params", "tokenizer")
+
+
+def _is_ours(directory: pathlib.Path) -> bool:
+    return directory.is_dir() and all(
+        p.name.startswith(_CHECKPOINT_ENTRIES) for p in directory.iterdir())
+
+
+def _load_default(name: str, cached: pathlib.Path) -> checkpoint.ConvertedCheckpoint:
+    """The default model's converted cache, (re)built from its GGUF when it is
+    absent, partial, corrupt or unreadable."""
+    from models import gguf
+    if cached.exists() or cached.is_symlink():
+        try:
+            return checkpoint.load_converted(cached)
+        except (OSError, ValueError) as e:
+            problem = e
+        if not checkpoint.is_converted_dir(cached):
+            if not _is_ours(cached):
+                raise ValueError(
+                    f"{cached} is where jpaged caches {name!r}, but it holds files jpaged "
+                    "did not write; move them away, or set JPAGED_CACHE to another "
+                    "directory") from problem
+            # NOTE: a partial directory from a save that was not atomic (older
+            # jpaged); save_converted replaces only real checkpoints.
+            shutil.rmtree(cached, ignore_errors=True)
+        warnings.warn(f"the converted cache {cached} of {name!r} is unusable, rebuilding it "
+                      f"from the GGUF: {problem}", stacklevel=3)
+    hf_config, params, tokenizer = _convert_source(
+        pathlib.Path(gguf.find_default_model(name)), "float32")
+    checkpoint.save_converted(cached, params, hf_config, tokenizer)
+    return checkpoint.load_converted(cached)
 
 
 def random_model(hf_config, dtype="float32", seed: int = 0,

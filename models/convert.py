@@ -158,6 +158,21 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], rules: Iterable[Rule],
 # Readers
 
 
+def _read_json(path: pathlib.Path) -> dict:
+    """The JSON object in ``path``; ValueError naming the file (and line, column) if not."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column "
+                         f"{e.colno}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text, so not JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected an object "
+                         "({...})")
+    return value
+
+
 def read_hf_config(model_dir) -> dict:
     """config.json of an HF model directory as a dict."""
     model_dir = pathlib.Path(model_dir)
@@ -165,7 +180,7 @@ def read_hf_config(model_dir) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face "
                                 "model directory?")
-    return json.loads(path.read_text())
+    return _read_json(path)
 
 
 def _read_safetensors(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
@@ -196,8 +211,8 @@ def _read_torch_bin(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
 
 
 def _sharded_files(model_dir: pathlib.Path, index_name: str) -> list[pathlib.Path]:
-    index = json.loads((model_dir / index_name).read_text())
-    if "weight_map" not in index:
+    index = _read_json(model_dir / index_name)
+    if not isinstance(index.get("weight_map"), dict):
         raise ValueError(f"{model_dir / index_name} has no weight_map")
     files = [model_dir / f for f in sorted(set(index["weight_map"].values()))]
     missing = [f.name for f in files if not f.is_file()]

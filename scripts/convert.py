@@ -4,7 +4,9 @@
   python scripts/convert.py --model path/to/hf_dir --out converted/x --dtype bfloat16
 
 The output directory is accepted by ``models.load_model(out)`` (and by
-everything that loads models by path).
+everything that loads models by path). It is written atomically (into a
+hidden sibling renamed into place) with the size and CRC-32 of every file,
+which loading checks.
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ def main(argv=None) -> None:
                              "directory (config.json + safetensors or pytorch_model.bin), "
                              "or a .gguf file")
     parser.add_argument("--out", required=True,
-                        help="directory to write (created; replaced if it already holds "
-                             "a converted checkpoint, refused if it holds anything else)")
+                        help="directory to write (created; replaced atomically if it "
+                             "already holds a converted checkpoint, refused if it holds "
+                             "anything else)")
     parser.add_argument("--dtype", default="float32", choices=sorted(base.DTYPES),
                         help="dtype the params are stored in (default: float32)")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -40,6 +41,37 @@ def test_unknown_registered_name_is_a_missing_path():
 def test_directory_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         models.load_model(tmp_path)
+
+
+def test_config_that_is_not_json(tmp_path):
+    path = _copy_fixture(tmp_path)
+    (path / "config.json").write_text('{\n  "hidden_size": 48,,\n}')
+    config = re.escape(str(path / "config.json"))
+    with pytest.raises(ValueError, match=rf"{config} is not valid JSON: Expecting property "
+                                         r"name .* at line 2 column 21"):
+        models.load_model(path)
+    (path / "config.json").write_text('["LlamaForCausalLM"]')
+    with pytest.raises(ValueError, match=r"config.json holds a JSON list, expected an object"):
+        models.load_model(path)
+
+
+def test_config_missing_a_required_key(tmp_path, monkeypatch):
+    path = _copy_fixture(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    del config["hidden_size"]
+    (path / "config.json").write_text(json.dumps(config))
+    # The config is checked before any weight is read.
+    monkeypatch.setattr(models.convert, "read_hf_state_dict", lambda p: pytest.fail("read"))
+    config = re.escape(str(path / "config.json"))
+    with pytest.raises(ValueError, match=rf"{config} lacks the required key 'hidden_size'"):
+        models.load_model(path)
+
+
+def test_sharded_index_that_is_not_json(tmp_path):
+    path = _copy_fixture(tmp_path, "tiny_llama_sharded")
+    (path / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not valid JSON"):
+        models.load_model(path)
 
 
 def test_directory_without_weights(tmp_path):
