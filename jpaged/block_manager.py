@@ -65,8 +65,7 @@ class BlockSpaceManager:
                              f"got {num_gpu_blocks!r}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.gpu_allocator = BlockAllocator("gpu", block_size, num_gpu_blocks, reserve_null_block=True,
-                                            enable_caching=enable_prefix_caching)
+        self.gpu_allocator = self._new_gpu_allocator(num_gpu_blocks)
         self.cpu_allocator = BlockAllocator("cpu", block_size, num_cpu_blocks, reserve_null_block=False)
         self.watermark_blocks = int(watermark * num_gpu_blocks)
         self._gpu_tables: dict[int, list[int]] = {}
@@ -74,6 +73,10 @@ class BlockSpaceManager:
         self._block_hashes: dict[int, list[int]] = {}   # seq_id -> hashes of its full blocks
         self._num_marked: dict[int, int] = {}           # seq_id -> leading blocks offered to the cache
         self._num_cached_tokens: dict[int, int] = {}    # seq_id -> prompt tokens hit at allocate
+
+    def _new_gpu_allocator(self, num_blocks: int) -> BlockAllocator:
+        return BlockAllocator("gpu", self.block_size, num_blocks, reserve_null_block=True,
+                              enable_caching=self.enable_prefix_caching)
 
     # -- allocation for a prefill -----------------------------------------
 
@@ -386,6 +389,20 @@ class BlockSpaceManager:
 
     def has_block_table(self, seq: Sequence) -> bool:
         return seq.seq_id in self._gpu_tables or seq.seq_id in self._cpu_tables
+
+    def has_gpu_block_table(self, seq: Sequence) -> bool:
+        return seq.seq_id in self._gpu_tables
+
+    def reset(self) -> None:
+        """Forgets every table and cached block: both pools start empty (the
+        engine's last resort after a failure inside the scheduler, once every
+        sequence has been freed or rolled back)."""
+        self.gpu_allocator = self._new_gpu_allocator(self.gpu_allocator.num_blocks)
+        self.cpu_allocator = BlockAllocator("cpu", self.block_size, self.cpu_allocator.num_blocks,
+                                            reserve_null_block=False)
+        for d in (self._gpu_tables, self._cpu_tables, self._block_hashes, self._num_marked,
+                  self._num_cached_tokens):
+            d.clear()
 
     def get_num_free_gpu_blocks(self) -> int:
         return self.gpu_allocator.get_num_free_blocks()

@@ -7,10 +7,25 @@ One engine step:
   2. execute: ``ModelRunner`` moves swapped blocks (one gathered transfer per
      chunk), performs the copies, pads the step into its bucket and runs the
      jitted model + sampler with the KV pool donated.
-  3. update: the sampled tokens are appended; parallel samples fork from
-     their prompt, beams fork and free through the block manager; stop
-     conditions are checked on token ids and on detokenized text; finished
-     sequences give their blocks back.
+  3. update (commit): once the step's results are on the host, each group
+     records its computed tokens (and, with prefix caching, publishes the
+     blocks now written), then appends its sampled tokens; parallel samples
+     fork from their prompt, beams fork and free through the block manager;
+     stop conditions are checked on token ids and on detokenized text;
+     finished sequences give their blocks back.
+
+A step is all or nothing. If anything raises before a group's update is
+done (an error on the device, a bug, an interrupt), ``_recover`` undoes the
+step for every group it concerns: recompute preemption, which keeps the
+tokens the host holds and frees every block, so nothing the step recorded
+stays visible. An interrupt (KeyboardInterrupt) then propagates and the
+groups resume on a later step; any other exception fails exactly those
+groups, each with an error output, and ``step`` returns normally. A group
+caught half-way through its own update is failed either way. A real Ctrl-C
+is held (``InterruptGuard``) until the step's host state is whole, except
+while the host waits for the device. If the KV pool itself was lost (its
+donated buffers consumed by a failed call), it is allocated again and every
+group that had blocks on the device is recomputed.
 
 Async scheduling (``EngineConfig.async_scheduling``, on by default) overlaps
 the host with the device: a step that needs no host decision before the next
@@ -21,28 +36,35 @@ reads those tokens on the device, and only then does the host wait for the
 first step's results and update (3). A sequence that stopped in the first
 step computed one extra token in the second, which is dropped. Before
 scheduling, the in-flight step is finished first whenever the next schedule
-could preempt (too few free blocks for every running sequence's next slot),
-so preemption and swapping only ever see known tokens.
+could preempt (too few free blocks for every running sequence's next slot)
+or a sequence reached max_model_len with it, so preemption and swapping
+only ever see known tokens.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
+import math
 import time
 
 import numpy as np
 
+from jpaged import inputs
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import Detokenizer
+from jpaged.interrupts import InterruptGuard
 from jpaged.model_runner import MAX_LOGPROBS, ModelRunner, PendingStep, SeqInput
 from jpaged.sampler import MAX_BANNED, derive_seed
 from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jpaged.sampling_params import SamplingParams, SamplingType
 from jpaged.block_manager import BlockSpaceManager
-from jpaged.scheduler import Scheduler
+from jpaged.scheduler import ScheduledSequenceGroup, Scheduler, SchedulerOutput
 from jpaged.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceGroup, SequenceStatus
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # KV pool size on a device that reports no memory
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -57,15 +79,23 @@ class _SeqState:
 class _InFlight:
     """A dispatched step and what its update needs.
 
+    scheduled: the step's groups, in order; the first ``num_committed`` of
+      them have been updated with its results.
+    group_rows: per scheduled group, its sampler rows as
+      (seq, sample index j, seed, row).
     rows: seq_id -> sampler row, for the sequences holding a placeholder
-    that the next step reads on the device (run-ahead steps only).
+      that the next step reads on the device (run-ahead steps only).
+    ends_a_sequence: a sequence reaches max_model_len with this step's
+      token, so no step may run ahead of it (there is no slot past the end).
     """
-    groups: list
-    owners: list
+    scheduled: list[ScheduledSequenceGroup]
+    group_rows: list[list]
     spans: dict
     step: PendingStep
     ahead: bool
     rows: dict = dataclasses.field(default_factory=dict)
+    num_committed: int = 0
+    ends_a_sequence: bool = False
 
 
 class LLMEngine:
@@ -109,20 +139,30 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self._seq_ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
+        self._requests: dict[str, SequenceGroup] = {}  # every request not yet handed back
+        self._outputs: list[RequestOutput] = []        # finished, not yet returned by step()
         self._states: dict[int, _SeqState] = {}
         self._finished_beams: dict[str, list[Sequence]] = {}
+        # The step in progress, for _recover: its schedule, the step just
+        # dispatched from it, the previous step whose results are awaited,
+        # and the group being updated.
         self._inflight: _InFlight | None = None
+        self._launched: _InFlight | None = None
+        self._scheduled: SchedulerOutput | None = None
+        self._updating: SequenceGroup | None = None
+        self._in_schedule = False
+        self._guard = InterruptGuard()
         self._wait = 0.0  # seconds of the current step spent waiting for the device
         # host_seconds: step time the host spent working; device_seconds:
         # time it waited for device results (with async scheduling the device
         # also runs while the host works); dispatch_seconds: the part of
         # host_seconds spent in runner.dispatch (input arrays and the jitted
         # call). num_steps_ahead: steps dispatched before the previous step's
-        # results were on the host.
+        # results were on the host. num_failed_steps: steps undone by _recover.
         self.stats = dict(num_steps=0, num_steps_ahead=0, num_prefill_tokens=0,
                           num_cached_prompt_tokens=0, num_generated_tokens=0,
                           peak_blocks_used=0, host_seconds=0.0, device_seconds=0.0,
-                          dispatch_seconds=0.0)
+                          dispatch_seconds=0.0, num_failed_steps=0)
         if warm_up:
             self.runner.warm_up(progress=progress)
 
@@ -132,80 +172,133 @@ class LLMEngine:
                     prompt_token_ids: list[int] | None = None,
                     arrival_time: float | None = None) -> None:
         """Queues one request. Raises ValueError for a malformed request that
-        cannot even be queued; a prompt too long for the model is queued and
-        comes back as a RequestOutput with `error` set."""
+        cannot even be queued (nothing is queued then); a prompt too long
+        for the model is queued and comes back as a RequestOutput with
+        `error` set. request_id: a str, unique among the engine's unfinished
+        requests (and their outputs not yet returned)."""
         prompt_token_ids = self.prepare_request(request_id, prompt, sampling_params,
                                                 prompt_token_ids)
         seq = Sequence(next(self._seq_ids), prompt, prompt_token_ids, self.config.block_size)
         seed = sampling_params.seed
         if seed is None:
             seed = int(self._rng.integers(0, 1 << 31))
-        self._states[seq.seq_id] = _SeqState(seed, self._new_detok(prompt_token_ids))
         group = SequenceGroup(request_id, [seq], sampling_params,
                               arrival_time if arrival_time is not None else time.monotonic())
+        self._states[seq.seq_id] = _SeqState(seed, self._new_detok(prompt_token_ids))
+        self._requests[request_id] = group
         self.scheduler.add_seq_group(group)
 
     def prepare_request(self, request_id, prompt, sampling_params,
                         prompt_token_ids=None) -> list[int]:
-        """Checks a request and tokenizes its prompt; ValueError if malformed."""
+        """Checks a request and tokenizes its prompt; ValueError if malformed.
+
+        Returns the prompt's token ids (Python ints)."""
+        inputs.check_request_id(request_id)
+        if self.has_request(request_id):
+            raise ValueError(f"request {request_id!r} is already in the engine: request ids "
+                             "must be unique among unfinished requests")
+        name = f"request {request_id!r}"
         if not isinstance(sampling_params, SamplingParams):
-            raise ValueError(f"request {request_id!r}: sampling_params must be a "
-                             f"SamplingParams, got {type(sampling_params).__name__}")
+            raise ValueError(f"{name}: sampling_params must be a SamplingParams, got "
+                             f"{type(sampling_params).__name__}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f"{name}: prompt must be a string or None (token ids go in "
+                             f"prompt_token_ids), got {type(prompt).__name__}")
+        vocab = self.model.config.vocab_size
         if prompt_token_ids is None:
             if prompt is None:
-                raise ValueError(f"request {request_id!r} needs a prompt or prompt_token_ids")
+                raise ValueError(f"{name} needs a prompt or prompt_token_ids")
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
+                raise ValueError(f"{name}: this model has no tokenizer, pass prompt_token_ids")
             prompt_token_ids = self.tokenizer.encode(prompt)
-        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        prompt_token_ids = inputs.token_ids(prompt_token_ids, f"{name}: prompt_token_ids", vocab)
         if not prompt_token_ids:
-            raise ValueError(f"request {request_id!r}: the prompt is empty")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"request {request_id!r}: token ids {bad[:5]} are outside "
-                             f"the vocabulary [0, {vocab})")
-        if sampling_params.use_beam_search and sampling_params.actual_best_of * 2 > MAX_LOGPROBS:
-            raise ValueError(f"beam width {sampling_params.actual_best_of} is too large: "
+            raise ValueError(f"{name}: the prompt is empty")
+        sp = sampling_params
+        inputs.token_ids(sp.stop_token_ids, f"{name}: stop_token_ids", vocab)
+        if sp.use_beam_search and sp.actual_best_of * 2 > MAX_LOGPROBS:
+            raise ValueError(f"{name}: beam width {sp.actual_best_of} is too large: "
                              f"at most {MAX_LOGPROBS // 2}")
-        if (sampling_params.logprobs or 0) > MAX_LOGPROBS:
-            raise ValueError(f"logprobs={sampling_params.logprobs}: at most {MAX_LOGPROBS}")
-        if (sampling_params.prompt_logprobs or 0) > MAX_LOGPROBS:
-            raise ValueError(f"prompt_logprobs={sampling_params.prompt_logprobs}: "
+        if (sp.logprobs or 0) > MAX_LOGPROBS:
+            raise ValueError(f"{name}: logprobs={sp.logprobs}, at most {MAX_LOGPROBS}")
+        if (sp.prompt_logprobs or 0) > MAX_LOGPROBS:
+            raise ValueError(f"{name}: prompt_logprobs={sp.prompt_logprobs}, "
                              f"at most {MAX_LOGPROBS}")
-        if sampling_params.min_tokens and len(sampling_params.stop_token_ids) + 1 > MAX_BANNED:
-            raise ValueError(f"with min_tokens, at most {MAX_BANNED - 1} stop_token_ids")
+        if sp.min_tokens and len(sp.stop_token_ids) + 1 > MAX_BANNED:
+            raise ValueError(f"{name}: with min_tokens, at most {MAX_BANNED - 1} stop_token_ids")
         return prompt_token_ids
 
-    def abort_request(self, request_id: str) -> None:
-        """Drops a queued or running request; its blocks are freed."""
-        sched = self.scheduler
-        for g in sched.waiting + sched.running + sched.swapped:
-            if g.request_id == request_id:
-                for s in g.get_seqs():
-                    self._states.pop(s.seq_id, None)
-        self._finished_beams.pop(request_id, None)
-        sched.abort_seq_group(request_id)
-        if self._inflight is not None and not self.has_unfinished_requests():
-            self._finish_inflight()  # nothing left reads it
+    def abort_request(self, request_id) -> None:
+        """Drops one request id (or an iterable of ids), queued, running or
+        finished but not yet returned; its blocks are freed and no output
+        comes back for it. Unknown ids are ignored."""
+        ids = {request_id} if isinstance(request_id, str) else set(request_id)
+        self._outputs = [o for o in self._outputs if o.request_id not in ids]
+        for rid in ids:
+            group = self._requests.pop(rid, None)
+            if group is None:
+                continue
+            self._forget(group)
+            self.scheduler.abort_seq_group(rid)
+            for seq in group.get_seqs():  # also a group no queue holds
+                self.block_manager.free(seq)
+                if not seq.is_finished():
+                    seq.status = SequenceStatus.FINISHED_ABORTED
+        inflight = self._inflight
+        if inflight is not None and all(s.seq_group.is_finished() for s in inflight.scheduled):
+            self._inflight = None  # nothing left reads its results
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the id names a request not yet handed back by step()."""
+        return request_id in self._requests or any(
+            o.request_id == request_id for o in self._outputs)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_seqs()
+        """Whether step() has more to do or to return."""
+        return bool(self._outputs) or self.scheduler.has_unfinished_seqs()
+
+    def keep_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Hands finished outputs back: the next step() returns them again
+        (LLM.generate does this with the requests of other callers)."""
+        self._outputs.extend(outputs)
 
     # ------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """Runs one schedule -> execute -> update round; returns the
-        requests that finished in it (rejected ones included). With async
-        scheduling the update is that of the previous step, run while this
-        one is on the device."""
+        requests that finished in it (rejected and failed ones included,
+        with `error` set). With async scheduling the update is that of the
+        previous step, run while this one is on the device. A step that
+        fails is undone (module docstring): an exception fails the requests
+        it concerns, a KeyboardInterrupt propagates after the rollback. A
+        Ctrl-C held during host work is raised once the step is whole: at
+        its end, or, when it has outputs to return, at the start of the
+        next call (so no finished output is lost to it)."""
+        self._guard.raise_pending()  # held at the end of the last step (nothing to undo)
         t0 = time.perf_counter()
         self._wait = 0.0
-        finished = []
-        if self._inflight is not None and (not self.scheduler.can_decode_without_preemption()
-                                           or self._all_running_end_now()):
-            finished += self._finish_inflight()
-        out = self.scheduler.schedule()
-        finished += [self._rejected_output(g, reason) for g, reason in out.ignored_seq_groups]
+        try:
+            with self._guard:
+                self._step()
+        except BaseException as exc:
+            self._recover(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self.stats["host_seconds"] += time.perf_counter() - t0 - self._wait
+            self.stats["device_seconds"] += self._wait
+        outputs, self._outputs = self._outputs, []
+        if not outputs:  # a held Ctrl-C acts now; with outputs, at the next step's start
+            self._guard.raise_pending()
+        return outputs
+
+    def _step(self) -> None:
+        if self._inflight is not None and self._must_finish_inflight():
+            self._finish_inflight()
+        self._in_schedule = True
+        out = self._scheduled = self.scheduler.schedule()
+        self._in_schedule = False
+        for g, reason in out.ignored_seq_groups:
+            self._emit(self._error_output(g, reason))
         if out.blocks_to_swap_out:
             self.runner.swap_out(out.blocks_to_swap_out)
         if out.blocks_to_swap_in:
@@ -214,42 +307,48 @@ class LLMEngine:
             self.runner.copy_blocks(out.blocks_to_copy)
         launched = None
         if out.scheduled_seq_groups:
-            # NOTE: schedule() already counted the step's tokens as computed
-            # (num_computed_tokens, prefix-cache blocks): it always runs.
-            groups = [s.seq_group for s in out.scheduled_seq_groups]
-            seq_inputs, rows, owners, spans = self._build_inputs(
+            seq_inputs, rows, group_rows, spans = self._build_inputs(
                 out.scheduled_seq_groups, out.is_prefill)
             prev = self._inflight.step if self._inflight is not None else None
             t = time.perf_counter()
             step = self.runner.dispatch(seq_inputs, rows, out.is_prefill, prev)
             self.stats["dispatch_seconds"] += time.perf_counter() - t
-            launched = _InFlight(groups, owners, spans, step,
-                                 ahead=self._may_run_ahead(groups, out.is_prefill, step))
+            groups = [s.seq_group for s in out.scheduled_seq_groups]
+            launched = self._launched = _InFlight(
+                out.scheduled_seq_groups, group_rows, spans, step,
+                ahead=self._may_run_ahead(groups, out.is_prefill, step))
             self.stats["num_steps"] += 1
             self.stats["num_steps_ahead"] += prev is not None
         if self._inflight is not None:  # the previous step, while this one runs
-            finished += self._finish_inflight()
+            self._finish_inflight()
         if launched is not None:
-            self._inflight = launched
             if launched.ahead:
-                for i, (g, seq, _, _) in enumerate(launched.owners):
-                    if seq.status == SequenceStatus.RUNNING:
-                        seq.append_token_id(PLACEHOLDER_TOKEN_ID, 0.0)
-                        launched.rows[seq.seq_id] = i
+                limit = self.config.max_model_len
+                i = 0
+                for entries in launched.group_rows:
+                    for seq, _, _, _ in entries:
+                        if seq.status == SequenceStatus.RUNNING:
+                            seq.append_token_id(PLACEHOLDER_TOKEN_ID, 0.0)
+                            launched.rows[seq.seq_id] = i
+                            launched.ends_a_sequence |= seq.get_len() >= limit
+                        i += 1
+            self._inflight, self._launched = launched, None
             if not launched.ahead:
-                finished += self._finish_inflight()
+                self._finish_inflight()
+        self._scheduled = None
         self.scheduler.free_finished_seq_groups()
         if self._inflight is not None and not self.scheduler.has_unfinished_seqs():
-            finished += self._finish_inflight()  # only stopped sequences: leave the engine idle
+            self._finish_inflight()  # only stopped sequences: leave the engine idle
         used = self.runner.num_gpu_blocks - 1 - self.block_manager.get_num_free_gpu_blocks()
         self.stats["peak_blocks_used"] = max(self.stats["peak_blocks_used"], used)
-        self.stats["host_seconds"] += time.perf_counter() - t0 - self._wait
-        self.stats["device_seconds"] += self._wait
-        return finished
 
-    def _all_running_end_now(self) -> bool:
-        """Whether every running sequence ends with the in-flight step's token
-        (max_tokens or max_model_len): a step run ahead would be all waste."""
+    def _must_finish_inflight(self) -> bool:
+        """Whether the in-flight step's results are needed before the next
+        schedule: it could preempt, a sequence has no slot left past the
+        in-flight token, or every running sequence ends with that token (a
+        step run ahead would be all waste)."""
+        if self._inflight.ends_a_sequence or not self.scheduler.can_decode_without_preemption():
+            return True
         limit = self.config.max_model_len
         for g in self.scheduler.running:
             max_tokens = g.sampling_params.max_tokens
@@ -273,27 +372,120 @@ class LLMEngine:
                 return False
         return True
 
-    def _finish_inflight(self) -> list[RequestOutput]:
-        """Waits for the in-flight step's results and applies them."""
-        inflight, self._inflight = self._inflight, None
+    def _finish_inflight(self) -> None:
+        """Waits for the in-flight step's results and commits them, one
+        group at a time (each group's update is its own unit for _recover)."""
+        inflight = self._inflight
         t = time.perf_counter()
-        result = self.runner.fetch(inflight.step)
+        with self._guard.allowed():
+            result = self.runner.fetch(inflight.step)
         self._wait += time.perf_counter() - t
-        # A group that finished (stopped one step earlier, or was aborted)
-        # since this step was dispatched takes no part.
-        groups = [g for g in inflight.groups if not g.is_finished()]
-        self._update(groups, inflight.owners, result)
-        if result.prompt_logprobs is not None:
-            self._record_prompt_logprobs(groups, inflight.spans, result)
-        return [self._final_output(g) for g in groups if g.is_finished()]
+        for i in range(inflight.num_committed, len(inflight.scheduled)):
+            scheduled = inflight.scheduled[i]
+            g = scheduled.seq_group
+            # A group that finished (stopped one step earlier, or was aborted)
+            # since this step was dispatched takes no part.
+            if not g.is_finished():
+                self._updating = g
+                self.scheduler.mark_computed(scheduled)
+                self._update(g, inflight.group_rows[i], result)
+                if result.prompt_logprobs is not None:
+                    self._record_prompt_logprobs(g, inflight.spans, result)
+                if g.is_finished():
+                    self._emit(self._final_output(g))
+                self._updating = None
+            inflight.num_committed = i + 1
+        self._inflight = None
+
+    # ------------------------------------------------------------ failures
+    def _recover(self, exc: BaseException) -> None:
+        """Undoes the failed step (module docstring): every group it
+        concerns is rolled back, or failed with an error output when `exc`
+        is an Exception; the group caught mid-update is failed."""
+        self.stats["num_failed_steps"] += 1
+        touched: dict[int, SequenceGroup] = {}
+        for step in (self._inflight, self._launched):
+            if step is not None:
+                for s in step.scheduled[step.num_committed:]:
+                    touched[id(s.seq_group)] = s.seq_group
+        if self._scheduled is not None:
+            for g in [s.seq_group for s in self._scheduled.scheduled_seq_groups] + \
+                    self._scheduled.swapped_out:
+                touched[id(g)] = g
+        lost = list(self._requests.values())
+        if self._in_schedule:
+            # The scheduler stopped half-way: only a group still waiting
+            # with no blocks is sure to be untouched.
+            waiting = {id(g) for g in self.scheduler.waiting}
+            touched.update((id(g), g) for g in lost if id(g) not in waiting or any(
+                self.block_manager.has_block_table(s) for s in g.get_seqs()))
+            lost = []
+        elif self.runner.kv_pool_is_valid():
+            lost = []
+        else:  # the pool's buffers went with a failed call: start a new one
+            self.runner.reset_kv_pool()
+            self.block_manager.reset_prefix_cache()
+            lost = [g for g in lost if any(self.block_manager.has_gpu_block_table(s)
+                                           for s in g.get_seqs())]
+        mid = self._updating
+        self._inflight = self._launched = self._scheduled = self._updating = None
+        in_schedule, self._in_schedule = self._in_schedule, False
+        fail = isinstance(exc, Exception)
+        reason = f"the engine step failed ({type(exc).__name__}: {exc})"
+        if fail:
+            logger.error("jpaged: %s; failing its requests", reason, exc_info=exc)
+        for g in {**touched, **{id(g): g for g in lost}}.values():
+            if g.request_id not in self._requests:  # handed back already
+                continue
+            if g.is_finished() and g is not mid:
+                if not any(s.status == SequenceStatus.FINISHED_IGNORED for s in g.get_seqs()):
+                    self._emit(self._final_output(g))
+                    continue
+                for seq in g.get_seqs():  # rejected by the lost schedule: decided again
+                    if seq.status == SequenceStatus.FINISHED_IGNORED:
+                        seq.status = SequenceStatus.WAITING
+            for seq in g.get_seqs():
+                seq.drop_placeholder()
+            if g is mid:
+                self._fail(g, f"{reason}, while the step's results were applied to it")
+            elif fail and id(g) in touched:
+                self._fail(g, reason)
+            else:
+                self.scheduler.roll_back(g)
+        if in_schedule:
+            self.block_manager.reset()
+
+    def _fail(self, g: SequenceGroup, reason: str) -> None:
+        """Ends a group with an error output; its blocks are freed."""
+        self.scheduler.abort_seq_group(g.request_id)
+        for seq in g.get_seqs():
+            self.block_manager.free(seq)
+            if not seq.is_finished():
+                seq.status = SequenceStatus.FINISHED_ABORTED
+        g.finished_time = time.monotonic()
+        self._emit(self._error_output(g, reason))
+
+    def _emit(self, output: RequestOutput) -> None:
+        """Queues a finished request's output for step() to return."""
+        group = self._requests.pop(output.request_id, None)
+        if group is not None:
+            self._forget(group)
+        self._outputs.append(output)
+
+    def _forget(self, group: SequenceGroup) -> None:
+        for s in group.get_seqs():
+            self._states.pop(s.seq_id, None)
+        self._finished_beams.pop(group.request_id, None)
 
     # ------------------------------------------------------------ helpers
     def _build_inputs(self, scheduled, is_prefill):
-        seq_inputs, rows, owners = [], [], []
+        seq_inputs, rows, group_rows = [], [], []
         spans, num_tokens = {}, 0  # seq_id -> (first token row, count)
         for sched in scheduled:
             g = sched.seq_group
             sp = g.sampling_params
+            entries = []
+            group_rows.append(entries)
             for seq in g.get_seqs(status=SequenceStatus.RUNNING):
                 table = self.block_manager.get_block_table(seq)
                 prev_row = -1
@@ -320,29 +512,28 @@ class LLMEngine:
                 state = self._states[seq.seq_id]
                 for j in range(n):
                     seed = state.seed if j == 0 else derive_seed(state.seed, j)
+                    entries.append((seq, j, seed, len(rows)))
                     rows.append(self._row(seq, sp, seed))
-                    owners.append((g, seq, j, seed))
-        return seq_inputs, rows, owners, spans
+        return seq_inputs, rows, group_rows, spans
 
-    def _record_prompt_logprobs(self, groups, spans, result):
+    def _record_prompt_logprobs(self, g, spans, result):
         """vLLM's layout: None for the first prompt token, then for each
         later one {token_id: logprob} of that token and the top-k."""
-        for g in groups:
-            k = g.sampling_params.prompt_logprobs
-            seq = g.get_seqs()[0]
-            if k is None or g.prompt_logprobs is not None or seq.seq_id not in spans:
-                continue
-            t0, n = spans[seq.seq_id]
-            prompt = seq.prompt_token_ids
-            entries = [None]
-            for i in range(n - 1):
-                row = t0 + i
-                entry = {int(tid): float(lp) for tid, lp in
-                         zip(result.prompt_topk_token_ids[row][:k],
-                             result.prompt_topk_logprobs[row][:k])}
-                entry[prompt[i + 1]] = float(result.prompt_logprobs[row])
-                entries.append(entry)
-            g.prompt_logprobs = entries
+        k = g.sampling_params.prompt_logprobs
+        seq = g.get_seqs()[0]
+        if k is None or g.prompt_logprobs is not None or seq.seq_id not in spans:
+            return
+        t0, n = spans[seq.seq_id]
+        prompt = seq.prompt_token_ids
+        entries = [None]
+        for i in range(n - 1):
+            row = t0 + i
+            entry = {int(tid): float(lp) for tid, lp in
+                     zip(result.prompt_topk_token_ids[row][:k],
+                         result.prompt_topk_logprobs[row][:k])}
+            entry[prompt[i + 1]] = float(result.prompt_logprobs[row])
+            entries.append(entry)
+        g.prompt_logprobs = entries
 
     def _row(self, seq, sp, seed):
         greedy = sp.sampling_type in (SamplingType.GREEDY, SamplingType.BEAM)
@@ -360,36 +551,33 @@ class LLMEngine:
                     output_token_ids=seq.output_token_ids,
                     prompt_token_ids=seq.prompt_token_ids)
 
-    def _update(self, groups, owners, result):
-        by_group: dict[str, list] = {}
-        for i, (g, seq, j, seed) in enumerate(owners):
-            if seq.status == SequenceStatus.RUNNING:  # not stopped since the step began
-                by_group.setdefault(g.request_id, []).append((seq, j, seed, i))
-        for g in groups:
-            entries = by_group.get(g.request_id, [])
-            if g.first_token_time is None:
-                g.first_token_time = time.monotonic()
-            if g.sampling_params.sampling_type == SamplingType.BEAM:
-                self._beam_step(g, [(seq, result.topk_token_ids[i], result.topk_logprobs[i])
-                                    for seq, _, _, i in entries])
-                continue
-            # Parallel samples fork from the prompt before anyone appends.
-            targets = []
-            for seq, j, seed, i in entries:
-                target = seq
-                if j > 0:
-                    target = seq.fork(next(self._seq_ids))
-                    self._fork(g, seq, target, seed)
-                targets.append((target, i))
-            sp = g.sampling_params
-            for target, i in targets:
-                self._append(target, sp, int(result.token_ids[i]), float(result.logprobs[i]),
-                             result.topk_token_ids[i], result.topk_logprobs[i])
-            for seq in g.get_seqs(status=SequenceStatus.RUNNING):
-                if self._check_stop(seq, g.sampling_params):
-                    self.scheduler.free_seq(seq)
-            if g.is_finished():
-                g.finished_time = time.monotonic()
+    def _update(self, g, entries, result):
+        """Applies one group's sampled tokens: entries are its sampler rows
+        (seq, sample index, seed, row) of the step."""
+        entries = [e for e in entries if e[0].status == SequenceStatus.RUNNING]  # not stopped since
+        if g.first_token_time is None:
+            g.first_token_time = time.monotonic()
+        if g.sampling_params.sampling_type == SamplingType.BEAM:
+            self._beam_step(g, [(seq, result.topk_token_ids[i], result.topk_logprobs[i])
+                                for seq, _, _, i in entries])
+            return
+        # Parallel samples fork from the prompt before anyone appends.
+        targets = []
+        for seq, j, seed, i in entries:
+            target = seq
+            if j > 0:
+                target = seq.fork(next(self._seq_ids))
+                self._fork(g, seq, target, seed)
+            targets.append((target, i))
+        sp = g.sampling_params
+        for target, i in targets:
+            self._append(target, sp, int(result.token_ids[i]), float(result.logprobs[i]),
+                         result.topk_token_ids[i], result.topk_logprobs[i])
+        for seq in g.get_seqs(status=SequenceStatus.RUNNING):
+            if self._check_stop(seq, sp):
+                self.scheduler.free_seq(seq)
+        if g.is_finished():
+            g.finished_time = time.monotonic()
 
     def _fork(self, g, parent, child, seed):
         self.scheduler.fork_seq(parent, child)
@@ -441,7 +629,7 @@ class LLMEngine:
     # ------------------------------------------------------------ beam search
     def _beam_score(self, seq, sp) -> float:
         length = max(1, seq.get_output_len())
-        return seq.cumulative_logprob / (length ** sp.length_penalty)
+        return _length_normalized(seq.cumulative_logprob, length, sp.length_penalty)
 
     def _beam_step(self, g, parents):
         """One beam-search step over the group's running beams.
@@ -506,9 +694,10 @@ class LLMEngine:
         cum = best_parent.cumulative_logprob + lp
         if sp.early_stopping == "never" and sp.length_penalty > 0:
             max_len = (sp.max_tokens or self.config.max_model_len)
-            best_possible = cum / (max_len ** sp.length_penalty)
+            best_possible = _length_normalized(cum, max_len, sp.length_penalty)
         else:
-            best_possible = cum / (max(1, best_parent.get_output_len() + 1) ** sp.length_penalty)
+            best_possible = _length_normalized(cum, max(1, best_parent.get_output_len() + 1),
+                                               sp.length_penalty)
         worst_finished = self._beam_score(finished[-1], sp)
         return worst_finished >= best_possible
 
@@ -544,8 +733,6 @@ class LLMEngine:
             if sp.actual_best_of > sp.n:
                 seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)
             seqs = seqs[:sp.n]
-        for s in g.get_seqs():
-            self._states.pop(s.seq_id, None)
         first = g.get_seqs()[0]
         return RequestOutput(
             request_id=g.request_id, prompt=first.prompt,
@@ -553,14 +740,18 @@ class LLMEngine:
             outputs=[self._completion(i, s, sp) for i, s in enumerate(seqs)],
             finished=True, metrics=_metrics(g), error=None)
 
-    def _rejected_output(self, g, reason) -> RequestOutput:
+    def _error_output(self, g, reason) -> RequestOutput:
+        """The output of a request rejected or failed with `reason`."""
         first = g.get_seqs()[0]
-        for s in g.get_seqs():
-            self._states.pop(s.seq_id, None)
-        return RequestOutput(request_id=g.request_id, prompt=first.prompt,
-                             prompt_token_ids=list(first.prompt_token_ids),
-                             prompt_logprobs=None, outputs=[], finished=True,
-                             metrics=_metrics(g), error=reason)
+        return RequestOutput.from_error(g.request_id, first.prompt, first.prompt_token_ids,
+                                        reason, n=g.sampling_params.n, metrics=_metrics(g))
+
+
+def _length_normalized(logprob: float, length: int, length_penalty: float) -> float:
+    """logprob / length**length_penalty, without overflow for any finite
+    penalty (the exponent is clamped where the power leaves float range)."""
+    exponent = min(700.0, max(-700.0, length_penalty * math.log(length)))
+    return logprob * math.exp(-exponent)
 
 
 def _top_entries(entry, k, token):

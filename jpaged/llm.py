@@ -1,10 +1,9 @@
 """LLM: the offline batch API (tokenize, generate, detokenize)."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
-from typing import Sequence as Seq
 
+from jpaged import inputs
 from jpaged.config import EngineConfig
 from jpaged.engine import LLMEngine
 from jpaged.outputs import RequestOutput
@@ -43,36 +42,61 @@ class LLM:
         """Runs every prompt to completion.
 
         Args:
-          prompts: a string, a list of strings, or a list of token-id lists.
+          prompts: a string, or a list whose items are each a string, a list
+            of token ids, or vLLM's {"prompt": str} / {"prompt_token_ids": [...]}.
           sampling_params: one SamplingParams for all, or one per prompt.
           prompt_token_ids: token-id lists (alternative to `prompts`).
         Returns:
           RequestOutputs in input order. A request the engine cannot serve
           (e.g. a prompt longer than max_model_len) comes back with `error`
-          set and no outputs; the others are unaffected.
+          set and no tokens; the others are unaffected.
+        Raises:
+          ValueError naming the prompt if any request is malformed; nothing
+          is queued then. On any exception from the run, KeyboardInterrupt
+          included, this call's requests are aborted (their blocks freed)
+          before it propagates, so the next call starts clean.
         """
-        if prompts is None and prompt_token_ids is None:
-            raise ValueError("generate() needs prompts or prompt_token_ids")
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        vocab = self.engine.model.config.vocab_size
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("generate() needs prompts or prompt_token_ids (exactly one of them)")
         if prompts is None:
-            items = [(None, list(ids)) for ids in prompt_token_ids]
+            if isinstance(prompt_token_ids, (str, bytes)) or not hasattr(prompt_token_ids, "__iter__"):
+                raise ValueError("prompt_token_ids must be a list of token-id lists, got "
+                                 f"{type(prompt_token_ids).__name__}")
+            items = [(None, inputs.token_ids(ids, f"prompt_token_ids[{i}]", vocab))
+                     for i, ids in enumerate(prompt_token_ids)]
         else:
-            items = [(None, list(p)) if not isinstance(p, str) else (p, None) for p in prompts]
+            if isinstance(prompts, (str, dict)):
+                prompts = [prompts]
+            if not isinstance(prompts, (list, tuple)):
+                raise ValueError(f"prompts must be a string or a list of prompts, got "
+                                 f"{type(prompts).__name__}")
+            items = [inputs.split_prompt(p, f"prompt {i}", vocab) for i, p in enumerate(prompts)]
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(items)
+        elif not isinstance(sampling_params, (list, tuple)):
+            raise ValueError("sampling_params must be a SamplingParams or a list of them, got "
+                             f"{type(sampling_params).__name__}")
         if len(sampling_params) != len(items):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for "
                              f"{len(items)} prompts")
-        ids = [str(next(self._counter)) for _ in items]
+        ids = self._new_request_ids(len(items))
         # Check every request before queueing any, so a bad one leaves nothing half-run.
-        toks = [self.engine.prepare_request(rid, text, sp, t)
-                for rid, (text, t), sp in zip(ids, items, sampling_params)]
-        for rid, (text, _), t, sp in zip(ids, items, toks, sampling_params):
-            self.engine.add_request(rid, text, sp, prompt_token_ids=t)
-        return self._run(ids, use_tqdm)
+        toks = []
+        for i, (rid, (text, t), sp) in enumerate(zip(ids, items, sampling_params)):
+            try:
+                toks.append(self.engine.prepare_request(rid, text, sp, t))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        try:
+            for rid, (text, _), t, sp in zip(ids, items, toks, sampling_params):
+                self.engine.add_request(rid, text, sp, prompt_token_ids=t)
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            self.engine.abort_request(ids)
+            raise
 
     def chat(self, messages, sampling_params=None, *, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
@@ -87,13 +111,32 @@ class LLM:
                    for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def _new_request_ids(self, num: int) -> list[str]:
+        """Fresh ids, none in use by a request added to the engine directly."""
+        ids = []
+        while len(ids) < num:
+            rid = str(next(self._counter))
+            if not self.engine.has_request(rid):
+                ids.append(rid)
+        return ids
+
     def _run(self, ids, use_tqdm) -> list[RequestOutput]:
+        """Steps the engine until this call's requests are done; outputs of
+        requests added to the engine by others are kept for their owner."""
         from tqdm import tqdm
+        mine = set(ids)
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="requests", disable=not use_tqdm)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                done[out.request_id] = out
-                bar.update(1)
-        bar.close()
+        with tqdm(total=len(ids), desc="requests", disable=not use_tqdm) as bar:
+            while len(done) < len(ids):
+                others = []
+                for out in self.engine.step():
+                    if out.request_id in mine:
+                        done[out.request_id] = out
+                        bar.update(1)
+                    else:
+                        others.append(out)
+                self.engine.keep_outputs(others)
+                if len(done) < len(ids) and not self.engine.scheduler.has_unfinished_seqs():
+                    raise RuntimeError("the engine lost requests of this call: "
+                                       f"{sorted(mine - done.keys())[:5]}")
         return [done[i] for i in ids]

@@ -262,8 +262,11 @@ class ModelRunner:
         t0 = time.perf_counter()
         steps = [(True, b) for b in self.decode_buckets]
         steps += [(False, b) for b in self.prefill_buckets]
-        bar = tqdm(total=len(steps) + 1 + len(self.swap_buckets), desc="compiling buckets",
-                   disable=not progress)
+        # NOTE: the sampler compiles once per distinct row count of the steps'
+        # logits (a decode bucket's size; a prefill step has max_num_seqs rows).
+        num_row_counts = len(set(self.decode_buckets) | {self.max_num_seqs})
+        bar = tqdm(total=len(steps) + num_row_counts * len(SAMPLER_MODES) + 1
+                   + len(self.swap_buckets), desc="compiling buckets", disable=not progress)
         workers = max(1, min(len(steps), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = [pool.submit(self._run, [], decode=d, pad_to=b, compile_only=True)
@@ -274,7 +277,7 @@ class ModelRunner:
                 logits[info.shape[0]] = jax.ShapeDtypeStruct(info.shape, info.dtype,
                                                              sharding=info.sharding)
                 bar.update(1)
-            bar.total += len(logits) * len(SAMPLER_MODES)
+            assert len(logits) == num_row_counts, "the warm-up's count of sampler compiles is off"
             futures = [pool.submit(self._compile_sampler, x, m)
                        for x in logits.values() for m in SAMPLER_MODES]
             for f in concurrent.futures.as_completed(futures):
@@ -456,6 +459,25 @@ class ModelRunner:
         query_start_loc[n + 1:] = n
         logits_indices[:n] = np.arange(n)
         return n
+
+    # ------------------------------------------------------------ failures
+    def kv_pool_is_valid(self) -> bool:
+        """Whether the KV pool's buffers are intact: a jitted call that
+        consumed the donated pool and then failed (or was interrupted before
+        its result was kept) leaves them deleted or holding an error."""
+        try:
+            return not any(c.is_deleted() for c in self.kv_caches) and \
+                jax.block_until_ready(self.kv_caches) is not None
+        except Exception:  # an error the device raised into the buffers
+            return False
+
+    def reset_kv_pool(self) -> None:
+        """A fresh, zeroed KV pool of the same shape (every block's K/V lost)."""
+        for c in self.kv_caches:  # free the old buffers first: two pools may not fit
+            if not c.is_deleted():
+                c.delete()
+        self.kv_caches = self.model.init_kv_caches(self.num_gpu_blocks, self.block_size,
+                                                   dtype=self.kv_dtype)
 
     # ------------------------------------------------------------ block moves
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

@@ -123,9 +123,11 @@ class ReservationBlockManager(BlockSpaceManager):
         if not isinstance(max_model_len, int) or max_model_len < 1:
             raise ValueError(f"max_model_len must be an int >= 1, got {max_model_len!r}")
         super().__init__(block_size, num_gpu_blocks, num_cpu_blocks, watermark, False)
-        self.gpu_allocator = ContiguousBlockAllocator(block_size, num_gpu_blocks)
         self.policy = policy
         self.max_model_len = max_model_len
+
+    def _new_gpu_allocator(self, num_blocks: int) -> ContiguousBlockAllocator:
+        return ContiguousBlockAllocator(self.block_size, num_blocks)
 
     def num_reserved_blocks(self, seq: Sequence, seq_group: SequenceGroup) -> int:
         """Blocks seq's region takes: its policy's reservation, never less than it holds."""

@@ -25,10 +25,13 @@ all-decode, prefills first. One ``schedule()`` call:
    fit append their slots (copy-on-write copies go to ``blocks_to_copy``).
 4. If nothing was preempted in this step, swap groups back in, oldest
    first, while blocks and ``max_num_seqs`` allow.
-5. Every scheduled sequence's tokens are now taken as computed (the step
-   will run them; a failed step is fatal to the engine, as in vLLM):
-   ``num_computed_tokens`` advances and full blocks are registered in the
-   prefix cache.
+5. Nothing is taken as computed yet: once the step's results are back,
+   the engine calls ``mark_computed`` for each group, which advances
+   ``num_computed_tokens`` and registers the now-written full blocks in the
+   prefix cache. A step that fails or is interrupted is undone with
+   ``roll_back`` (recompute preemption: the tokens known on the host stay,
+   every block goes back), so the prefix cache never names a block whose
+   K/V were not written.
 
 The model runner executes ``blocks_to_swap_out``, then ``blocks_to_swap_in``
 (the two never occur in the same step), then ``blocks_to_copy``, then the
@@ -55,10 +58,14 @@ class ScheduledSequenceGroup:
       num_new_tokens: seq_id -> tokens that row computes: its last k tokens,
         positions ``[seq.get_len() - k, seq.get_len())`` (decode: k = 1). The
         keys are the group's RUNNING sequences, in order.
+      num_computed_tokens: seq_id -> tokens whose K/V are in the pool once
+        the step has run (``seq.get_len()`` when it was scheduled);
+        ``Scheduler.mark_computed`` applies it.
     """
     seq_group: SequenceGroup
     token_chunk_size: int
     num_new_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
+    num_computed_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -76,6 +83,8 @@ class SchedulerOutput:
       blocks_to_copy: (src_block, dst_block) device copies (copy-on-write).
       ignored_seq_groups: (group, reason) of rejected requests (FINISHED_IGNORED).
       preempted: groups preempted in this step.
+      swapped_out: the groups preempted by swapping in this step (their host
+        blocks hold valid K/V only once blocks_to_swap_out has run).
     """
     scheduled_seq_groups: list[ScheduledSequenceGroup] = dataclasses.field(default_factory=list)
     is_prefill: bool = False
@@ -85,6 +94,7 @@ class SchedulerOutput:
     blocks_to_copy: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     ignored_seq_groups: list[tuple[SequenceGroup, str]] = dataclasses.field(default_factory=list)
     preempted: int = 0
+    swapped_out: list[SequenceGroup] = dataclasses.field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.scheduled_seq_groups or self.blocks_to_swap_in
@@ -186,11 +196,39 @@ class Scheduler:
             group = scheduled.seq_group
             if group.first_scheduled_time is None:
                 group.first_scheduled_time = now
-            for seq in group.get_seqs(SequenceStatus.RUNNING):
-                seq.num_computed_tokens = seq.get_len()
-            self.block_manager.mark_blocks_as_computed(group)
+            scheduled.num_computed_tokens = {s.seq_id: s.get_len()
+                                             for s in group.get_seqs(SequenceStatus.RUNNING)}
         out.num_batched_tokens = sum(s.token_chunk_size for s in out.scheduled_seq_groups)
         return out
+
+    def mark_computed(self, scheduled: ScheduledSequenceGroup) -> None:
+        """Records that a scheduled group's step has run: its sequences'
+        ``num_computed_tokens`` advance and their full blocks enter the
+        prefix cache. Call it only once the step's results are back."""
+        group = scheduled.seq_group
+        for seq_id, n in scheduled.num_computed_tokens.items():
+            seq = group.seqs_dict.get(seq_id)
+            if seq is not None and seq.status == SequenceStatus.RUNNING:
+                seq.num_computed_tokens = max(seq.num_computed_tokens, n)
+        self.block_manager.mark_blocks_as_computed(group)
+
+    def roll_back(self, group: SequenceGroup) -> None:
+        """Undoes whatever a failed step did to an unfinished group: its
+        blocks are freed (device and host), its unfinished sequences wait
+        for a recompute of every token they hold, and it rejoins
+        ``waiting`` at its arrival rank. The caller drops tokens the host
+        never received (placeholders) first."""
+        for queue in (self.running, self.swapped, self.waiting):
+            if group in queue:
+                queue.remove(group)
+        for seq in group.get_seqs():
+            self.block_manager.free(seq)
+            if not seq.is_finished():
+                seq.status = SequenceStatus.WAITING
+                seq.num_computed_tokens = 0
+        if group.request_id not in self._order:  # lost mid-schedule: it goes last
+            self._order[group.request_id] = next(self._counter)
+        bisect.insort(self.waiting, group, key=self._key)
 
     def _schedule_prefills(self, out: SchedulerOutput) -> None:
         cfg, bm = self.config, self.block_manager
@@ -312,6 +350,7 @@ class Scheduler:
             for seq in group.get_seqs(SequenceStatus.RUNNING):
                 seq.status = SequenceStatus.SWAPPED
             self.swapped.append(group)
+            out.swapped_out.append(group)
             self.num_swaps_out += 1
         else:
             for seq in group.get_seqs(SequenceStatus.RUNNING):

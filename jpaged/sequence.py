@@ -105,6 +105,12 @@ class Sequence:
         self.output_logprobs[-1] = logprobs_entry
         self.cumulative_logprob += logprob
 
+    def drop_placeholder(self) -> None:
+        """Removes a trailing placeholder (its step was undone)."""
+        if self.ends_with_placeholder():
+            self.output_token_ids.pop()
+            self.output_logprobs.pop()
+
     def ends_with_placeholder(self) -> bool:
         """Whether the last token is still on the device (set_last_token_id fills it)."""
         return bool(self.output_token_ids) and self.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID

@@ -203,7 +203,8 @@ def test_bad_requests_get_errors_and_others_finish(llama):
     too_long = list(range(3, 3 + 70))  # max_model_len is 64
     outs = llm.generate(prompt_token_ids=[good[0], too_long, good[1]],
                         sampling_params=GREEDY, use_tqdm=False)
-    assert outs[1].error is not None and "64" in outs[1].error and not outs[1].outputs
+    assert outs[1].error is not None and "64" in outs[1].error
+    assert [(c.token_ids, c.finish_reason) for c in outs[1].outputs] == [([], "abort")]
     assert [o.outputs[0].token_ids for o in (outs[0], outs[2])] == \
         [dense_greedy(llama, p, 8) for p in good]
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -3,7 +3,8 @@ import subprocess
 import sys
 
 HOST_MODULES = ["jpaged", "jpaged.config", "jpaged.sampling_params", "jpaged.sequence",
-                "jpaged.block_allocator", "jpaged.block_manager", "jpaged.scheduler"]
+                "jpaged.block_allocator", "jpaged.block_manager", "jpaged.scheduler",
+                "jpaged.inputs", "jpaged.interrupts"]
 
 
 def test_host_core_imports_without_jax():

@@ -33,6 +33,7 @@ class Harness:
         out = self.sched.schedule()
         self.bm.check_invariants()
         for sg in out.scheduled_seq_groups:
+            self.sched.mark_computed(sg)  # the step ran
             g = sg.seq_group
             running = g.get_seqs(S.RUNNING)
             if out.is_prefill and g.num_seqs() < g.sampling_params.actual_best_of:

@@ -5,6 +5,10 @@ finishes and aborts sequences at random, over pools small enough to force
 preemption. A fake KV pool stores, in every slot, a hash of the prefix whose
 K/V the slot holds; the simulation executes swaps and copies as a model
 runner would and checks that every sequence reads exactly its own prefix.
+Some steps fail at a random point (before the block moves, before the K/V
+writes, or before the update) and are rolled back as the engine does; a
+rolled-back step must leave no prefix-cache entry for a block it did not
+write, and every request must still finish.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ class SimConfig:
     seed: int
     stop_prob: float = 0.1
     abort_prob: float = 0.02
+    fail_prob: float = 0.0
 
 
 def prefix_hashes(token_ids):
@@ -104,6 +109,16 @@ def check_tables(sched, bm):
         assert free.isdisjoint(counts)
         assert len(free) + len(counts) == alloc.num_usable_blocks
     assert 0 not in gpu_counts
+
+
+def roll_back(sched, out):
+    """The engine's undo of a failed step: every group the step scheduled or
+    swapped out is recomputed from the tokens it holds."""
+    for g in [sg.seq_group for sg in out.scheduled_seq_groups] + out.swapped_out:
+        if not g.is_finished():
+            sched.roll_back(g)
+            assert all(s.is_finished() or s.status == SequenceStatus.WAITING
+                       for s in g.get_seqs())
 
 
 def run_sim(cfg: SimConfig) -> dict:
@@ -173,6 +188,11 @@ def run_sim(cfg: SimConfig) -> dict:
         else:
             assert sum(len(sg.num_new_tokens) for sg in out.scheduled_seq_groups) <= cfg.max_num_seqs
 
+        # A failed step: undone at one of three points, as the engine's _recover does.
+        fail_at = rng.randrange(3) if rng.random() < cfg.fail_prob else None
+        if fail_at == 0:
+            roll_back(sched, out)
+            continue
         # The model runner: block operations, then the context must already be
         # in the pool, then the new tokens' K/V are written.
         pool.run_block_ops(out)
@@ -186,7 +206,7 @@ def run_sim(cfg: SimConfig) -> dict:
                 k = sg.num_new_tokens[seq.seq_id]
                 n = seq.get_len()
                 assert 1 <= k <= n and (out.is_prefill or k == 1)
-                assert seq.num_computed_tokens == n
+                assert seq.num_computed_tokens == n - k and sg.num_computed_tokens[seq.seq_id] == n
                 table = bm.get_block_table(seq)
                 assert len(table) == math.ceil(n / bs) and 0 not in table
                 ph = prefix_hashes(seq.get_token_ids())
@@ -194,6 +214,9 @@ def run_sim(cfg: SimConfig) -> dict:
                     assert pool.gpu[table[p // bs]][p % bs] == ph[p], "read a stale or foreign slot"
                 stats["cached_tokens"] += (n - k) if out.is_prefill else 0
                 rows.append((seq, table, ph, k))
+        if fail_at == 1:
+            roll_back(sched, out)
+            continue
         for seq, table, ph, k in rows:
             n = len(ph)
             for p in range(n - k, n):
@@ -202,9 +225,16 @@ def run_sim(cfg: SimConfig) -> dict:
             for p in range(len(ph)):
                 assert pool.gpu[table[p // bs]][p % bs] == ph[p], "two sequences wrote one slot"
 
-        # The engine's update: sample, fork, finish.
+        if fail_at == 2:
+            roll_back(sched, out)
+            continue
+        stats["steps_done"] += 1
+        # The engine's update: the step's tokens are computed, then sample, fork, finish.
         for sg in out.scheduled_seq_groups:
+            sched.mark_computed(sg)
             group = sg.seq_group
+            assert all(seq.num_computed_tokens == sg.num_computed_tokens[seq.seq_id]
+                       for seq in group.get_seqs(SequenceStatus.RUNNING))
             params = group.sampling_params
             running = group.get_seqs(SequenceStatus.RUNNING)
             if params.use_beam_search:
@@ -294,6 +324,7 @@ sim_st = st.builds(
     max_num_seqs=st.integers(MAX_BEST_OF, 12),
     seed=st.integers(0, 2**16),
     stop_prob=st.sampled_from([0.0, 0.02, 0.1]),
+    fail_prob=st.sampled_from([0.0, 0.0, 0.15]),
 )
 
 
@@ -324,6 +355,20 @@ def test_tiny_pool_forces_preemption(mode, prefix_caching):
         assert totals["swaps_out"] > 0 and totals["swaps_in"] == totals["swaps_out"]
     else:  # the paper's default: both kinds happen on this mixed workload
         assert totals["recomputes"] > 0 and totals["swaps_out"] > 0
+    if prefix_caching:
+        assert totals["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_failed_steps_roll_back_cleanly(prefix_caching):
+    """A third of the steps fail: every request still ends, the reads stay
+    exact (no cache hit on an unwritten block), the pools end empty."""
+    totals = collections.Counter()
+    for seed in range(3):
+        cfg = _busy(None, prefix_caching, seed)
+        cfg.fail_prob = 0.3
+        totals.update(run_sim(cfg))
+    assert totals["steps_done"] > 0 and totals["forks"] > 0
     if prefix_caching:
         assert totals["cached_tokens"] > 0
 
