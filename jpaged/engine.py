@@ -57,7 +57,7 @@ from jpaged.interrupts import InterruptGuard
 from jpaged.model_runner import MAX_LOGPROBS, ModelRunner, PendingStep, SeqInput
 from jpaged.sampler import MAX_BANNED, derive_seed
 from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from jpaged.sampling_params import SamplingParams, SamplingType
+from jpaged.sampling_params import RequestOutputKind, SamplingParams, SamplingType
 from jpaged.block_manager import BlockSpaceManager
 from jpaged.scheduler import ScheduledSequenceGroup, Scheduler, SchedulerOutput
 from jpaged.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceGroup, SequenceStatus
@@ -69,10 +69,13 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class _SeqState:
-    """Engine-side state of one sequence: its sampling seed and its
-    incremental detokenizer state (None without a tokenizer)."""
+    """Engine-side state of one sequence: its sampling seed, its incremental
+    detokenizer state (None without a tokenizer), and for streamed requests
+    how many of its tokens and characters went out already."""
     seed: int
     detok: object
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
 
 
 @dataclasses.dataclass
@@ -135,7 +138,7 @@ class LLMEngine:
             watermark=config.watermark,
             enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(sched_config, self.block_manager)
-        self.eos_token_id = _eos_id(model)
+        self.eos_token_ids = _eos_ids(model)  # every id that ends a sequence (Llama 3: several)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self._seq_ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
@@ -184,7 +187,8 @@ class LLMEngine:
             seed = int(self._rng.integers(0, 1 << 31))
         group = SequenceGroup(request_id, [seq], sampling_params,
                               arrival_time if arrival_time is not None else time.monotonic())
-        self._states[seq.seq_id] = _SeqState(seed, self._new_detok(prompt_token_ids))
+        self._states[seq.seq_id] = _SeqState(seed, self._new_detok(prompt_token_ids,
+                                                                   sampling_params))
         self._requests[request_id] = group
         self.scheduler.add_seq_group(group)
 
@@ -224,8 +228,10 @@ class LLMEngine:
         if (sp.prompt_logprobs or 0) > MAX_LOGPROBS:
             raise ValueError(f"{name}: prompt_logprobs={sp.prompt_logprobs}, "
                              f"at most {MAX_LOGPROBS}")
-        if sp.min_tokens and len(sp.stop_token_ids) + 1 > MAX_BANNED:
-            raise ValueError(f"{name}: with min_tokens, at most {MAX_BANNED - 1} stop_token_ids")
+        num_eos = len(self.eos_token_ids)
+        if sp.min_tokens and len(sp.stop_token_ids) + num_eos > MAX_BANNED:
+            raise ValueError(f"{name}: with min_tokens, at most {MAX_BANNED - num_eos} "
+                             "stop_token_ids")
         return prompt_token_ids
 
     def abort_request(self, request_id) -> None:
@@ -393,6 +399,8 @@ class LLMEngine:
                     self._record_prompt_logprobs(g, inflight.spans, result)
                 if g.is_finished():
                     self._emit(self._final_output(g))
+                elif g.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+                    self._outputs.append(self._stream_output(g))
                 self._updating = None
             inflight.num_committed = i + 1
         self._inflight = None
@@ -540,8 +548,8 @@ class LLMEngine:
         banned = ()
         if seq.get_output_len() < sp.min_tokens:  # EOS and stop ids can't end it yet
             banned = list(sp.stop_token_ids)
-            if not sp.ignore_eos and self.eos_token_id is not None:
-                banned.append(self.eos_token_id)
+            if not sp.ignore_eos:
+                banned.extend(self.eos_token_ids)
         return dict(temperature=0.0 if greedy else sp.temperature, top_p=sp.top_p,
                     top_k=sp.top_k, min_p=sp.min_p, banned_token_ids=banned,
                     presence_penalty=sp.presence_penalty,
@@ -603,13 +611,22 @@ class LLMEngine:
         token = seq.get_last_token_id()
         num_out = seq.get_output_len()
         is_stop_token = token in sp.stop_token_ids or (
-            not sp.ignore_eos and token == self.eos_token_id)
+            not sp.ignore_eos and token in self.eos_token_ids)
         stop_str = None
         if state.detok is not None and not is_stop_token:
             # NOTE: EOS and stop-token ids stay out of the text, as in vLLM.
             _, stop_str = self.detokenizer.step(state.detok, token, sp.stop,
+                                                sp.include_stop_str_in_output,
                                                 check_stop=num_out >= sp.min_tokens)
             seq.output_text = state.detok.output_text
+        if self._stops(seq, sp, token, num_out, stop_str):
+            if state.detok is not None and stop_str is None:  # trailing bytes, held-back text
+                self.detokenizer.flush(state.detok)
+                seq.output_text = state.detok.output_text
+            return True
+        return False
+
+    def _stops(self, seq, sp, token, num_out, stop_str) -> bool:
         if num_out >= sp.min_tokens:
             if stop_str is not None:
                 seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
@@ -617,7 +634,7 @@ class LLMEngine:
             if token in sp.stop_token_ids:
                 seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
                 return True
-            if not sp.ignore_eos and token == self.eos_token_id:
+            if not sp.ignore_eos and token in self.eos_token_ids:
                 seq.status = SequenceStatus.FINISHED_STOPPED
                 return True
         if (sp.max_tokens is not None and num_out >= sp.max_tokens) or \
@@ -649,14 +666,14 @@ class LLMEngine:
         finished = self._finished_beams.setdefault(g.request_id, [])
         running = []
         for _, parent, t, lp in cands[:2 * width]:
-            ends = ((not sp.ignore_eos and t == self.eos_token_id) or t in sp.stop_token_ids
+            ends = ((not sp.ignore_eos and t in self.eos_token_ids) or t in sp.stop_token_ids
                     or (sp.max_tokens is not None and parent.get_output_len() + 1 >= sp.max_tokens)
                     or parent.get_len() + 1 >= self.config.max_model_len)
             if ends:  # a copy joins the finished pool (only these need one)
                 trial = parent.fork(next(self._seq_ids))
                 trial.append_token_id(t, lp, {t: lp})
                 trial.status = (SequenceStatus.FINISHED_LENGTH_CAPPED
-                                if t != self.eos_token_id and t not in sp.stop_token_ids
+                                if t not in self.eos_token_ids and t not in sp.stop_token_ids
                                 else SequenceStatus.FINISHED_STOPPED)
                 finished.append(trial)
             elif len(running) < width:
@@ -702,22 +719,44 @@ class LLMEngine:
         return worst_finished >= best_possible
 
     # ------------------------------------------------------------ outputs
-    def _new_detok(self, prompt_token_ids):
+    def _new_detok(self, prompt_token_ids, sp):
         if self.detokenizer is None:
             return None
-        return self.detokenizer.new_state(prompt_token_ids)
+        return self.detokenizer.new_state(prompt_token_ids, sp.skip_special_tokens)
 
     def _completion(self, index, seq, sp) -> CompletionOutput:
+        """One sequence's output: all of it, or with DELTA what was not sent
+        yet (text only up to what can no longer start a stop string)."""
+        start, chars = 0, len(seq.output_text or "")
+        text_from = 0
+        if sp.output_kind != RequestOutputKind.FINAL_ONLY:
+            state = self._states[seq.seq_id]
+            if not seq.is_finished() and state.detok is not None:
+                chars = state.detok.num_emitted
+            if sp.output_kind == RequestOutputKind.DELTA:
+                start, text_from = state.num_sent_tokens, state.num_sent_chars
+            state.num_sent_tokens, state.num_sent_chars = seq.get_output_len(), chars
+        tokens = seq.output_token_ids[start:]
         logprobs = None
         if sp.logprobs is not None:
             logprobs = [_top_entries(e, sp.logprobs, tok) for e, tok in
-                        zip(seq.output_logprobs, seq.output_token_ids)]
+                        zip(seq.output_logprobs[start:], tokens)]
         reason = SequenceStatus.get_finished_reason(seq.status)
-        return CompletionOutput(index=index, text=seq.output_text or "",
-                                token_ids=list(seq.output_token_ids),
+        return CompletionOutput(index=index, text=(seq.output_text or "")[text_from:chars],
+                                token_ids=list(tokens),
                                 cumulative_logprob=seq.cumulative_logprob,
                                 logprobs=logprobs, finish_reason=reason,
                                 stop_reason=seq.stop_reason)
+
+    def _stream_output(self, g) -> RequestOutput:
+        """An unfinished request's output so far (DELTA / CUMULATIVE)."""
+        first = g.get_seqs()[0]
+        return RequestOutput(
+            request_id=g.request_id, prompt=first.prompt,
+            prompt_token_ids=list(first.prompt_token_ids), prompt_logprobs=g.prompt_logprobs,
+            outputs=[self._completion(i, s, g.sampling_params)
+                     for i, s in enumerate(g.get_seqs())],
+            finished=False, metrics=_metrics(g), error=None)
 
     def _final_output(self, g) -> RequestOutput:
         sp = g.sampling_params
@@ -726,8 +765,8 @@ class LLMEngine:
             seqs = sorted(seqs, key=lambda s: -self._beam_score(s, sp))[:sp.n]
             for s in seqs:
                 if self.tokenizer is not None:
-                    s.output_text = self.tokenizer.decode(s.output_token_ids,
-                                                          skip_special_tokens=True)
+                    s.output_text = self.tokenizer.decode(
+                        s.output_token_ids, skip_special_tokens=sp.skip_special_tokens)
         else:
             seqs = g.get_seqs()
             if sp.actual_best_of > sp.n:
@@ -769,11 +808,11 @@ def _metrics(g) -> RequestMetrics:
                           finished_time=getattr(g, "finished_time", None) or time.monotonic())
 
 
-def _eos_id(model):
-    eos = getattr(model.config, "eos_token_id", None)
-    if eos is None and model.tokenizer is not None:
-        eos = model.tokenizer.eos_token_id
-    return eos
+def _eos_ids(model) -> frozenset[int]:
+    eos = tuple(getattr(model.config, "eos_token_ids", ()) or ())
+    if not eos and model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
+        eos = (model.tokenizer.eos_token_id,)
+    return frozenset(eos)
 
 
 def _resolve_dtype(dtype: str) -> str:

@@ -1,13 +1,17 @@
 """LLM: the offline batch API (tokenize, generate, detokenize)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from jpaged import inputs
 from jpaged.config import EngineConfig
 from jpaged.engine import LLMEngine
 from jpaged.outputs import RequestOutput
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import RequestOutputKind, SamplingParams
+
+
+FINAL_ONLY = RequestOutputKind.FINAL_ONLY
 
 
 class LLM:
@@ -82,6 +86,11 @@ class LLM:
         if len(sampling_params) != len(items):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for "
                              f"{len(items)} prompts")
+        # NOTE: generate() hands back finished outputs only, as vLLM's LLM does.
+        final = {}
+        sampling_params = [sp if getattr(sp, "output_kind", None) in (None, FINAL_ONLY) else
+                           final.setdefault(id(sp), dataclasses.replace(sp, output_kind=FINAL_ONLY))
+                           for sp in sampling_params]
         ids = self._new_request_ids(len(items))
         # Check every request before queueing any, so a bad one leaves nothing half-run.
         toks = []
@@ -131,6 +140,8 @@ class LLM:
                 others = []
                 for out in self.engine.step():
                     if out.request_id in mine:
+                        if not out.finished:  # a streamed request's progress
+                            continue
                         done[out.request_id] = out
                         bar.update(1)
                     else:

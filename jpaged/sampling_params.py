@@ -21,6 +21,13 @@ import numbers
 _SAMPLING_EPS = 1e-5
 
 
+class RequestOutputKind(enum.IntEnum):
+    """What the engine returns for a request, and when (vLLM's names)."""
+    CUMULATIVE = 0  # after every step that adds tokens: everything so far
+    DELTA = 1       # after every step that adds tokens: only what is new
+    FINAL_ONLY = 2  # once, when the request has finished
+
+
 class SamplingType(enum.IntEnum):
     GREEDY = 0
     RANDOM = 1
@@ -73,6 +80,11 @@ class SamplingParams:
       logprobs: top log probabilities returned per output token, >= 0 or None.
       prompt_logprobs: top log probabilities returned per prompt token, >= 0 or None.
       skip_special_tokens: drop special tokens from the detokenized text.
+      output_kind: a RequestOutputKind: FINAL_ONLY (one output when done),
+        DELTA or CUMULATIVE (an unfinished output after every step that adds
+        tokens, for streaming; needs best_of == n and no beam search). The
+        text of the deltas adds up to the final text: characters that could
+        still begin a stop string are held back.
     """
     n: int = 1
     best_of: int | None = None
@@ -96,6 +108,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY
 
     def __post_init__(self):
         self._verify_args()
@@ -201,6 +214,14 @@ class SamplingParams:
         integer("logprobs", 0, allow_none=True)
         integer("prompt_logprobs", 0, allow_none=True)
         boolean("skip_special_tokens")
+        if type(self.output_kind) is not RequestOutputKind:
+            if not _is_int(self.output_kind) or self.output_kind not in list(RequestOutputKind):
+                raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+            self.output_kind = RequestOutputKind(self.output_kind)
+        if self.output_kind != RequestOutputKind.FINAL_ONLY and (
+                self.use_beam_search or self.actual_best_of != self.n):
+            raise ValueError(f"output_kind={self.output_kind.name} streams every sequence as it "
+                             "grows: it needs best_of == n and no beam search (use FINAL_ONLY)")
 
     def _verify_beam_search(self) -> None:
         if self.actual_best_of < 2:

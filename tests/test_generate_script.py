@@ -16,11 +16,9 @@ import sys
 
 import pytest
 
-from tiny import ENGINE_FLAGS as ENGINE, LLAMA
+from tiny import ENGINE_FLAGS as ENGINE, LLAMA, tiny_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def _generate_module():
@@ -31,23 +29,11 @@ def _generate_module():
     return mod
 
 
-def _tiny_tokenizer():
-    """Byte-level, no merges: 256 byte tokens + <|end|> (257 < the model's 320)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|end|>",
-                                   chat_template=CHAT_TEMPLATE)
-
-
 @pytest.fixture(scope="module")
 def gen():
     mod = _generate_module()
     real_load_model, real_load_llm = mod.load_model, mod.load_llm
-    tok = _tiny_tokenizer()
+    tok = tiny_tokenizer()
     mod.load_model = lambda args: dataclasses.replace(real_load_model(args), tokenizer=tok)
     engines = {}
 

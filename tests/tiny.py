@@ -12,3 +12,23 @@ ENGINE = dict(block_size=4, max_num_seqs=8, max_model_len=64, max_num_batched_to
 ENGINE_FLAGS = ["--dtype", "float32", "--block-size", "4", "--max-num-seqs", "8",
                 "--max-model-len", "64", "--max-num-batched-tokens", "64",
                 "--num-gpu-blocks", "200", "--swap-space", "0.002", "--no-progress"]
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_tokenizer():
+    """Byte-level, no merges: 256 byte tokens, then <|end|> (id 256, EOS)
+    and special tokens <|s257|> .. <|s319|>, so every id of LLAMA's 320 decodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|end|>",
+                                  chat_template=CHAT_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens":
+                            [f"<|s{i}|>" for i in range(257, LLAMA["vocab_size"])]})
+    assert len(tok) == LLAMA["vocab_size"]
+    return tok
