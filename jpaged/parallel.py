@@ -3,9 +3,14 @@
 Megatron-style, expressed as shardings that jit partitions (GSPMD), with the
 attention kernels run once per shard through shard_map (models.base):
 
-- q/k/v projections, MLP gate/up (OPT fc1) split by output columns, i.e. by
-  head; o_proj and MLP down (OPT fc2) split by input rows, so each layer
-  ends in one all-reduce;
+- the fused q/k/v projection and MLP gate/up (OPT fc1) split by output
+  columns, i.e. by head; o_proj and MLP down (OPT fc2) split by input rows,
+  so each layer ends in one all-reduce. A fused kernel is stored [q | k | v]
+  (and [gate | up]); shard_model rearranges its columns per device,
+  [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (models.convert.fuse_columns with
+  num_shards = tp), so the contiguous share of device d is its own heads' q,
+  k and v (and its own gate and up columns), and the module, told the mesh,
+  splits the matmul's output the same way without moving data;
 - the token embedding and the lm_head split by vocabulary row/column when
   the vocabulary divides (replicated otherwise); the logits are gathered
   whole before sampling;
@@ -45,8 +50,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.base import TP_AXIS
+from models.convert import fuse_params, unfuse_params
 
-_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|fc1)"
+_COLUMN = r"(qkv_proj|gate_up_proj|fc1)"
 _ROW = r"(o_proj|out_proj|down_proj|fc2)"
 # "/"-joined param path -> how it splits over the "tp" axis; "vocab" entries
 # split on the given axis only when the vocabulary divides. The rest: replicated.
@@ -165,39 +171,29 @@ def param_shardings(params, mesh: Mesh, vocab_size: int):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def _map_attention(params, num_layers: int, fn):
-    """params with every layer's self_attn dict replaced by fn(a copy of it);
-    the caller's tree stays as it was."""
-    params = dict(params)
-    for i in range(num_layers):
-        layer = dict(params[f"layers_{i}"])
-        layer["self_attn"] = fn(dict(layer["self_attn"]))
-        params[f"layers_{i}"] = layer
-    return params
+def _repeat_kv_heads(attn: dict, num_kv_heads: int, head_dim: int, repeats: int) -> dict:
+    """A copy of a layer's self_attn params whose k_proj / v_proj columns (and
+    biases) have each KV head repeated ``repeats`` times in place: head h
+    becomes heads h*repeats .. h*repeats+repeats-1."""
+    attn = dict(attn)
+    for proj in ("k_proj", "v_proj"):
+        p = dict(attn[proj])
+        kernel = p["kernel"]  # [hidden, num_kv_heads * head_dim]
+        kernel = kernel.reshape(kernel.shape[0], num_kv_heads, head_dim)
+        p["kernel"] = jnp.repeat(kernel, repeats, axis=1).reshape(kernel.shape[0], -1)
+        if "bias" in p:
+            bias = p["bias"].reshape(num_kv_heads, head_dim)
+            p["bias"] = jnp.repeat(bias, repeats, axis=0).reshape(-1)
+        attn[proj] = p
+    return attn
 
 
-def _repeat_kv_heads(params, num_layers: int, num_kv_heads: int, head_dim: int, repeats: int):
-    """k_proj / v_proj columns (and biases) with each KV head repeated
-    ``repeats`` times in place: head h becomes heads h*repeats .. h*repeats+repeats-1."""
-    def repeat(attn):
-        for proj in ("k_proj", "v_proj"):
-            p = dict(attn[proj])
-            kernel = p["kernel"]  # [hidden, num_kv_heads * head_dim]
-            kernel = kernel.reshape(kernel.shape[0], num_kv_heads, head_dim)
-            p["kernel"] = jnp.repeat(kernel, repeats, axis=1).reshape(kernel.shape[0], -1)
-            if "bias" in p:
-                bias = p["bias"].reshape(num_kv_heads, head_dim)
-                p["bias"] = jnp.repeat(bias, repeats, axis=0).reshape(-1)
-            attn[proj] = p
-        return attn
-    return _map_attention(params, num_layers, repeat)
-
-
-def _pad_query_heads(params, num_layers: int, num_kv_heads: int, head_dim: int,
-                     group_size: int, padded_group_size: int):
-    """q_proj columns (and bias) and o_proj rows with each KV group's
-    ``group_size`` query heads followed by zero heads up to ``padded_group_size``:
-    group g's head j (j < group_size) moves to g*padded_group_size + j.
+def _pad_query_heads(attn: dict, num_kv_heads: int, head_dim: int, group_size: int,
+                     padded_group_size: int) -> dict:
+    """A copy of a layer's self_attn params whose q_proj columns (and bias)
+    and o_proj rows hold each KV group's ``group_size`` query heads followed
+    by zero heads up to ``padded_group_size``: group g's head j (j <
+    group_size) moves to g*padded_group_size + j.
 
     NOTE: a zero head's q is 0, so it attends uniformly and yields a finite
     mean of V, which the zero o_proj rows then multiply by 0: the output is
@@ -213,22 +209,39 @@ def _pad_query_heads(params, num_layers: int, num_kv_heads: int, head_dim: int,
         padded = jnp.pad(x.reshape(shape), widths)
         return padded.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 1:])
 
-    def pad_attn(attn):
-        q = dict(attn["q_proj"])
-        q["kernel"] = pad_heads(q["kernel"], 1)  # [hidden, num_heads * head_dim]
-        if "bias" in q:
-            q["bias"] = pad_heads(q["bias"], 0)
-        o = dict(attn["o_proj"])
-        o["kernel"] = pad_heads(o["kernel"], 0)  # [num_heads * head_dim, hidden]
-        attn["q_proj"], attn["o_proj"] = q, o  # o_proj's bias is per output: unchanged
-        return attn
-    return _map_attention(params, num_layers, pad_attn)
+    attn = dict(attn)
+    q = dict(attn["q_proj"])
+    q["kernel"] = pad_heads(q["kernel"], 1)  # [hidden, num_heads * head_dim]
+    if "bias" in q:
+        q["bias"] = pad_heads(q["bias"], 0)
+    o = dict(attn["o_proj"])
+    o["kernel"] = pad_heads(o["kernel"], 0)  # [num_heads * head_dim, hidden]
+    attn["q_proj"], attn["o_proj"] = q, o  # o_proj's bias is per output: unchanged
+    return attn
+
+
+def _sharded_layer(key: str, layer: dict, config, sharded, tp: int) -> dict:
+    """{key: layer} in the sharded model's layout: query heads padded, KV
+    heads repeated, fused projections' columns arranged per device."""
+    tree = unfuse_params({key: layer}, config.fused_params())
+    layer = dict(tree[key])
+    attn = layer["self_attn"]
+    if sharded.num_heads != config.num_heads:
+        attn = _pad_query_heads(attn, config.num_kv_heads, config.head_dim,
+                                config.num_heads // config.num_kv_heads,
+                                sharded.num_heads // config.num_kv_heads)
+    if sharded.num_kv_heads != config.num_kv_heads:
+        attn = _repeat_kv_heads(attn, config.num_kv_heads, config.head_dim,
+                                sharded.num_kv_heads // config.num_kv_heads)
+    layer["self_attn"] = attn
+    return fuse_params({key: layer}, sharded.fused_params(), num_shards=tp)
 
 
 def shard_model(model, mesh: Mesh):
     """The tensor-parallel twin of a models.LoadedModel (the original is left
     as it was): params placed with their NamedShardings, KV heads replicated
-    where needed, the module told the mesh, the KV pool sharded on axis 2.
+    where needed, fused projections laid out per device, the module told the
+    mesh, the KV pool sharded on axis 2.
 
     Returns:
       a LoadedModel whose config.num_heads and config.num_kv_heads are
@@ -239,19 +252,21 @@ def shard_model(model, mesh: Mesh):
     tp = mesh.shape[TP_AXIS]
     config = model.config
     num_heads, num_kv_heads = sharded_heads(config, tp)
-    params = model.params
+    sharded = config
     if num_heads != config.num_heads:
-        params = _pad_query_heads(params, config.num_layers, config.num_kv_heads,
-                                  config.head_dim, config.num_heads // config.num_kv_heads,
-                                  num_heads // config.num_kv_heads)
-        config = dataclasses.replace(config, num_heads=num_heads)
+        sharded = dataclasses.replace(sharded, num_heads=num_heads)
     if num_kv_heads != config.num_kv_heads:
-        params = _repeat_kv_heads(params, config.num_layers, config.num_kv_heads,
-                                  config.head_dim, num_kv_heads // config.num_kv_heads)
-        config = dataclasses.replace(config, num_kv_heads=num_kv_heads)
-    params = _place(params, param_shardings(params, mesh, config.vocab_size))
-    module = model.module.clone(config=config, mesh=mesh)
-    return dataclasses.replace(model, config=config, params=params, module=module,
+        sharded = dataclasses.replace(sharded, num_kv_heads=num_kv_heads)
+    params = {}
+    # NOTE: one layer at a time, placed before the next is rearranged, so the
+    # unsharded temporaries never exceed one layer's projections.
+    for key, value in model.params.items():
+        tree = {key: value}
+        if key.startswith("layers_"):
+            tree = _sharded_layer(key, value, config, sharded, tp)
+        params.update(_place(tree, param_shardings(tree, mesh, sharded.vocab_size)))
+    module = model.module.clone(config=sharded, mesh=mesh)
+    return dataclasses.replace(model, config=sharded, params=params, module=module,
                                _jit_apply=None,
                                kv_sharding=NamedSharding(mesh, KV_CACHE_SPEC))
 

@@ -173,7 +173,7 @@ def convert_hf_state_dict(hf_config: dict, state_dict: dict, dtype="float32",
     state_dict = {family.normalize_hf_name(k): v for k, v in state_dict.items()}
     return convert.convert_state_dict(state_dict, family.rules, abstract_params(module),
                                       DTYPES[dtype], ignore=family.ignore(config),
-                                      source=source)
+                                      fused=config.fused_params(), source=source)
 
 
 def _hf_tokenizer(model_dir: pathlib.Path):
@@ -236,7 +236,7 @@ def load_model(name_or_path, dtype="float32", attention_backend: str = "auto",
                                 "directory, converted directory or .gguf file, or one of "
                                 f"{list(DEFAULT_MODELS)}")
     if checkpoint.is_converted_dir(path):
-        saved = checkpoint.load_converted(path)
+        saved = _load_converted(path)
         return _loaded(saved.hf_config, _cast(saved.params, dtype), saved.tokenizer, dtype,
                        attention_backend, interpret, source=str(path / checkpoint.MARKER))
     hf_config, params, tokenizer = _convert_source(path, dtype)
@@ -260,7 +260,7 @@ def _load_default(name: str, cached: pathlib.Path) -> checkpoint.ConvertedCheckp
     from models import gguf
     if cached.exists() or cached.is_symlink():
         try:
-            return checkpoint.load_converted(cached)
+            return _load_converted(cached)
         except (OSError, ValueError) as e:
             problem = e
         if not checkpoint.is_converted_dir(cached):
@@ -277,7 +277,24 @@ def _load_default(name: str, cached: pathlib.Path) -> checkpoint.ConvertedCheckp
     hf_config, params, tokenizer = _convert_source(
         pathlib.Path(gguf.find_default_model(name)), "float32")
     checkpoint.save_converted(cached, params, hf_config, tokenizer)
-    return checkpoint.load_converted(cached)
+    return _load_converted(cached)
+
+
+def _load_converted(path: pathlib.Path) -> checkpoint.ConvertedCheckpoint:
+    """checkpoint.load_converted, with a version-1 checkpoint's separate
+    q/k/v and gate/up projections fused into the layout the modules use.
+
+    NOTE: the fused copies are made next to the restored arrays, so loading
+    an old checkpoint briefly needs the memory of those projections twice;
+    scripts/convert.py writes the current version, which needs no step.
+    """
+    saved = checkpoint.load_converted(path)
+    if saved.version >= 2:
+        return saved
+    source = str(path / checkpoint.MARKER)
+    _, _, config, _ = _build(saved.hf_config, saved.dtype, "reference", False, source)
+    return saved._replace(params=convert.fuse_params(saved.params, config.fused_params()),
+                          version=checkpoint.VERSION)
 
 
 def random_model(hf_config, dtype="float32", seed: int = 0,

@@ -74,6 +74,12 @@ class Linear(nn.Module):
         return y
 
 
+def num_shards(mesh) -> int:
+    """Devices on the "tp" axis of ``mesh`` (1 without one): the shard count of
+    the fused projections' column layout (models.convert.fuse_columns)."""
+    return 1 if mesh is None else mesh.shape[TP_AXIS]
+
+
 def sharded_attention(q, k, v, kv_cache, metadata, *, scale, backend, interpret, mesh=None):
     """kernels_pallas.attention, run once per shard of the "tp" mesh axis.
 
@@ -86,10 +92,16 @@ def sharded_attention(q, k, v, kv_cache, metadata, *, scale, backend, interpret,
       q:        [num_tokens, num_heads, head_dim]
       k, v:     [num_tokens, num_kv_heads, head_dim]
       kv_cache: [2, num_blocks, num_kv_heads, block_size, head_dim]
+      backend:  a kernels_pallas backend name, or a callable with
+                kernels_pallas.attention's signature ``(q, k, v, kv_cache,
+                metadata, *, scale) -> (out, kv_cache)``: the seam through
+                which benchmarks (jpaged.step_ceiling) swap attention out.
     Returns:
       (out [num_tokens, num_heads, head_dim], updated kv_cache)
     """
     def attend(q, k, v, kv_cache, metadata):
+        if callable(backend):
+            return backend(q, k, v, kv_cache, metadata, scale=scale)
         return kernels_pallas.attention(q, k, v, kv_cache, metadata, scale=scale,
                                         backend=backend, interpret=interpret)
     if mesh is None:

@@ -2,7 +2,7 @@
 
 A converted checkpoint is a directory::
 
-    <dir>/jpaged.json   {"format": "jpaged-converted", "version": 1,
+    <dir>/jpaged.json   {"format": "jpaged-converted", "version": 2,
                          "architecture": ..., "dtype": ..., "hf_config": {...},
                          "checksums": {"algorithm": "crc32", "chunk_bytes": ...,
                                        "files": {"params/...": {"size": ...,
@@ -21,6 +21,10 @@ orbax opens any (a missing one otherwise ends in TensorStore errors and
 asyncio tracebacks), and their CRC-32s while orbax reads the arrays straight
 into the default device in the saved dtype (stored uncompressed, so it runs
 at disk speed). Checkpoints written before checksums existed load unchecked.
+
+Versions: 2 stores the params as the modules hold them, with q/k/v and
+gate/up fused (models.convert.Fused); 1 (older jpaged) stored those
+projections apart, and models.load_model fuses them after the restore.
 """
 from __future__ import annotations
 
@@ -42,7 +46,8 @@ import numpy as np
 
 MARKER = "jpaged.json"
 FORMAT = "jpaged-converted"
-VERSION = 1
+VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # 1: q/k/v and gate/up apart (fused on load by models)
 CHECKSUM_CHUNK_BYTES = 64 << 20  # per-chunk CRCs let several threads check one big file
 _REQUIRED_META = ("architecture", "dtype", "hf_config")
 
@@ -53,6 +58,7 @@ class ConvertedCheckpoint(NamedTuple):
     tokenizer: Any       # transformers tokenizer or None
     architecture: str
     dtype: str
+    version: int = VERSION  # of the saved layout (SUPPORTED_VERSIONS)
 
 
 def is_converted_dir(path) -> bool:
@@ -313,7 +319,9 @@ def read_meta(directory) -> dict:
     if not isinstance(meta, dict):
         raise ValueError(f"{marker} holds a JSON {type(meta).__name__}, not an object; "
                          f"{_redo_hint(directory)}")
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    version = meta.get("version")
+    if (meta.get("format") != FORMAT or type(version) is not int
+            or version not in SUPPORTED_VERSIONS):
         raise ValueError(f"{marker}: unsupported format "
                          f"{meta.get('format')!r} version {meta.get('version')!r}; "
                          f"{_redo_hint(directory)}")
@@ -392,4 +400,5 @@ def load_converted(directory, abstract_params=None) -> ConvertedCheckpoint:
             raise ValueError(f"{directory / 'tokenizer'}: cannot load the tokenizer ({e}); "
                              f"{_redo_hint(directory)}") from e
     return ConvertedCheckpoint(params=params, hf_config=meta["hf_config"], tokenizer=tokenizer,
-                               architecture=meta["architecture"], dtype=meta["dtype"])
+                               architecture=meta["architecture"], dtype=meta["dtype"],
+                               version=meta["version"])

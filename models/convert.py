@@ -11,6 +11,16 @@ converter walks every HF tensor, maps it through the first matching rule,
 checks its shape against the module's own abstract params, and collects
 every unknown, unexpected, misshapen or missing tensor into one ValueError.
 
+Some of our params are several HF tensors side by side (``Fused``): Llama's
+q/k/v projections are one ``qkv_proj`` kernel [hidden, (H + 2 K) * head_dim]
+and gate/up one ``gate_up_proj`` [hidden, 2 * intermediate], so a layer runs
+one matmul where HF runs three and two. The table still names the HF
+tensors one by one (q_proj, k_proj, ...); the converter checks each against
+its share of the fused param and concatenates them on the last axis in the
+order the ``Fused`` entry lists. ``fuse_columns`` / ``split_columns`` define
+that layout, also for tensor parallelism (jpaged.parallel), where each
+device's contiguous share holds its own slice of every part.
+
 Readers: ``read_hf_state_dict(dir)`` handles model.safetensors, sharded
 safetensors with model.safetensors.index.json, and pytorch_model.bin (with
 or without an index; needs torch).
@@ -65,6 +75,125 @@ class Rule:
         return None if m is None else self.hf.format(**m.groupdict())
 
 
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """A param that is sibling projections concatenated on the last axis.
+
+    Attributes:
+      ours:  template of the fused module's path, e.g. "layers_{i}/self_attn/qkv_proj";
+             every leaf under it (kernel [in, sum of widths], bias [sum of widths])
+             is the concatenation of the same leaf of each part.
+      parts: ((sibling module name, width on the last axis), ...) in order,
+             e.g. (("q_proj", H * D), ("k_proj", K * D), ("v_proj", K * D)).
+    """
+    ours: str
+    parts: tuple[tuple[str, int], ...]
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(w for _, w in self.parts)
+
+    def match(self, module_path: tuple[str, ...]) -> bool:
+        return _template_regex(self.ours, "/").fullmatch("/".join(module_path)) is not None
+
+
+def fuse_columns(parts, num_shards: int = 1):
+    """Concatenates arrays on their last axis, per shard: with ``num_shards``
+    n, the result's last axis is n contiguous pieces and piece d is
+    [parts[0]'s d-th 1/n, parts[1]'s d-th 1/n, ...]; n = 1 is plain
+    concatenation. numpy in, numpy out; jax arrays (traced too) otherwise.
+
+    Args:
+      parts: arrays [..., w_j], each w_j divisible by num_shards, same leading shape.
+    Returns:
+      [..., sum_j w_j]
+    """
+    xp = np if all(isinstance(p, np.ndarray) for p in parts) else jnp
+    lead = parts[0].shape[:-1]
+    assert all(p.shape[:-1] == lead and p.shape[-1] % num_shards == 0 for p in parts)
+    pieces = [p.reshape(*lead, num_shards, p.shape[-1] // num_shards) for p in parts]
+    return xp.concatenate(pieces, axis=-1).reshape(*lead, -1)
+
+
+def split_columns(fused, widths, num_shards: int = 1) -> list:
+    """The inverse of fuse_columns: [..., sum(widths)] -> [[..., w] for w in widths].
+
+    NOTE: under jit with the last axis split over ``num_shards`` devices, each
+    part is taken from the device's own piece, so no data moves between devices.
+    """
+    xp = np if isinstance(fused, np.ndarray) else jnp
+    lead = fused.shape[:-1]
+    assert fused.shape[-1] == sum(widths) and all(w % num_shards == 0 for w in widths)
+    pieces = fused.reshape(*lead, num_shards, fused.shape[-1] // num_shards)
+    bounds = np.cumsum([w // num_shards for w in widths])[:-1].tolist()
+    return [p.reshape(*lead, -1) for p in xp.split(pieces, bounds, axis=-1)]
+
+
+def _fused_entry(path: tuple[str, ...], fused: Iterable[Fused]) -> Fused | None:
+    return next((f for f in fused if f.match(path[:-1])), None)
+
+
+def _part_path(path: tuple[str, ...], part: str) -> tuple[str, ...]:
+    return path[:-2] + (part, path[-1])
+
+
+def unfused_shapes(expected_flat: dict, fused: Iterable[Fused]) -> dict:
+    """{path: shape} with every fused param replaced by its parts' shapes."""
+    fused = tuple(fused)
+    out = {}
+    for path, leaf in expected_flat.items():
+        shape = tuple(leaf.shape)
+        entry = _fused_entry(path, fused)
+        if entry is None:
+            out[path] = shape
+            continue
+        assert shape[-1] == sum(entry.widths), (path, shape, entry)
+        for part, width in entry.parts:
+            out[_part_path(path, part)] = shape[:-1] + (width,)
+    return out
+
+
+def fuse_params(params, fused: Iterable[Fused], num_shards: int = 1) -> dict:
+    """params whose separate parts (e.g. q_proj, k_proj, v_proj) are replaced
+    by their Fused param (qkv_proj), laid out for ``num_shards`` devices
+    (fuse_columns). Params without such parts pass through unchanged."""
+    fused = tuple(fused)
+    flat = flatten_params(params)
+    out, taken = {}, set()
+    for path in flat:
+        if path in taken:
+            continue
+        for entry in fused:
+            name = path[-2] if len(path) >= 2 else None
+            if name not in dict(entry.parts):
+                continue
+            target = path[:-2] + (entry.ours.rsplit("/", 1)[-1], path[-1])
+            if not entry.match(target[:-1]):
+                continue
+            part_paths = [_part_path(path, p) for p, _ in entry.parts]
+            assert all(p in flat for p in part_paths), (path, entry)
+            out[target] = fuse_columns([flat[p] for p in part_paths], num_shards)
+            taken.update(part_paths)
+            break
+        else:
+            out[path] = flat[path]
+    return unflatten_params(out)
+
+
+def unfuse_params(params, fused: Iterable[Fused], num_shards: int = 1) -> dict:
+    """The inverse of fuse_params: each Fused param split into its parts."""
+    fused = tuple(fused)
+    out = {}
+    for path, x in flatten_params(params).items():
+        entry = _fused_entry(path, fused)
+        if entry is None:
+            out[path] = x
+            continue
+        for (part, _), piece in zip(entry.parts, split_columns(x, entry.widths, num_shards)):
+            out[_part_path(path, part)] = piece
+    return unflatten_params(out)
+
+
 def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     out = {}
     for key, value in tree.items():
@@ -92,7 +221,7 @@ def unflatten_params(flat: dict[tuple[str, ...], Any]) -> dict:
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], rules: Iterable[Rule],
                        expected: dict, dtype, *, ignore: Iterable[str] = (),
-                       source: str = "checkpoint") -> dict:
+                       fused: Iterable[Fused] = (), source: str = "checkpoint") -> dict:
     """Maps HF tensors onto our param tree.
 
     Args:
@@ -102,15 +231,17 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], rules: Iterable[Rule],
                   from jax.eval_shape of the module's init.
       dtype:      dtype of the returned arrays.
       ignore:     regexes of HF names to skip (tied lm_head, rotary buffers).
+      fused:      the family's Fused params: the rules map HF tensors to
+                  their parts, which are checked one by one, then concatenated.
       source:     where the tensors came from, for error messages.
     Returns:
       the param pytree (nested dicts of jax arrays).
     Raises:
       ValueError listing every unknown, unexpected, misshapen and missing tensor.
     """
-    rules = list(rules)
+    rules, fused = list(rules), tuple(fused)
     ignore_res = [re.compile(p) for p in ignore]
-    want = flatten_params(expected)
+    want = unfused_shapes(flatten_params(expected), fused)
     got: dict[tuple[str, ...], Any] = {}
     unknown, unexpected, misshapen = [], [], []
     misshapen_paths = set()
@@ -128,7 +259,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], rules: Iterable[Rule],
             unexpected.append(name)
             continue
         value = TRANSFORMS[rule.transform](np.asarray(array))
-        want_shape = tuple(want[path].shape)
+        want_shape = want[path]
         if value.shape != want_shape:
             hf_shape = TRANSFORMS[rule.transform](np.empty(want_shape, np.int8)).shape
             misshapen.append(f"{name}: shape {tuple(np.shape(array))}, expected {hf_shape}")
@@ -151,7 +282,9 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], rules: Iterable[Rule],
     if problems:
         raise ValueError(f"cannot convert {source}:\n" + "\n".join(problems))
     jdtype = jnp.dtype(dtype)
-    return unflatten_params({p: jnp.asarray(v, jdtype) for p, v in got.items()})
+    params = fuse_params(unflatten_params(got), fused)
+    return unflatten_params({p: jnp.asarray(v, jdtype)
+                             for p, v in flatten_params(params).items()})
 
 
 # ----------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models.base import (ROPE_TYPES, Linear, RMSNorm, apply_rope, gather_logits, lm_logits,
-                         rope_inv_freq, sharded_attention)
-from models.convert import Rule
+                         num_shards, rope_inv_freq, sharded_attention)
+from models.convert import Fused, Rule, split_columns
 
 
 def _as_tuple(x) -> tuple[int, ...]:
@@ -118,6 +118,20 @@ class LlamaConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")))
 
+    @property
+    def qkv_widths(self) -> tuple[int, int, int]:
+        """Columns of q, k and v in the fused qkv_proj."""
+        kv = self.num_kv_heads * self.head_dim
+        return self.num_heads * self.head_dim, kv, kv
+
+    def fused_params(self) -> tuple[Fused, ...]:
+        """The params that are HF projections side by side (models.convert.Fused)."""
+        q, k, v = self.qkv_widths
+        i = self.intermediate_size
+        return (Fused("layers_{i}/self_attn/qkv_proj",
+                      (("q_proj", q), ("k_proj", k), ("v_proj", v))),
+                Fused("layers_{i}/mlp/gate_up_proj", (("gate_proj", i), ("up_proj", i))))
+
     def inv_freq(self):
         return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_type, self.rope_factor,
                              self.rope_low_freq_factor, self.rope_high_freq_factor,
@@ -135,9 +149,11 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, positions, kv_cache, metadata):
         c = self.config
         n = x.shape[0]
-        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, self.dtype, name="q_proj")(x)
-        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, self.dtype, name="k_proj")(x)
-        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, self.dtype, name="v_proj")(x)
+        # NOTE: one matmul for q, k and v; under tensor parallelism its
+        # columns are laid out per device (fuse_columns), so each device's
+        # share splits into its own heads' q, k and v.
+        qkv = Linear(sum(c.qkv_widths), c.qkv_bias, self.dtype, name="qkv_proj")(x)
+        q, k, v = split_columns(qkv, c.qkv_widths, num_shards(self.mesh))
         inv_freq = c.inv_freq()
         q = apply_rope(q.reshape(n, c.num_heads, c.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(n, c.num_kv_heads, c.head_dim), positions, inv_freq)
@@ -152,12 +168,13 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     config: LlamaConfig
     dtype: Any
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="gate_proj")(x)
-        up = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="up_proj")(x)
+        gate_up = Linear(2 * c.intermediate_size, c.mlp_bias, self.dtype, name="gate_up_proj")(x)
+        gate, up = split_columns(gate_up, (c.intermediate_size,) * 2, num_shards(self.mesh))
         return Linear(c.hidden_size, c.mlp_bias, self.dtype, name="down_proj")(nn.silu(gate) * up)
 
 
@@ -176,15 +193,20 @@ class LlamaDecoderLayer(nn.Module):
                                      self.mesh, name="self_attn")(h, positions, kv_cache, metadata)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(c, self.dtype, name="mlp")(h), kv_cache
+        return x + LlamaMLP(c, self.dtype, self.mesh, name="mlp")(h), kv_cache
 
 
 class LlamaForCausalLM(nn.Module):
     """Llama-family causal LM on the paged KV cache (signature in models/base.py).
 
     Params: embed_tokens/embedding [vocab, hidden]; layers_{i}/...; norm/scale;
-    lm_head [hidden, vocab] unless embeddings are tied. ``mesh``: a device
+    lm_head [hidden, vocab] unless embeddings are tied. Each layer's
+    self_attn/qkv_proj kernel is [hidden, (num_heads + 2 * num_kv_heads) *
+    head_dim] (q, k, v columns side by side) and mlp/gate_up_proj [hidden, 2 *
+    intermediate] (gate, up); see config.fused_params(). ``mesh``: a device
     mesh with a "tp" axis for tensor parallelism (jpaged.parallel), or None.
+    ``attention_backend``: a kernels_pallas backend name or an attention
+    callable (models.base.sharded_attention).
     """
     config: LlamaConfig
     dtype: Any = jnp.float32
@@ -217,7 +239,8 @@ class LlamaForCausalLM(nn.Module):
         return gather_logits(lm_logits(x, weight), self.mesh), tuple(new_caches)
 
 
-# HF tensor names -> our params (models/convert.py applies the table).
+# HF tensor names -> our params (models/convert.py applies the table); q/k/v
+# and gate/up land in their fused params (LlamaConfig.fused_params).
 HF_RULES = (
     Rule("model.embed_tokens.weight", "embed_tokens/embedding"),
     Rule("model.layers.{i}.self_attn.{proj}.weight", "layers_{i}/self_attn/{proj}/kernel", "T"),

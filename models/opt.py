@@ -13,8 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.base import Linear, gather_logits, lm_logits, sharded_attention
-from models.convert import Rule
+from models.base import Linear, gather_logits, lm_logits, num_shards, sharded_attention
+from models.convert import Fused, Rule, split_columns
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
 
@@ -72,6 +72,17 @@ class OPTConfig:
     def has_final_layer_norm(self) -> bool:
         return self.do_layer_norm_before and not self.remove_final_layer_norm
 
+    @property
+    def qkv_widths(self) -> tuple[int, int, int]:
+        """Columns of q, k and v in the fused qkv_proj."""
+        return (self.num_heads * self.head_dim,) * 3
+
+    def fused_params(self) -> tuple[Fused, ...]:
+        """The params that are HF projections side by side (models.convert.Fused)."""
+        q, k, v = self.qkv_widths
+        return (Fused("layers_{i}/self_attn/qkv_proj",
+                      (("q_proj", q), ("k_proj", k), ("v_proj", v))),)
+
     @classmethod
     def from_hf(cls, hf: dict) -> "OPTConfig":
         """From a Hugging Face OPT config dict."""
@@ -110,9 +121,9 @@ class OPTAttention(nn.Module):
         c = self.config
         n = x.shape[0]
         shape = (n, c.num_heads, c.head_dim)
-        q = Linear(c.hidden_size, c.enable_bias, self.dtype, name="q_proj")(x).reshape(shape)
-        k = Linear(c.hidden_size, c.enable_bias, self.dtype, name="k_proj")(x).reshape(shape)
-        v = Linear(c.hidden_size, c.enable_bias, self.dtype, name="v_proj")(x).reshape(shape)
+        qkv = Linear(sum(c.qkv_widths), c.enable_bias, self.dtype, name="qkv_proj")(x)
+        q, k, v = (y.reshape(shape) for y in
+                   split_columns(qkv, c.qkv_widths, num_shards(self.mesh)))
         out, kv_cache = sharded_attention(
             q, k, v, kv_cache, metadata, scale=c.head_dim ** -0.5,
             backend=self.attention_backend, interpret=self.interpret, mesh=self.mesh)
@@ -154,8 +165,11 @@ class OPTForCausalLM(nn.Module):
     Params: embed_tokens/embedding [vocab, word_embed_proj_dim];
     embed_positions/embedding [max_position_embeddings + 2, hidden];
     project_in/kernel, project_out/kernel when word_embed_proj_dim != hidden;
-    layers_{i}/...; final_layer_norm when do_layer_norm_before. ``mesh``: a
-    device mesh with a "tp" axis for tensor parallelism, or None.
+    layers_{i}/...; final_layer_norm when do_layer_norm_before. Each layer's
+    self_attn/qkv_proj kernel is [hidden, 3 * hidden] (q, k, v columns side by
+    side; config.fused_params()). ``mesh``: a device mesh with a "tp" axis
+    for tensor parallelism, or None. ``attention_backend``: a kernels_pallas
+    backend name or an attention callable (models.base.sharded_attention).
     """
     config: OPTConfig
     dtype: Any = jnp.float32

@@ -2,6 +2,7 @@
 table's unit behaviour, config parsing of both transformers rope layouts."""
 from __future__ import annotations
 
+import json
 import pathlib
 import runpy
 import sys
@@ -35,8 +36,14 @@ def test_params_match_safetensors_with_transposes():
     raw = convert.read_hf_state_dict(path)
     p = model.params
     np.testing.assert_array_equal(p["embed_tokens"]["embedding"], raw["model.embed_tokens.weight"])
-    np.testing.assert_array_equal(p["layers_1"]["self_attn"]["k_proj"]["kernel"],
-                                  raw["model.layers.1.self_attn.k_proj.weight"].T)
+    # q, k, v side by side in one kernel [hidden, (H + 2K) * D], biases likewise
+    attn = p["layers_1"]["self_attn"]["qkv_proj"]
+    np.testing.assert_array_equal(attn["kernel"], np.concatenate(
+        [raw[f"model.layers.1.self_attn.{x}_proj.weight"].T for x in "qkv"], axis=1))
+    np.testing.assert_array_equal(attn["bias"], np.concatenate(
+        [raw[f"model.layers.1.self_attn.{x}_proj.bias"] for x in "qkv"]))
+    np.testing.assert_array_equal(p["layers_0"]["mlp"]["gate_up_proj"]["kernel"], np.concatenate(
+        [raw[f"model.layers.0.mlp.{x}_proj.weight"].T for x in ("gate", "up")], axis=1))
     np.testing.assert_array_equal(p["layers_0"]["self_attn"]["o_proj"]["bias"],
                                   raw["model.layers.0.self_attn.o_proj.bias"])
     np.testing.assert_array_equal(p["layers_0"]["post_attention_layernorm"]["scale"],
@@ -105,6 +112,65 @@ def test_default_model_is_cached(tmp_path, monkeypatch):
     assert second.dtype == "bfloat16"
     _assert_same_params(jax.tree.map(lambda x: x.astype(jnp.bfloat16), first.params),
                         second.params)
+
+
+def test_fuse_columns_layout():
+    """Hand-computed: parts [a0 a1 a2 a3] and [b0 b1] (column names) fused
+    for 1 shard and for 2 (each shard's contiguous half is its own a, b)."""
+    a = np.array([[0, 1, 2, 3]])
+    b = np.array([[10, 11]])
+    np.testing.assert_array_equal(convert.fuse_columns([a, b]), [[0, 1, 2, 3, 10, 11]])
+    np.testing.assert_array_equal(convert.fuse_columns([a, b], 2), [[0, 1, 10, 2, 3, 11]])
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(3, w)).astype(np.float32) for w in (12, 6, 6)]
+    for shards in (1, 2, 3, 6):
+        fused = convert.fuse_columns(parts, shards)
+        assert isinstance(fused, np.ndarray) and fused.shape == (3, 24)
+        for x, y in zip(convert.split_columns(fused, (12, 6, 6), shards), parts):
+            np.testing.assert_array_equal(x, y)
+        traced = jax.jit(lambda f: convert.split_columns(f, (12, 6, 6), shards))(fused)
+        for x, y in zip(traced, parts):
+            np.testing.assert_array_equal(np.asarray(x), y)
+        biases = [p[0] for p in parts]  # 1-D: the bias of each part
+        np.testing.assert_array_equal(convert.fuse_columns(biases, shards), fused[0])
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "opt_pre"])
+def test_fuse_params_round_trip(name):
+    model = models.load_model(GOLDEN / f"tiny_{name}")
+    fused = model.config.fused_params()
+    apart = convert.unfuse_params(model.params, fused)
+    names = set(apart["layers_0"]["self_attn"])
+    assert {"q_proj", "k_proj", "v_proj"} <= names and "qkv_proj" not in names
+    if name == "llama_gqa":
+        assert set(apart["layers_0"]["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
+    _assert_same_params(convert.fuse_params(apart, fused), model.params)
+    _assert_same_params(convert.fuse_params(model.params, fused), model.params)  # no-op
+    for shards in (2, 4):
+        again = convert.fuse_params(convert.unfuse_params(
+            convert.fuse_params(apart, fused, shards), fused, shards), fused)
+        _assert_same_params(again, model.params)
+
+
+def test_version_1_checkpoint_loads_fused(tmp_path):
+    """A converted checkpoint of older jpaged (version 1: q/k/v and gate/up
+    stored apart) loads into today's fused layout, same logits."""
+    model = models.load_model(GOLDEN / "tiny_llama3_bias")
+    apart = convert.unfuse_params(model.params, model.config.fused_params())
+    out = checkpoint.save_converted(tmp_path / "v1", apart, model.hf_config)
+    marker = out / checkpoint.MARKER
+    meta = json.loads(marker.read_text())
+    meta["version"] = 1
+    marker.write_text(json.dumps(meta))
+    assert checkpoint.load_converted(out).version == 1
+    old = models.load_model(out)
+    _assert_same_params(old.params, model.params)
+    ids = [1, 5, 9, 3, 7]
+    np.testing.assert_array_equal(old.logits(ids), model.logits(ids))
+    meta["version"] = 3
+    marker.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"unsupported format 'jpaged-converted' version 3"):
+        models.load_model(out)
 
 
 def test_rule_templates_map_both_ways():

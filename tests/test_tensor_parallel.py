@@ -93,6 +93,48 @@ def _describe(runner) -> dict:
                 params=params)
 
 
+def _collectives(model) -> dict:
+    """Collective ops in the compiled prefill (5 tokens) and decode steps of a
+    (sharded) model: {"prefill": {op: count}, "decode": {...}}."""
+    import re
+    import jax
+    import jax.numpy as jnp
+    from models.base import single_sequence_metadata
+    kv = model.init_kv_caches(8, 4)
+    out = {}
+    for kind, n in (("prefill", 5), ("decode", 1)):
+        positions, metadata = single_sequence_metadata(0, n, np.arange(1, 8), 4)
+        text = jax.jit(model.apply).lower(model.params, jnp.zeros((n,), jnp.int32),
+                                          jnp.asarray(positions), kv, metadata).compile().as_text()
+        out[kind] = {op: len(re.findall(rf"\b{op}(-start)?\(", text))
+                     for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute",
+                                "reduce-scatter")}
+    return out
+
+
+def _fused_shards(original, sharded, tp) -> dict:
+    """Whether device d's share of layer 0's fused kernels is [q_d | k_d | v_d]
+    (and [gate_d | up_d]) of the original model's projections (no padding or
+    repeats: heads that divide over tp)."""
+    from models.convert import unfuse_params
+    parts = unfuse_params(original.params, original.config.fused_params())["layers_0"]
+    out = {}
+    for module, names in (("self_attn/qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                          ("mlp/gate_up_proj", ("gate_proj", "up_proj"))):
+        outer, proj = module.split("/")
+        if proj not in sharded.params["layers_0"].get(outer, {}):
+            continue
+        kernel = sharded.params["layers_0"][outer][proj]["kernel"]
+        whole = [np.asarray(parts[outer][name]["kernel"]) for name in names]
+        shards = sorted(kernel.addressable_shards, key=lambda s: s.device.id)
+        out[module] = all(
+            np.array_equal(np.asarray(s.data),
+                           np.concatenate([w.reshape(w.shape[0], tp, -1)[:, d] for w in whole],
+                                          axis=-1))
+            for d, s in enumerate(shards))
+    return out
+
+
 def _pool_heads(runner) -> np.ndarray:
     """Layer 0 of the pool, whole on the host: [2, num_blocks, heads, bs, D]."""
     return np.asarray(runner.kv_caches[0])
@@ -162,6 +204,10 @@ def _worker() -> dict:
                 pool=_pool_heads(eng.runner).tolist(), shards_equal=_shards_equal(eng.runner))
             if name == "llama_9_heads":  # runner.model: the padded, sharded twin
                 case["logits"] = eng.runner.model.logits(prompts[0], block_size=4).tolist()
+            if tp > 1:
+                case["collectives"] = _collectives(eng.runner.model)
+            if (name, tp) in (("llama_gqa", 4), ("opt", 2), ("opt", 4)):
+                case["fused_shards"] = _fused_shards(model, eng.runner.model, tp)
         if name == "opt":
             try:  # 4 heads on 3 devices: OPT's head_dim follows the head count, no padding
                 _engine_generate(model, 3, prompts, greedy)
@@ -248,12 +294,13 @@ def test_params_and_pool_are_sharded(tp_run, case, tp):
     assert d["pool_shape"][2] == 4
     assert d["pool_shard_shapes"] == [d["pool_shape"][:2] + [4 // tp] + d["pool_shape"][3:]] * tp
     p = d["params"]
-    column = p["layers_0/self_attn/q_proj/kernel"]
-    assert column["spec"] == [None, "tp"] and column["shard_shapes"] == [[64, 64 // tp]] * tp
-    assert p["layers_0/self_attn/k_proj/kernel"]["shard_shapes"] == [[64, 32 // tp]] * tp
+    # the fused q/k/v kernel: 8 query + 2 x 4 KV heads of 8 columns, split by column
+    column = p["layers_0/self_attn/qkv_proj/kernel"]
+    assert column["spec"] == [None, "tp"] and column["shard_shapes"] == [[64, 128 // tp]] * tp
+    assert "layers_0/self_attn/q_proj/kernel" not in p
     assert p["layers_0/self_attn/o_proj/kernel"]["spec"] == ["tp"]
     assert p["layers_0/self_attn/o_proj/kernel"]["shard_shapes"] == [[64 // tp, 64]] * tp
-    assert p["layers_1/mlp/gate_proj/kernel"]["shard_shapes"] == [[64, 128 // tp]] * tp
+    assert p["layers_1/mlp/gate_up_proj/kernel"]["shard_shapes"] == [[64, 256 // tp]] * tp
     assert p["layers_1/mlp/down_proj/kernel"]["shard_shapes"] == [[128 // tp, 64]] * tp
     assert p["embed_tokens/embedding"]["shard_shapes"] == [[128 // tp, 64]] * tp
     assert p["lm_head"]["shard_shapes"] == [[64, 128 // tp]] * tp
@@ -283,8 +330,9 @@ def test_opt_greedy_equals_one_device_and_is_sharded(tp_run, tp):
     assert p["layers_0/fc2/kernel"]["shard_shapes"] == [[128 // tp, 64]] * tp
     assert p["layers_0/fc2/bias"]["spec"] == []
     assert p["layers_0/self_attn/out_proj/kernel"]["shard_shapes"] == [[64 // tp, 64]] * tp
-    assert p["layers_0/self_attn/v_proj/bias"]["shard_shapes"] == [[64 // tp]] * tp
+    assert p["layers_0/self_attn/qkv_proj/bias"]["shard_shapes"] == [[192 // tp]] * tp
     assert p["embed_positions/embedding"]["spec"] == []
+    assert many["fused_shards"] == {"self_attn/qkv_proj": True}
 
 
 def test_fewer_kv_heads_than_devices_replicates_them(tp_run):
@@ -297,8 +345,10 @@ def test_fewer_kv_heads_than_devices_replicates_them(tp_run):
                                     [False, False, True, True], [False, False, True, True]]
     np.testing.assert_allclose(np.array(many["pool"]), np.repeat(np.array(one["pool"]), 2, axis=2),
                                atol=1e-4)
-    # the k/v projections were repeated the same way and are split by column
-    assert d["params"]["layers_0/self_attn/k_proj/kernel"]["shard_shapes"] == [[64, 8]] * 4
+    # the k/v projections were repeated the same way and are split by column:
+    # each device's share of the fused kernel is its 2 query heads, 1 K and 1 V head
+    assert d["params"]["layers_0/self_attn/qkv_proj/kernel"]["shard_shapes"] == \
+        [[64, (2 + 1 + 1) * 8]] * 4
     assert d["params"]["embed_tokens/embedding"]["spec"] == ["tp"]  # tied lm_head
 
 
@@ -326,11 +376,32 @@ def test_query_heads_padded_per_kv_group(tp_run, tp):
                                np.repeat(np.array(one["pool"]), repeats, axis=2), atol=1e-5)
     p = d["params"]
     head_cols = 12 // tp * 8  # query heads per device x head_dim
-    assert p["layers_0/self_attn/q_proj/kernel"]["shard_shapes"] == [[72, head_cols]] * tp
-    assert p["layers_0/self_attn/q_proj/bias"]["shard_shapes"] == [[head_cols]] * tp
+    qkv_cols = head_cols + 2 * (3 * repeats // tp) * 8  # + its K and V heads
+    assert p["layers_0/self_attn/qkv_proj/kernel"]["shard_shapes"] == [[72, qkv_cols]] * tp
+    assert p["layers_0/self_attn/qkv_proj/bias"]["shard_shapes"] == [[qkv_cols]] * tp
     assert p["layers_0/self_attn/o_proj/kernel"]["shard_shapes"] == [[head_cols, 72]] * tp
     assert p["layers_0/self_attn/o_proj/bias"]["spec"] == []
     assert one["describe"]["num_heads"] == 9 and one["describe"]["num_kv_heads"] == 3
+
+
+def test_fused_shards_hold_their_own_heads(tp_run):
+    """Device d's share of the fused kernels is its own heads' q, k, v (and
+    its own gate, up columns) side by side."""
+    assert tp_run["cases"]["llama_gqa_tp4"]["fused_shards"] == {
+        "self_attn/qkv_proj": True, "mlp/gate_up_proj": True}
+
+
+def test_fused_split_moves_no_data(tp_run):
+    """The split of a fused matmul's output is local to each device: the
+    compiled steps hold the same collectives as before fusing, one all-reduce
+    per row-parallel matmul (2 per layer) and one for the vocab-split
+    embedding lookup, one all-gather of the logits, nothing else."""
+    cases = {k: v for k, v in tp_run["cases"].items() if "collectives" in v}
+    assert len(cases) == 7, sorted(cases)
+    for name, case in cases.items():
+        for kind, counts in case["collectives"].items():
+            assert counts == {"all-reduce": 2 * 2 + 1, "all-gather": 1, "all-to-all": 0,
+                              "collective-permute": 0, "reduce-scatter": 0}, (name, kind)
 
 
 def test_errors_name_the_problem(tp_run):
@@ -429,9 +500,8 @@ def test_pad_query_heads_places_real_heads_and_zeros():
     attn = dict(q_proj=dict(kernel=normal(5, 18), bias=normal(18)),
                 o_proj=dict(kernel=normal(18, 5), bias=normal(5)),
                 k_proj=dict(kernel=normal(5, 6)))
-    params = {"layers_0": {"self_attn": attn}}
-    out = _pad_query_heads(params, 1, num_kv_heads=3, head_dim=2, group_size=3,
-                           padded_group_size=4)["layers_0"]["self_attn"]
+    out = _pad_query_heads(attn, num_kv_heads=3, head_dim=2, group_size=3,
+                           padded_group_size=4)
     q = np.asarray(out["q_proj"]["kernel"]).reshape(5, 3, 4, 2)
     np.testing.assert_array_equal(q[:, :, :3], attn["q_proj"]["kernel"].reshape(5, 3, 3, 2))
     np.testing.assert_array_equal(q[:, :, 3], 0)
@@ -443,7 +513,7 @@ def test_pad_query_heads_places_real_heads_and_zeros():
     np.testing.assert_array_equal(o[:, 3], 0)
     assert out["o_proj"]["bias"] is attn["o_proj"]["bias"]
     assert out["k_proj"] is attn["k_proj"]
-    assert params["layers_0"]["self_attn"]["q_proj"]["kernel"].shape == (5, 18)  # untouched
+    assert attn["q_proj"]["kernel"].shape == (5, 18)  # untouched
 
 
 def test_too_many_devices_is_a_clear_error():
