@@ -32,6 +32,7 @@ Example (issue 15's targets):
 from __future__ import annotations
 
 import argparse
+import os
 import itertools
 import sys
 import time
@@ -121,7 +122,8 @@ def main(argv=None):
             return x
     header = result_header("scripts/bench_step.py", argv)
     out = args.out or default_out("step", header["device"])
-    result = dict(header, dtype=args.dtype, block_size=args.block_size,
+    result = dict(header, xla_flags=os.environ.get("XLA_FLAGS", ""), dtype=args.dtype,
+                  block_size=args.block_size,
                   attention_backend=args.attention_backend, interpret=args.interpret,
                   tensor_parallel_size=args.tensor_parallel_size, peak_bw=args.peak_bw,
                   repeats=args.repeats, warmup=args.warmup, results=[])
@@ -158,7 +160,9 @@ def main(argv=None):
                               ("context", "ctx", "d"), ("K", "K", "d"),
                               ("variant", "variant", ""), ("ms_per_step", "ms/step", ".3f"),
                               ("tok_per_s", "tok/s", ",.0f"), ("roofline_ms", "roofline ms", ".3f"),
-                              ("ratio", "x roofline", ".2f"), ("weights_gb", "weights GB", ".3f"),
+                              ("ratio", "x roofline", ".2f"),
+                              ("pipelined_ms_per_step", "piped ms", ".3f"),
+                              ("weights_gb", "weights GB", ".3f"),
                               ("kv_gb", "KV read GB", ".3f"), ("error", "error", "")]))
     return 0 if all("error" not in r for r in result["results"]) else 1
 

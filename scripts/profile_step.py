@@ -38,6 +38,7 @@ Notes for issue 15 item 3 (measure first, on the GPU):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -122,7 +123,9 @@ def profile_decode(model, args) -> dict:
     wall = _timed(compiled, state, make_args)
     c = model.config
     mean_ctx = C + (K + 1) / 2
-    pool = _pool_info(model, inputs.block_tables.size + 1, bs, S * mean_ctx, 4.0 * c.num_heads * c.head_dim * S * mean_ctx)
+    # NOTE: attention FLOPs: q.k and p.v, 2 * 2 * head_dim per head and cached token.
+    pool = _pool_info(model, inputs.block_tables.size + 1, bs, S * mean_ctx,
+                      4.0 * c.num_heads * c.head_dim * S * mean_ctx)
     res = step_profile.profile(compiled, lambda prev: make_args(prev or state["out"]),
                                num_calls=args.calls, steps_per_call=K, pool=pool,
                                trace_dir=args.trace_dir and f"{args.trace_dir}/decode")
@@ -199,7 +202,8 @@ def _tables(name: str, res: dict, args) -> str:
     return "\n".join([
         head,
         format_table(cats, [("category", "category", "")] + columns),
-        format_table(rows[:args.top], [("category", "category", ""), ("group", "op (all layers)", ""),
+        format_table(rows[:args.top], [("category", "category", ""),
+                                       ("group", "op (all layers)", ""),
                                        ("calls_per_step", "calls", ".0f")] + columns)])
 
 
@@ -212,7 +216,8 @@ def main(argv=None):
     model = models.random_model(load_hf_config(args.model), dtype=args.dtype, seed=args.seed,
                                 attention_backend=args.attention_backend,
                                 interpret=args.interpret, fast_init=True)
-    result = dict(header, model=args.model, dtype=args.dtype, block_size=args.block_size,
+    result = dict(header, xla_flags=os.environ.get("XLA_FLAGS", ""), model=args.model,
+                  dtype=args.dtype, block_size=args.block_size,
                   attention_backend=args.attention_backend, peak_bw=args.peak_bw)
     kinds = [("decode", profile_decode)] + ([("prefill", profile_prefill)]
                                             if args.prefill_seqs else [])

@@ -132,7 +132,7 @@ def test_bench_step_script_on_the_gpu_kernels(tmp_path, capsys):
         assert r["ms_per_step"] > 0 and r["tok_per_s"] == pytest.approx(2e3 / r["ms_per_step"])
         assert r["roofline_ms"] == pytest.approx(1e3 * r["bytes"]["total"] / 4.8e12)
         assert r["ratio"] == pytest.approx(r["ms_per_step"] / r["roofline_ms"])
-        assert len(r["call_ms"]) == 2
+        assert len(r["call_ms"]) == 2 and r["pipelined_ms_per_step"] > 0
     assert ok[0]["bytes"]["kv_read"] > 0 and res["attention_backend"] == "gpu"
     assert len(bad) == 1 and "max_position_embeddings" in bad[0]["error"]
     table = capsys.readouterr().out.strip().splitlines()
