@@ -33,6 +33,8 @@ import os
 import sys
 import time
 
+from jpaged.engine_args import add_engine_args, llm_kwargs, load_model
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
@@ -50,47 +52,14 @@ def parse_args(argv=None):
                           "jsonl for a .jsonl file, text otherwise and for --stdin")
     src.add_argument("--chat", action="store_true",
                      help="wrap each prompt as a user message in the model's chat template")
-    m = p.add_argument_group("model and engine")
-    m.add_argument("--model", default="smollm2-135m",
-                   help="registered name, HF directory, converted directory or .gguf file")
-    m.add_argument("--random-weights", action="store_true",
-                   help="use random weights of --model's shape (a models.random_model "
-                        "preset or HF config); prompts must then be token ids or are "
-                        "random, see --num-random-prompts")
+    m, t = add_engine_args(p, max_num_seqs_help=(
+        "most sequences in one step (default: the number of sequences asked for, rounded "
+        "up to a power of two, at most 256; every batch-size bucket up to it is compiled "
+        "at start-up)"))
     m.add_argument("--num-random-prompts", type=int, default=0,
                    help="with --random-weights: generate this many random token prompts")
     m.add_argument("--random-prompt-len", type=int, default=128,
                    help="length of each random prompt")
-    m.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    m.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    m.add_argument("--max-num-seqs", type=int, default=None,
-                   help="most sequences in one step (default: the number of sequences "
-                        "asked for, rounded up to a power of two, at most 256; every "
-                        "batch-size bucket up to it is compiled at start-up)")
-    m.add_argument("--max-model-len", type=int, default=2048,
-                   help="longest prompt + output; every prefill bucket up to it is "
-                        "compiled at start-up (0: the model's own limit)")
-    m.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="most tokens in one prefill step")
-    m.add_argument("--num-gpu-blocks", type=int, default=None,
-                   help="KV pool size in blocks (default: from --gpu-memory-utilization)")
-    m.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of device memory for weights + KV pool")
-    m.add_argument("--swap-space", type=float, default=4.0,
-                   help="host swap pool in GiB")
-    m.add_argument("--preemption-mode", choices=["recompute", "swap"], default=None,
-                   help="how to preempt (default: recompute single sequences, swap groups)")
-    m.add_argument("--enable-prefix-caching", action="store_true",
-                   help="reuse cached KV blocks of shared prompt prefixes")
-    m.add_argument("--seed", type=int, default=0, help="engine seed")
-    m.add_argument("--no-async-scheduling", action="store_true",
-                   help="wait for each step's tokens before scheduling the next (by default "
-                        "the host schedules the next step while the device runs)")
-    t = p.add_argument_group("tensor parallelism (README, \"Tensor parallelism\")")
-    t.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="devices the model and KV pool are split over (heads, MLP columns, "
-                        "vocabulary); must divide the MLP width; query heads that don't "
-                        "split evenly are padded with zero heads")
     t.add_argument("--coordinator-address", default=None,
                    help="multi-host: host:port of process 0, for jax.distributed.initialize "
                         "(or JAX_COORDINATOR_ADDRESS); a single host needs none of these")
@@ -225,30 +194,9 @@ def open_output(path):
                  "in an existing, writable directory")
 
 
-def load_model(args):
-    """--model as LLM takes it: a name or path, or random weights of its shape."""
-    if not args.random_weights:
-        return args.model
-    import models
-    from jpaged.benchmark import load_hf_config
-    from jpaged.engine import enable_compilation_cache
-    enable_compilation_cache()  # the model's init compiles too
-    return models.random_model(load_hf_config(args.model),
-                               dtype="bfloat16" if args.dtype == "auto" else args.dtype,
-                               seed=args.seed, fast_init=True)
-
-
 def load_llm(args, max_num_seqs: int):
     from jpaged import LLM
-    return LLM(load_model(args), dtype=args.dtype, block_size=args.block_size,
-               max_num_seqs=max_num_seqs, max_model_len=args.max_model_len or None,
-               max_num_batched_tokens=args.max_num_batched_tokens,
-               num_gpu_blocks=args.num_gpu_blocks,
-               gpu_memory_utilization=args.gpu_memory_utilization,
-               swap_space=args.swap_space, preemption_mode=args.preemption_mode,
-               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-               async_scheduling=not args.no_async_scheduling,
-               tensor_parallel_size=args.tensor_parallel_size,
+    return LLM(load_model(args), **dict(llm_kwargs(args), max_num_seqs=max_num_seqs),
                use_tqdm_warmup=not args.no_progress)
 
 
