@@ -44,6 +44,16 @@ def _num_blocks(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def tokens_to_cover(seq: Sequence, num_lookahead: int, max_len: int | None) -> int:
+    """Tokens a sequence's table must cover: all it holds, and up to
+    num_lookahead more that a decode window may write (never past max_len)."""
+    n = seq.get_len()
+    if not num_lookahead:
+        return n
+    ahead = n + num_lookahead
+    return max(n, ahead if max_len is None else min(ahead, max_len))
+
+
 class BlockSpaceManager:
     """Block tables of all sequences, over a device pool and a host swap pool.
 
@@ -111,8 +121,10 @@ class BlockSpaceManager:
         bs = self.block_size
         gpu = self.gpu_allocator
         params = seq_group.sampling_params
-        # Prompt logprobs need every prompt token computed, so no cache hits then.
-        use_cache = self.enable_prefix_caching and getattr(params, "prompt_logprobs", None) is None
+        # Prompt logprobs need every prompt token computed, and penalties every
+        # token in the prefill's input (it fills the device's counts): no cache hits then.
+        use_cache = (self.enable_prefix_caching and getattr(params, "prompt_logprobs", None) is None
+                     and not seq_group.has_penalties())
         local: dict = {}          # content key -> block (shared inside the group)
         cached_keys: set = set()  # keys whose block came from the cache
         num_unique = num_taken = 0
@@ -186,36 +198,47 @@ class BlockSpaceManager:
 
     # -- decode: one more slot per sequence -------------------------------
 
-    def can_append_slots(self, seq_group: SequenceGroup) -> bool:
-        """Can every RUNNING sequence of the group get a slot for its last token?"""
+    def can_append_slots(self, seq_group: SequenceGroup, num_lookahead: int = 0,
+                         max_len: int | None = None) -> bool:
+        """Can every RUNNING sequence of the group get slots for its last
+        token and `num_lookahead` more (never past `max_len` tokens)?"""
         seqs = seq_group.get_seqs(SequenceStatus.RUNNING)
-        need = self._append_cost(seqs, self._gpu_tables, self.gpu_allocator)
+        need = self._append_cost(seqs, self._gpu_tables, self.gpu_allocator,
+                                 num_lookahead, max_len)
         return need <= self.gpu_allocator.get_num_free_blocks()
 
-    def can_append_slots_all(self, seq_groups: list[SequenceGroup]) -> bool:
-        """can_append_slots for all the groups at once (their costs add up)."""
+    def can_append_slots_all(self, seq_groups: list[SequenceGroup], num_lookahead: int = 0,
+                             max_len=None) -> bool:
+        """can_append_slots for all the groups at once (their costs add up);
+        max_len: a callable group -> its max_len, or None."""
         free = self.gpu_allocator.get_num_free_blocks()
         # A sequence's next slot takes at most one block (a new one, or a
-        # copy of a shared last block): this bound settles most steps cheaply.
-        if sum(g.num_seqs(SequenceStatus.RUNNING) for g in seq_groups) <= free:
+        # copy of a shared last block), num_lookahead more slots at most
+        # ceil(num_lookahead / block_size) more: this bound settles most
+        # steps cheaply.
+        per_seq = 1 + _num_blocks(num_lookahead, self.block_size)
+        if sum(g.num_seqs(SequenceStatus.RUNNING) for g in seq_groups) * per_seq <= free:
             return True
         need = 0
         for g in seq_groups:
             need += self._append_cost(g.get_seqs(SequenceStatus.RUNNING), self._gpu_tables,
-                                      self.gpu_allocator)
+                                      self.gpu_allocator, num_lookahead,
+                                      max_len(g) if max_len is not None else None)
             if need > free:
                 return False
         return True
 
-    def append_slots(self, seq: Sequence) -> list[tuple[int, int]]:
-        """Makes seq's table cover all its tokens and its last block private.
+    def append_slots(self, seq: Sequence, num_lookahead: int = 0,
+                     max_len: int | None = None) -> list[tuple[int, int]]:
+        """Makes seq's table cover all its tokens and `num_lookahead` more
+        (at most `max_len` tokens in all), and its last token's block private.
 
         Returns the copy-on-write copies to run before the step, as
         (src_block, dst_block) device block ids (at most one).
         """
         gpu = self.gpu_allocator
         table = self._gpu_tables[seq.seq_id]
-        while len(table) < _num_blocks(seq.get_len(), self.block_size):
+        while len(table) < _num_blocks(tokens_to_cover(seq, num_lookahead, max_len), self.block_size):
             table.append(self._allocate_gpu("append_slots", "can_append_slots"))
         last = (seq.get_len() - 1) // self.block_size
         src = table[last]
@@ -227,17 +250,19 @@ class BlockSpaceManager:
         return [(src, dst)]
 
     def _append_cost(self, seqs: list[Sequence], tables: dict[int, list[int]],
-                     allocator: BlockAllocator) -> int:
-        """Device blocks that appending one slot to each of seqs takes (exact)."""
+                     allocator: BlockAllocator, num_lookahead: int = 0,
+                     max_len: int | None = None) -> int:
+        """Device blocks that append_slots on each of seqs takes (exact)."""
         need = 0
         writers: collections.Counter = collections.Counter()
         for seq in seqs:
             table = tables[seq.seq_id]
-            num_needed = _num_blocks(seq.get_len(), self.block_size)
+            last = (seq.get_len() - 1) // self.block_size
+            num_needed = _num_blocks(tokens_to_cover(seq, num_lookahead, max_len), self.block_size)
             if len(table) < num_needed:
                 need += num_needed - len(table)
-            else:
-                writers[table[(seq.get_len() - 1) // self.block_size]] += 1
+            if last < len(table):
+                writers[table[last]] += 1
         # k writers of a block held r times copy min(k, r - 1) times: the last one writes in place.
         for block, k in writers.items():
             need += min(k, allocator.get_ref_count(block) - 1)
@@ -382,6 +407,10 @@ class BlockSpaceManager:
     def get_block_table(self, seq: Sequence) -> list[int]:
         """Device block ids of seq, logical order (a copy)."""
         return list(self._gpu_tables[seq.seq_id])
+
+    def block_table(self, seq: Sequence) -> list[int]:
+        """seq's device block table itself, not a copy: read it, never change it."""
+        return self._gpu_tables[seq.seq_id]
 
     def get_cpu_block_table(self, seq: Sequence) -> list[int]:
         """Host block ids of a swapped-out seq, logical order (a copy)."""

@@ -95,6 +95,10 @@ class EngineConfig:
         device still runs the current one, when nothing needs the current
         step's tokens on the host first (see jpaged.engine); the tokens are
         the same either way.
+      max_decode_window: decode steps one jitted call may run, a power of
+        two in [1, 64]: when only decodes run, the device runs up to this
+        many steps with no host in between (stop rules on the device), each
+        window size from 1 up compiled at start-up. 1 turns windows off.
     """
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -112,6 +116,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
     async_scheduling: bool = True
+    max_decode_window: int = 8
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -138,6 +143,9 @@ class EngineConfig:
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
+        w = self.max_decode_window
+        if not _is_int(w) or not 1 <= w <= 64 or w & (w - 1):
+            raise ValueError(f"max_decode_window must be a power of two in [1, 64], got {w!r}")
         if self.max_model_len is not None:
             self._check_budget(self.max_model_len)
 

@@ -1,101 +1,132 @@
-"""ModelRunner: the one bridge from host bookkeeping to device arrays.
+"""ModelRunner: the jitted steps of one model over the persistent batch.
 
-It owns the KV pool (one donated array per layer, layout in
-``kernels_pallas``), the host swap pool, and a fixed set of jitted step
-functions, one per bucket:
+It holds the model, the KV pool (jpaged.kv_pool) and the device-resident
+slot state (jpaged.device_batch), and runs three kinds of jitted calls, each
+taking the pool and the state donated and handing them back:
 
-- decode buckets: ``num_seqs`` in powers of two up to ``max_num_seqs``
-  (one new token per sequence);
-- prefill buckets: ``num_tokens`` in powers of two from 16 up to
-  ``max_num_batched_tokens``, with ``min(num_tokens, max_num_seqs)``
-  sequence slots.
+- ``apply_diff``: the host's changes to the slots of one step, one packed
+  int32 buffer (jpaged.slots), one transfer;
+- a prefill: the model over the prompt tokens of a step (``num_tokens`` in
+  powers of two from 16 up to ``max_num_batched_tokens``, with
+  ``min(num_tokens, max_num_seqs)`` sequences), then the sampler for its
+  rows, which writes the first tokens into their slots;
+- a decode window: ``num_steps`` (a power of two up to max_decode_window)
+  decode steps of every slot in one ``lax.fori_loop``, sampling, stop rules
+  and K/V writes on the device; no host work between them.
 
-Block tables are always ``ceil(max_model_len / block_size)`` wide. Every
-bucket (and the swap / copy helpers) is compiled by ``warm_up``; a run then
-compiles nothing more. A step is two jitted calls: the model, then the
-sampler (one of SAMPLER_MODES per row count, chosen on the host). The
-sampling settings are traced arrays, so a new mix of settings compiles nothing.
+Each step's results are one packed i32[num_steps, rows, C] array (token,
+logprob bits, top logprobs in the FULL mode), copied to the host
+asynchronously from the moment the step is dispatched. The sampler has three
+static modes (GREEDY, RANDOM, FULL), chosen by the host per step; the
+sampling settings themselves are traced per-slot values, so a new mix of
+settings compiles nothing. Block tables are always
+``ceil(max_model_len / block_size)`` wide. ``warm_up`` compiles every
+bucket, window and mode; a run then compiles nothing more.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import operator
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import AttentionMetadata, copy_blocks
+from jpaged import device_batch, slots as slots_lib
 from jpaged import sampler as sampler_lib
+from jpaged.kv_pool import KVPool, bucket, pow2_buckets
+from kernels_pallas import AttentionMetadata
 
-# Sampler rows return this many top logprobs (beam search asks for
-# 2 * beam_width of them, so beam widths up to 10 fit).
+# Sampler rows return this many top logprobs in the FULL mode (beam search
+# asks for 2 * beam_width of them, so beam widths up to 10 fit).
 MAX_LOGPROBS = 20
-# The sampler's static modes: (greedy or sampling) x (penalties or not), the
-# host picking one per step (sampler.SamplerModes.coarsen); all four are
-# compiled at warm-up for every row count, so a new mix of settings never
-# compiles. The sampler is its own jitted call after the model's: modes chosen
-# on the device (lax.cond) would make the host wait there for the whole
-# forward pass before launching the rest of the step.
-SAMPLER_MODES = tuple(m for m in sampler_lib.all_modes(coarse=True)
-                      if m.num_logprobs == MAX_LOGPROBS)
 MIN_PREFILL_BUCKET = 16
-MAX_SWAP_CHUNK = 256  # blocks moved per device<->host transfer at most
-
-
-def _pow2_buckets(lo: int, hi: int) -> list[int]:
-    out, b = [], lo
-    while b < hi:
-        out.append(b)
-        b *= 2
-    out.append(hi)
-    return sorted(set(out))
-
-
-def _bucket(buckets: list[int], n: int) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+# The sampler's static modes, the host picking the least one that covers
+# every row of a step (mode_level): greedy only; sampling (temperature,
+# top-k / top-p, min-p); everything (penalties and top logprobs too). Off
+# values are no-ops, so a richer mode never changes a result.
+GREEDY = sampler_lib.SamplerModes(all_greedy=True)
+RANDOM = sampler_lib.SamplerModes(all_greedy=False, do_top_k_top_p=True, do_min_p=True)
+FULL = sampler_lib.SamplerModes(all_greedy=False, do_penalties=True, do_top_k_top_p=True,
+                                do_min_p=True, num_logprobs=MAX_LOGPROBS)
+SAMPLER_MODES = (GREEDY, RANDOM, FULL)
 
 
 @dataclasses.dataclass
-class SeqInput:
-    """One sequence's work in a step (built by the engine).
+class PrefillSeq:
+    """One sequence's part of a prefill step (built by the engine).
 
-    token_ids:   tokens whose K/V this step computes (prefill: the uncached
-                 tail of the sequence; decode: its last token).
+    token_ids:   the tokens whose K/V this step computes (the uncached tail).
     start_pos:   position of token_ids[0].
-    block_table: the sequence's physical block ids.
-    num_samples: sampler rows that read this sequence's last logits (1, or
-                 best_of when a prompt forks into parallel samples).
-    prompt_next_ids: for prompt logprobs, the token that follows each of
-                 token_ids (None: not wanted); the step then returns the
-                 logprob of each and the top MAX_LOGPROBS at every position.
-    prev_row:    decode only: >= 0 when the input token is not known on the
-                 host yet; the step then reads it from row ``prev_row`` of
-                 the previous step's sampled tokens, on the device
-                 (token_ids[0] is ignored).
+    slot:        the sequence's slot (its block-table row is on the device).
+    block_table: its block ids (for the new tokens' slot mapping).
+    prompt_len:  tokens before it are the prompt, the others generated
+                 (the device's penalty counts).
+    rows:        its sampler rows, (target slot, counts_from): (slot, -1)
+                 for itself, (child slot, slot) for a parallel sample that
+                 starts from its prompt.
+    prompt_next_ids: for prompt logprobs, the token after each of
+                 token_ids (None: not wanted).
     """
     token_ids: list[int]
     start_pos: int
+    slot: int
     block_table: list[int]
-    num_samples: int = 1
+    prompt_len: int
+    rows: list[tuple[int, int]]
     prompt_next_ids: list[int] | None = None
-    prev_row: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillLayout:
+    """Sections of a prefill's packed i32 input (T tokens, P sequences, R rows)."""
+    num_tokens: int
+    num_seqs: int
+    num_rows: int
+    # NOTE: the rows come first: the sampler reads only them, so it compiles
+    # once for every bucket.
+    FIELDS = (("row_index", "R"), ("row_slot", "R"), ("row_counts_from", "R"),
+              ("input_ids", "T"), ("positions", "T"), ("slot_mapping", "T"),
+              ("token_slot", "T"), ("token_is_output", "T"), ("seq_slots", "P"),
+              ("context_lens", "P"), ("query_start_loc", "P1"))
+
+    @property
+    def rows_size(self) -> int:
+        return 3 * self.num_rows
+
+    @staticmethod
+    def split_rows(rows):
+        """(row_index, row_slot, row_counts_from) of the rows section."""
+        r = rows.shape[0] // 3
+        return rows[:r], rows[r:2 * r], rows[2 * r:]
+
+    def _size(self, kind):
+        return {"T": self.num_tokens, "P": self.num_seqs, "P1": self.num_seqs + 1,
+                "R": self.num_rows}[kind]
+
+    @property
+    def size(self) -> int:
+        return sum(self._size(k) for _, k in self.FIELDS)
+
+    def split(self, buf) -> dict:
+        out, at = {}, 0
+        for name, kind in self.FIELDS:
+            n = self._size(kind)
+            out[name] = buf[at:at + n]
+            at += n
+        return out
 
 
 @dataclasses.dataclass
 class StepOutput:
-    """Host copies of the sampler's results, one row per sampler row."""
-    token_ids: np.ndarray       # i32[rows]
-    logprobs: np.ndarray        # f32[rows]
-    topk_token_ids: np.ndarray  # i32[rows, MAX_LOGPROBS]
-    topk_logprobs: np.ndarray   # f32[rows, MAX_LOGPROBS]
-    # Prompt logprobs, one row per computed token of the step, when asked for:
+    """Host copies of a step's results: [num_steps, rows] (a prefill: one
+    step, a row per sampler row; a decode window: a row per slot)."""
+    token_ids: np.ndarray                   # i32[K, R]  -1 where the slot was inactive
+    logprobs: np.ndarray                    # f32[K, R]
+    topk_token_ids: np.ndarray | None = None  # i32[K, R, MAX_LOGPROBS] (FULL mode)
+    topk_logprobs: np.ndarray | None = None   # f32[K, R, MAX_LOGPROBS]
+    # Prompt logprobs, one row per computed token of a prefill, when asked for:
     prompt_logprobs: np.ndarray | None = None        # f32[tokens]
     prompt_topk_token_ids: np.ndarray | None = None  # i32[tokens, MAX_LOGPROBS]
     prompt_topk_logprobs: np.ndarray | None = None   # f32[tokens, MAX_LOGPROBS]
@@ -103,28 +134,34 @@ class StepOutput:
 
 @dataclasses.dataclass
 class PendingStep:
-    """A dispatched step whose results are still on the device.
-
-    next_tokens feeds the following step's inputs without a host round trip
-    (SeqInput.prev_row); ``ModelRunner.fetch`` brings the rest to the host.
-    """
-    out: object                # sampler_lib.SamplerOutput of device arrays
-    plp: object                # sampler_lib.PromptLogprobs or None
+    """A dispatched step whose results are still on the device (``fetch``
+    brings them over; their copy to the host started at dispatch)."""
+    out: object            # i32[K, R, C] device array
+    plp: object            # sampler_lib.PromptLogprobs or None
     num_rows: int
     num_tokens: int
-    next_tokens: jax.Array     # i32[max_num_seqs] sampled tokens, zero padded
-    result: StepOutput | None = None  # set once fetched
+    num_logprobs: int
+    result: StepOutput | None = None
+
+
+def mode_level(sp) -> int:
+    """The least sampler mode a request needs: 0 GREEDY, 1 RANDOM, 2 FULL."""
+    if (sp.logprobs is not None or sp.use_beam_search or sp.presence_penalty != 0
+            or sp.frequency_penalty != 0 or sp.repetition_penalty != 1):
+        return 2
+    return 0 if sp.temperature < sampler_lib.SAMPLING_EPS else 1
 
 
 class ModelRunner:
-    """Owns the KV pool and the jitted steps for one model."""
+    """Owns the KV pool, the slot state and the jitted steps of one model."""
 
     def __init__(self, model, *, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
                  num_gpu_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9,
                  swap_space_gib: float = 0.0, kv_dtype=None,
-                 attention_backend: str = "auto", tensor_parallel_size: int = 1):
+                 attention_backend: str = "auto", tensor_parallel_size: int = 1,
+                 max_decode_window: int = 1, eos_token_ids=()):
         self.tensor_parallel_size = tensor_parallel_size
         self.mesh = None
         if tensor_parallel_size > 1:  # params and pool sharded over a "tp" mesh
@@ -138,8 +175,8 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
-        self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
         self.vocab_size = model.config.vocab_size
+        self.eos_token_ids = tuple(sorted(eos_token_ids))
         self.bytes_per_block = model.kv_bytes_per_block(block_size)
         self.num_gpu_blocks = num_gpu_blocks or self._profile_num_blocks(
             gpu_memory_utilization)
@@ -149,42 +186,37 @@ class ModelRunner:
                 "at least 2 (block 0 is the null block): raise num_gpu_blocks or "
                 "gpu_memory_utilization")
         self.num_cpu_blocks = int(swap_space_gib * (1 << 30) // self.bytes_per_block)
-        self.num_slots = self.num_gpu_blocks * block_size
-        self.kv_caches = model.init_kv_caches(self.num_gpu_blocks, block_size,
-                                              dtype=self.kv_dtype)
-        self.cpu_cache = None  # host swap pool, allocated on first swap-out
-        # Device<->host transfers go through page-locked memory where the
-        # platform offers it (on an H100: ~52 GB/s against ~7 GB/s pageable).
-        self._device = jax.local_devices()[0]
-        self._pinned = any(m.kind == "pinned_host" for m in self._device.addressable_memories())
-        self.decode_buckets = _pow2_buckets(1, max_num_seqs)
-        self.prefill_buckets = _pow2_buckets(
+        self.pool = KVPool(model, self.num_gpu_blocks, block_size, self.num_cpu_blocks,
+                           max_copies=max_num_seqs, dtype=jnp.dtype(kv_dtype or model.dtype),
+                           mesh=self.mesh, backend=attention_backend)
+        self.window_sizes = pow2_buckets(1, max_decode_window)
+        self.prefill_buckets = pow2_buckets(
             min(MIN_PREFILL_BUCKET, max_num_batched_tokens), max_num_batched_tokens)
-        self.swap_buckets = (_pow2_buckets(1, min(MAX_SWAP_CHUNK, self.num_cpu_blocks))
-                             if self.num_cpu_blocks else [])
+        self.diff_layouts = slots_lib.diff_layouts(max_num_seqs, self.max_blocks_per_seq,
+                                                   max_decode_window, block_size)
+        self._state_sharding = None
+        if self.mesh is not None:
+            from jpaged import parallel
+            self._state_sharding = parallel.replicated(self.mesh)
+        self.state = self._new_state()
         self.num_traces = 0
         self.warmup_seconds = None
-        self._forward_fn = jax.jit(self._forward, donate_argnums=(1,))
-        self._sample_fn = jax.jit(self._sample, static_argnames=("modes",))
-        # The sampled tokens that feed the next step stay on the device; a
-        # step with nothing to read gets zeros of the same shape and sharding.
-        self._token_sharding = (parallel.replicated(self.mesh) if self.mesh is not None
-                                else jax.sharding.SingleDeviceSharding(self._device))
-        self._no_prev = jax.device_put(np.zeros(max_num_seqs, np.int32), self._token_sharding)
-        self._pad_tokens: dict[tuple, jax.Array] = {}  # see _place_penalty_tokens
-        self._copy_fn = jax.jit(self._copy, donate_argnums=(0,))
-        self._gather_fn = jax.jit(self._gather)
-        self._scatter_fn = jax.jit(self._scatter, donate_argnums=(0,))
-        if self.mesh is not None:
-            # NOTE: the step keeps the pool's sharding by itself (the attention
-            # shard_map returns it); these pin it so no call ever recompiles.
-            pool = parallel.kv_cache_shardings(self.mesh, len(self.kv_caches))
-            self._copy_fn = jax.jit(parallel.per_shard(self._copy, self.mesh, len(pool), 2),
-                                    donate_argnums=(0,), out_shardings=pool)
-            self._scatter_fn = jax.jit(self._scatter, donate_argnums=(0,), out_shardings=pool)
-            if not pool[0].is_fully_addressable:  # several hosts: each needs every swapped block
-                self._gather_fn = jax.jit(self._gather,
-                                          out_shardings=parallel.replicated(self.mesh))
+        self._apply_fns = {lay: jax.jit(self._apply, static_argnames=("layout",),
+                                        donate_argnums=(0,)) for lay in self.diff_layouts}
+        self._forward_fn = jax.jit(self._prefill_forward, static_argnames=("layout",),
+                                   donate_argnums=(1, 2))
+        self._prefill_sample_fn = jax.jit(self._prefill_sample, static_argnames=("mode",),
+                                          donate_argnums=(1,))
+        self._decode_fn = jax.jit(self._decode, static_argnames=("num_steps", "mode"),
+                                  donate_argnums=(1, 2))
+
+    @property
+    def kv_caches(self):
+        return self.pool.arrays
+
+    def _new_state(self):
+        return device_batch.init_state(self.max_num_seqs, self.max_blocks_per_seq,
+                                       self.vocab_size, self._state_sharding)
 
     # ------------------------------------------------------------ sizing
     def _profile_num_blocks(self, utilization: float) -> int:
@@ -200,129 +232,176 @@ class ModelRunner:
         activations += self.max_num_seqs * self.vocab_size * 4 * 4
         # the prompt-logprobs variant holds every token's logits and logprobs
         activations += self.max_num_batched_tokens * self.vocab_size * 4 * 2
+        # the slot state's penalty counts and prompt masks
+        activations += self.max_num_seqs * self.vocab_size * 5
         free = limit * utilization - stats.get("bytes_in_use", 0) - activations
         return max(0, int(free // (self.bytes_per_block // self.tensor_parallel_size)))
 
     # ------------------------------------------------------------ jitted bodies
-    def _forward(self, params, kv_caches, input_ids, positions, metadata,
-                 logits_indices, prompt_next_ids, prev_tokens, prev_rows):
-        """The model: the sampler rows' logits (and prompt logprobs).
+    def _pin(self, state):
+        if self._state_sharding is None:
+            return state
+        return jax.lax.with_sharding_constraint(state, self._state_sharding)
 
-        prev_tokens: i32[max_num_seqs], the previous step's next_tokens;
-        prev_rows: i32[num_tokens], where >= 0 the input token is
-        prev_tokens[prev_rows] instead of input_ids (async scheduling)."""
+    def _apply(self, state, buf, layout):
         self.num_traces += 1  # runs only while tracing: counts compilations
-        input_ids = jnp.where(prev_rows >= 0, prev_tokens[jnp.maximum(prev_rows, 0)], input_ids)
+        return self._pin(device_batch.apply_diff(state, buf, layout))
+
+    def _prefill_forward(self, params, kv_caches, state, buf, prompt_next_ids, layout):
+        """The model over a prefill's tokens: its rows' logits (and prompt
+        logprobs); the prefilled slots' penalty counts restart from the
+        step's tokens."""
+        self.num_traces += 1
+        v = layout.split(buf)
+        S = self.max_num_seqs
+        tables = state.block_tables[jnp.minimum(v["seq_slots"], S - 1)]
+        metadata = AttentionMetadata(v["slot_mapping"], tables, v["context_lens"],
+                                     v["query_start_loc"], is_decode=False)
+        counts = state.counts.at[v["seq_slots"]].set(0, mode="drop")
+        in_prompt = state.in_prompt.at[v["seq_slots"]].set(False, mode="drop")
+        is_output = v["token_is_output"]
+        counts = counts.at[v["token_slot"], v["input_ids"]].add(is_output, mode="drop")
+        prompt_slot = jnp.where(is_output == 0, v["token_slot"], S)
+        in_prompt = in_prompt.at[prompt_slot, v["input_ids"]].set(True, mode="drop")
+        state = self._pin(dataclasses.replace(state, counts=counts, in_prompt=in_prompt))
         if prompt_next_ids is None:
-            logits, kv_caches = self.model.apply(params, input_ids, positions,
-                                                 kv_caches, metadata, logits_indices)
-            return kv_caches, logits, None
+            logits, kv_caches = self.model.apply(params, v["input_ids"], v["positions"],
+                                                 kv_caches, metadata, v["row_index"])
+            return kv_caches, state, logits, None
         # NOTE: a None vs array argument is a separate jit entry: prompt
         # logprobs need the logits of every token, the usual step only a few.
-        logits, kv_caches = self.model.apply(params, input_ids, positions,
+        logits, kv_caches = self.model.apply(params, v["input_ids"], v["positions"],
                                              kv_caches, metadata, None)
         plp = sampler_lib.prompt_logprobs(logits, prompt_next_ids, MAX_LOGPROBS)
-        return kv_caches, logits[logits_indices], plp
+        return kv_caches, state, logits[v["row_index"]], plp
 
-    def _sample(self, logits, sampling, modes):
-        """One token per sampler row, and the same tokens zero-padded to
-        max_num_seqs (the next step's prev_tokens)."""
+    def _prefill_sample(self, logits, state, rows, mode):
+        """A prefill's sampler: parallel samples copy their penalty counts
+        from their prompt's slot, then every row samples into its target
+        slot. rows: the layout's rows section (the same for every bucket)."""
         self.num_traces += 1
-        out = sampler_lib.sample(logits, sampling, modes)
-        ids = out.sampled_token_ids
-        next_tokens = jnp.zeros(self.max_num_seqs, jnp.int32).at[:ids.shape[0]].set(ids)
-        if self.mesh is not None:  # the same sharding as _no_prev: no recompile
-            next_tokens = jax.lax.with_sharding_constraint(next_tokens, self._token_sharding)
-        return out, next_tokens
+        _, row_slot, src = PrefillLayout.split_rows(rows)
+        S = self.max_num_seqs
+        dst = jnp.where(src >= 0, row_slot, S)
+        src = jnp.clip(src, 0, S - 1)
+        state = dataclasses.replace(
+            state, counts=state.counts.at[dst].set(state.counts[src], mode="drop"),
+            in_prompt=state.in_prompt.at[dst].set(state.in_prompt[src], mode="drop"))
+        live = row_slot < S
+        state, out = self._sample_slots(logits, state, jnp.minimum(row_slot, S - 1), live, mode)
+        return self._pin(state), out[None]  # one step
 
-    def _copy(self, kv_caches, src, dst):
-        return tuple(copy_blocks(c, src, dst, backend=self.attention_backend)
-                     for c in kv_caches)
+    def _sample_slots(self, logits, state, slots, live, mode):
+        tensors = device_batch.sampling_tensors(state, slots, self.eos_token_ids,
+                                                self.vocab_size)
+        counts = in_prompt = None
+        if mode.do_penalties:
+            counts, in_prompt = state.counts[slots], state.in_prompt[slots]
+        res = sampler_lib.sample(logits, tensors, mode, counts, in_prompt)
+        tokens = res.sampled_token_ids
+        ended = device_batch.ends(state, slots, tokens, self.eos_token_ids) & live
+        state = device_batch.record_tokens(state, slots, tokens, live, ended)
+        return state, device_batch.pack_outputs(res, live, mode.num_logprobs)
 
-    @staticmethod
-    def _gather(kv_caches, block_ids):
-        return jnp.stack([c[:, block_ids] for c in kv_caches])
+    def _decode(self, params, kv_caches, state, num_steps, mode):
+        """num_steps decode steps of every slot, no host in between."""
+        self.num_traces += 1
+        S = self.max_num_seqs
+        slots = jnp.arange(S, dtype=jnp.int32)
+        width = 2 + 2 * mode.num_logprobs
 
-    @staticmethod
-    def _scatter(kv_caches, data, block_ids):
-        return tuple(c.at[:, block_ids].set(data[i], mode="drop")
-                     for i, c in enumerate(kv_caches))
+        def body(i, carry):
+            kv, state, out = carry
+            metadata = device_batch.decode_metadata(state, self.block_size, self.pool.num_slots)
+            logits, kv = self.model.apply(params, state.tokens, state.positions, kv,
+                                          metadata, None)
+            state, packed = self._sample_slots(logits, state, slots, state.active, mode)
+            return kv, self._pin(state), out.at[i].set(packed)
+
+        out = jnp.zeros((num_steps, S, width), jnp.int32)
+        return jax.lax.fori_loop(0, num_steps, body, (kv_caches, state, out))
 
     # ------------------------------------------------------------ warm-up
     def warm_up(self, progress: bool = True) -> float:
-        """Compiles every bucket, the block copy and the swap transfers.
+        """Compiles every diff layout, prefill bucket, sampler mode, decode
+        window, the block copy and the swap transfers.
 
-        The step buckets compile ahead of time on a thread pool (XLA compiles
+        The programs compile ahead of time on a thread pool (XLA compiles
         outside the GIL, so they proceed in parallel); `lower().compile()`
-        fills the jit cache, so the first real call of a bucket compiles nothing.
+        fills the jit cache, so the first real call compiles nothing.
         """
         import concurrent.futures
         import os
         from tqdm import tqdm
         t0 = time.perf_counter()
-        steps = [(True, b) for b in self.decode_buckets]
-        steps += [(False, b) for b in self.prefill_buckets]
-        # NOTE: the sampler compiles once per distinct row count of the steps'
-        # logits (a decode bucket's size; a prefill step has max_num_seqs rows).
-        num_row_counts = len(set(self.decode_buckets) | {self.max_num_seqs})
-        bar = tqdm(total=len(steps) + num_row_counts * len(SAMPLER_MODES) + 1
-                   + len(self.swap_buckets), desc="compiling buckets", disable=not progress)
-        workers = max(1, min(len(steps), os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(self._run, [], decode=d, pad_to=b, compile_only=True)
-                       for d, b in steps]
-            logits = {}  # row count -> the forward's logits (shape, dtype, sharding)
-            for f in concurrent.futures.as_completed(futures):
-                info = f.result()
-                logits[info.shape[0]] = jax.ShapeDtypeStruct(info.shape, info.dtype,
-                                                             sharding=info.sharding)
-                bar.update(1)
-            assert len(logits) == num_row_counts, "the warm-up's count of sampler compiles is off"
-            futures = [pool.submit(self._compile_sampler, x, m)
-                       for x in logits.values() for m in SAMPLER_MODES]
+        params, kv, state = self.model.params, self.pool.arrays, self.state
+        forwards = []
+        for t in self.prefill_buckets:
+            lay = self._prefill_layout(t)
+            buf = np.zeros(lay.size, np.int32)
+            forwards.append((self._forward_fn.lower, (params, kv, state, buf, None),
+                             dict(layout=lay)))
+            forwards.append((self._forward_fn.lower,
+                             (params, kv, state, buf, np.zeros(t, np.int32)), dict(layout=lay)))
+        jobs = [(self._apply_fns[lay].lower, (state, np.zeros(lay.size, np.int32)),
+                 dict(layout=lay)) for lay in self.diff_layouts]
+        jobs += [(self._decode_fn.lower, (params, kv, state), dict(num_steps=k, mode=m))
+                 for k in self.window_sizes for m in SAMPLER_MODES]
+        num_pool = 1 + len(self.pool.swap_buckets)
+        bar = tqdm(total=len(forwards) + len(jobs) + len(SAMPLER_MODES) + num_pool,
+                   desc="compiling", disable=not progress)
+        workers = max(1, os.cpu_count() or 1)
+        compile_job = lambda f, a, k: f(*a, **k).compile()  # noqa: E731
+        with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+            first = ex.submit(compile_job, *forwards[0])
+            futures = [ex.submit(compile_job, *job) for job in forwards[1:] + jobs]
+            # the prefill sampler takes the forward's logits as they come
+            # (shape, dtype, sharding): so its first real call compiles nothing
+            info = first.result().out_info[2]
+            bar.update(1)
+            logits = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=info.sharding)
+            rows = np.zeros(self._prefill_layout(self.prefill_buckets[0]).rows_size, np.int32)
+            futures += [ex.submit(compile_job, self._prefill_sample_fn.lower,
+                                  (logits, state, rows), dict(mode=m)) for m in SAMPLER_MODES]
             for f in concurrent.futures.as_completed(futures):
                 f.result()
                 bar.update(1)
-        self.copy_blocks([])
-        bar.update(1)
-        for b in self.swap_buckets:
-            data = self._gather_fn(self.kv_caches, np.zeros(b, np.int32))
-            self.kv_caches = self._scatter_fn(self.kv_caches, data,
-                                              np.full(b, self.num_gpu_blocks, np.int32))
-            bar.update(1)
+        bar.update(self.pool.warm_up())
         bar.close()
-        jax.block_until_ready(self.kv_caches)
+        jax.block_until_ready(self.pool.arrays)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
 
-    def _compile_sampler(self, logits, modes):
-        sampling, _ = self._sampling_inputs([], logits.shape[0])
-        self._sample_fn.lower(logits, sampling, modes=modes).compile()
-
-    def _sampling_inputs(self, rows, num_rows):
-        """The sampler's tensors for one step, and its modes (SAMPLER_MODES)."""
-        sampling, modes = sampler_lib.build_sampling_tensors(
-            list(rows), self.vocab_size, num_rows, pad_prompt_to=self.max_model_len,
-            pad_output_to=self.max_model_len, fixed_shapes=True, coarse_modes=True)
-        modes = dataclasses.replace(modes, num_logprobs=MAX_LOGPROBS)
-        return self._place_penalty_tokens(sampling), modes
+    def _prefill_layout(self, num_tokens: int) -> PrefillLayout:
+        return PrefillLayout(num_tokens, min(num_tokens, self.max_num_seqs), self.max_num_seqs)
 
     # ------------------------------------------------------------ a step
-    def dispatch(self, seqs: list[SeqInput], sampling_rows: list[dict], is_prefill: bool,
-                 prev: PendingStep | None = None) -> PendingStep:
-        """Starts one step on the device and returns without waiting for it.
+    def apply_diff(self, diff: slots_lib.SlotDiff) -> None:
+        """Sends one step's slot changes (one transfer, one launch)."""
+        if diff:
+            layout, buf = diff.pack()
+            self.state = self._apply_fns[layout](self.state, buf, layout=layout)
 
-        sampling_rows: one dict per sampler row (sampler.build_sampling_tensors
-        format), in the order of `seqs` (num_samples rows per sequence).
-        prev: the step dispatched just before, whose sampled tokens the
-        sequences with ``prev_row >= 0`` read.
+    def dispatch_decode(self, num_steps: int, level: int) -> PendingStep:
+        """Starts a decode window of num_steps (one of window_sizes) over
+        every slot; returns without waiting."""
+        mode = SAMPLER_MODES[level]
+        kv, self.state, out = self._decode_fn(self.model.params, self.pool.arrays, self.state,
+                                              num_steps=num_steps, mode=mode)
+        self.pool.arrays = kv
+        out.copy_to_host_async()
+        return PendingStep(out, None, self.max_num_seqs, 0, mode.num_logprobs)
+
+    def dispatch_prefill(self, seqs: list[PrefillSeq], level: int) -> PendingStep:
+        """Starts one prefill step and returns without waiting for it.
+
         A prefill larger than the largest bucket (a recomputed group of many
         sequences) runs as several calls, each within the bucket, and is
-        waited for: its PendingStep comes back with ``result`` set.
+        waited for: its PendingStep comes back with ``result`` set (rows in
+        the order of `seqs`).
         """
-        if not is_prefill:
-            return self._run(seqs, decode=True, sampling_rows=sampling_rows, prev=prev)
         want_prompt = any(s.prompt_next_ids is not None for s in seqs)
+        level = 2 if want_prompt else level
         parts, part, tokens = [], [], 0
         for s in seqs:
             if part and tokens + len(s.token_ids) > self.max_num_batched_tokens:
@@ -332,202 +411,99 @@ class ModelRunner:
             tokens += len(s.token_ids)
         parts.append(part)
         if len(parts) == 1:
-            return self._run(seqs, decode=False, sampling_rows=sampling_rows,
-                             prompt_logprobs=want_prompt)
-        outs, row = [], 0
-        for part in parts:
-            n = sum(s.num_samples for s in part)
-            outs.append(self.fetch(self._run(part, decode=False,
-                                             sampling_rows=sampling_rows[row:row + n],
-                                             prompt_logprobs=want_prompt)))
-            row += n
-        result = StepOutput(*(None if x[0] is None else np.concatenate(x)
-                              for x in zip(*(dataclasses.astuple(o) for o in outs))))
-        return PendingStep(None, None, row, sum(len(s.token_ids) for s in seqs),
-                           self._no_prev, result)
+            return self._prefill(seqs, level, want_prompt)
+        outs = [self.fetch(self._prefill(p, level, want_prompt)) for p in parts]
+        result = StepOutput(*(None if x[0] is None else np.concatenate(x, axis=1 if i < 4 else 0)
+                              for i, x in enumerate(zip(*(dataclasses.astuple(o) for o in outs)))))
+        step = PendingStep(None, None, sum(len(s.rows) for s in seqs),
+                           sum(len(s.token_ids) for s in seqs), SAMPLER_MODES[level].num_logprobs)
+        step.result = result
+        return step
+
+    def _prefill(self, seqs, level, want_prompt) -> PendingStep:
+        total = sum(len(s.token_ids) for s in seqs)
+        layout = self._prefill_layout(bucket(self.prefill_buckets, total))
+        buf, prompt_next = self._pack_prefill(seqs, layout, want_prompt)
+        mode = SAMPLER_MODES[level]
+        rows = buf[:layout.rows_size]
+        kv, self.state, logits, plp = self._forward_fn(self.model.params, self.pool.arrays,
+                                                       self.state, buf, prompt_next,
+                                                       layout=layout)
+        self.pool.arrays = kv
+        self.state, out = self._prefill_sample_fn(logits, self.state, rows, mode=mode)
+        out.copy_to_host_async()
+        return PendingStep(out, plp, sum(len(s.rows) for s in seqs), total, mode.num_logprobs)
+
+    def _pack_prefill(self, seqs, layout, want_prompt):
+        S, bs = self.max_num_seqs, self.block_size
+        buf = np.zeros(layout.size, np.int32)
+        v = layout.split(buf)
+        v["slot_mapping"][:] = self.pool.num_slots
+        v["token_slot"][:] = S
+        v["seq_slots"][:] = S
+        v["row_slot"][:] = S
+        v["row_counts_from"][:] = -1
+        prompt_next = (np.full(layout.num_tokens, self.vocab_size, np.int32)
+                       if want_prompt else None)
+        t = row = 0
+        for i, s in enumerate(seqs):
+            n = len(s.token_ids)
+            pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
+            table = np.asarray(s.block_table, np.int32)
+            v["input_ids"][t:t + n] = s.token_ids
+            v["positions"][t:t + n] = pos
+            v["slot_mapping"][t:t + n] = table[pos // bs] * bs + pos % bs
+            v["token_slot"][t:t + n] = s.slot
+            v["token_is_output"][t:t + n] = pos >= s.prompt_len
+            v["seq_slots"][i] = s.slot
+            v["context_lens"][i] = s.start_pos + n
+            v["query_start_loc"][i + 1] = t + n
+            for target, counts_from in s.rows:
+                v["row_index"][row] = t + n - 1
+                v["row_slot"][row] = target
+                v["row_counts_from"][row] = counts_from
+                row += 1
+            if prompt_next is not None and s.prompt_next_ids is not None:
+                prompt_next[t:t + n] = s.prompt_next_ids
+            t += n
+        v["query_start_loc"][len(seqs) + 1:] = t
+        return buf, prompt_next
 
     def fetch(self, step: PendingStep) -> StepOutput:
-        """Waits for a dispatched step and copies its results to the host."""
+        """Waits for a dispatched step and brings its results to the host."""
         if step.result is None:
-            out, plp = jax.device_get((step.out, step.plp))  # the step's device->host sync
-            rows, t = step.num_rows, step.num_tokens
-            prompt = ((None, None, None) if plp is None else
-                      (plp.token_logprobs[:t], plp.topk_token_ids[:t], plp.topk_logprobs[:t]))
-            step.result = StepOutput(np.asarray(out.sampled_token_ids)[:rows],
-                                     np.asarray(out.sampled_logprobs)[:rows],
-                                     np.asarray(out.topk_token_ids)[:rows],
-                                     np.asarray(out.topk_logprobs)[:rows], *prompt)
+            out = np.asarray(step.out)  # the step's device->host sync
+            rows, k = step.num_rows, step.num_logprobs
+            out = out[:, :rows]
+            topk = (None, None)
+            if k:
+                topk = (out[:, :, 2:2 + k], out[:, :, 2 + k:2 + 2 * k].view(np.float32))
+            prompt = (None, None, None)
+            if step.plp is not None:
+                plp, t = jax.device_get(step.plp), step.num_tokens
+                prompt = (plp.token_logprobs[:t], plp.topk_token_ids[:t], plp.topk_logprobs[:t])
+            step.result = StepOutput(out[:, :, 0], out[:, :, 1].view(np.float32), *topk, *prompt)
             step.out = step.plp = None
         return step.result
 
-    def _run(self, seqs, *, decode, sampling_rows=(), pad_to=None, prompt_logprobs=False,
-             compile_only=False, prev=None):
-        bs = self.block_size
-        if decode:
-            num_seqs_pad = pad_to or _bucket(self.decode_buckets, len(seqs))
-            num_tokens_pad = num_seqs_pad
-            num_rows_pad = num_seqs_pad
-        else:
-            total = sum(len(s.token_ids) for s in seqs)
-            num_tokens_pad = pad_to or _bucket(self.prefill_buckets, total)
-            num_seqs_pad = min(num_tokens_pad, self.max_num_seqs)
-            num_rows_pad = self.max_num_seqs
-        input_ids = np.zeros(num_tokens_pad, np.int32)
-        positions = np.zeros(num_tokens_pad, np.int32)
-        slot_mapping = np.full(num_tokens_pad, self.num_slots, np.int32)
-        block_tables = np.zeros((num_seqs_pad, self.max_blocks_per_seq), np.int32)
-        context_lens = np.zeros(num_seqs_pad, np.int32)
-        query_start_loc = np.zeros(num_seqs_pad + 1, np.int32)
-        logits_indices = np.zeros(num_rows_pad, np.int32)
-        prev_rows = np.full(num_tokens_pad, -1, np.int32)
-        prompt_next = (np.full(num_tokens_pad, self.vocab_size, np.int32)
-                       if prompt_logprobs else None)
-        if decode:
-            t = self._fill_decode(seqs, input_ids, positions, slot_mapping, block_tables,
-                                  context_lens, query_start_loc, logits_indices, prev_rows)
-        else:
-            t = row = 0
-            for i, s in enumerate(seqs):
-                n = len(s.token_ids)
-                if s.prev_row >= 0:
-                    raise ValueError("a prefill's tokens must all be known on the host")
-                pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
-                table = np.asarray(s.block_table, np.int32)
-                input_ids[t:t + n] = s.token_ids
-                positions[t:t + n] = pos
-                slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
-                block_tables[i, :len(table)] = table
-                context_lens[i] = s.start_pos + n
-                query_start_loc[i + 1] = t + n
-                logits_indices[row:row + s.num_samples] = t + n - 1
-                if prompt_next is not None and s.prompt_next_ids is not None:
-                    prompt_next[t:t + n] = s.prompt_next_ids
-                t += n
-                row += s.num_samples
-            query_start_loc[len(seqs) + 1:] = t
-        if prev is None and (prev_rows >= 0).any():
-            raise ValueError("a sequence reads the previous step's token, but no step was given")
-        metadata = AttentionMetadata(slot_mapping, block_tables, context_lens,
-                                     query_start_loc, is_decode=decode)
-        prev_tokens = self._no_prev if prev is None else prev.next_tokens
-        args = (self.model.params, self.kv_caches, input_ids, positions, metadata,
-                logits_indices, prompt_next, prev_tokens, prev_rows)
-        if compile_only:  # warm-up: compile this bucket, run nothing
-            return self._forward_fn.lower(*args).compile().out_info[1]
-        sampling, modes = self._sampling_inputs(sampling_rows, num_rows_pad)
-        self.kv_caches, logits, plp = self._forward_fn(*args)
-        out, next_tokens = self._sample_fn(logits, sampling, modes=modes)
-        return PendingStep(out, plp, len(sampling_rows), t, next_tokens)
-
-    def _place_penalty_tokens(self, sampling):
-        """The penalty stage's [rows, max_model_len] token arrays go to the
-        device only when some row has a penalty; otherwise a device-resident
-        padding array of that shape stands in (a few MB less to copy per
-        step). Both are placed alike, so they share one compiled step."""
-        s = sampling
-        if np.any((s.repetition_penalties != 1) | (s.presence_penalties != 0)
-                  | (s.frequency_penalties != 0)):
-            return dataclasses.replace(
-                s, output_token_ids=jax.device_put(s.output_token_ids, self._token_sharding),
-                prompt_token_ids=jax.device_put(s.prompt_token_ids, self._token_sharding))
-        shape = s.output_token_ids.shape
-        pad = self._pad_tokens.get(shape)
-        if pad is None:
-            pad = self._pad_tokens[shape] = jax.device_put(
-                np.full(shape, self.vocab_size, np.int32), self._token_sharding)
-        return dataclasses.replace(s, output_token_ids=pad, prompt_token_ids=pad)
-
-    def _fill_decode(self, seqs, input_ids, positions, slot_mapping, block_tables,
-                     context_lens, query_start_loc, logits_indices, prev_rows) -> int:
-        """The decode step's arrays, vectorised: one token per sequence."""
-        n, bs = len(seqs), self.block_size
-        pos = np.fromiter(map(operator.attrgetter("start_pos"), seqs), np.int32, n)
-        prev_rows[:n] = list(map(operator.attrgetter("prev_row"), seqs))
-        # a placeholder (-1) input is replaced on the device (prev_rows)
-        input_ids[:n] = np.maximum(np.fromiter((s.token_ids[0] for s in seqs), np.int32, n), 0)
-        positions[:n] = pos
-        tables = list(map(operator.attrgetter("block_table"), seqs))
-        num_blocks = np.fromiter(map(len, tables), np.int64, n)
-        # NOTE: a boolean mask assigns in row-major order, so row i gets its
-        # table in its first num_blocks[i] columns: one pass over all tables.
-        block_tables[:n][np.arange(block_tables.shape[1]) < num_blocks[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(tables), np.int32)
-        assert (pos // bs < num_blocks).all(), "a block table misses its last position's block"
-        slot_mapping[:n] = block_tables[np.arange(n), pos // bs] * bs + pos % bs
-        context_lens[:n] = pos + 1
-        query_start_loc[1:n + 1] = np.arange(1, n + 1)
-        query_start_loc[n + 1:] = n
-        logits_indices[:n] = np.arange(n)
-        return n
-
     # ------------------------------------------------------------ failures
-    def kv_pool_is_valid(self) -> bool:
-        """Whether the KV pool's buffers are intact: a jitted call that
-        consumed the donated pool and then failed (or was interrupted before
-        its result was kept) leaves them deleted or holding an error."""
-        try:
-            return not any(c.is_deleted() for c in self.kv_caches) and \
-                jax.block_until_ready(self.kv_caches) is not None
-        except Exception:  # an error the device raised into the buffers
-            return False
-
-    def reset_kv_pool(self) -> None:
-        """A fresh, zeroed KV pool of the same shape (every block's K/V lost)."""
-        for c in self.kv_caches:  # free the old buffers first: two pools may not fit
-            if not c.is_deleted():
-                c.delete()
-        self.kv_caches = self.model.init_kv_caches(self.num_gpu_blocks, self.block_size,
-                                                   dtype=self.kv_dtype)
+    def reset_slots(self) -> None:
+        """Every slot empty (after a failure the host no longer knows what
+        the device's slots hold: a failed call may have consumed them)."""
+        for x in jax.tree.leaves(self.state):
+            try:
+                if not x.is_deleted():
+                    x.delete()
+            except Exception:  # a buffer that holds an error
+                pass
+        self.state = self._new_state()
 
     # ------------------------------------------------------------ block moves
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write copies of one step, all layers, one launch."""
-        n = self.max_num_seqs
-        assert len(pairs) <= n, "more copies than sequences in a step"
-        src = np.zeros(n, np.int32)
-        dst = np.zeros(n, np.int32)  # dst 0: padding, skipped
-        for i, (s, d) in enumerate(pairs):
-            src[i], dst[i] = s, d
-        self.kv_caches = self._copy_fn(self.kv_caches, src, dst)
+    def copy_blocks(self, pairs) -> None:
+        self.pool.copy_blocks(pairs)
 
-    def _ensure_cpu_cache(self):
-        if self.cpu_cache is None:
-            c = self.kv_caches[0]
-            self.cpu_cache = np.zeros((len(self.kv_caches), 2, self.num_cpu_blocks)
-                                      + c.shape[2:], dtype=c.dtype)
+    def swap_out(self, pairs) -> None:
+        self.pool.swap_out(pairs)
 
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        """Moves (gpu block -> cpu block) pairs to the host pool, gathering
-        the blocks on the device so each chunk is one transfer."""
-        self._ensure_cpu_cache()
-        for lo in range(0, len(pairs), MAX_SWAP_CHUNK):
-            chunk = pairs[lo:lo + MAX_SWAP_CHUNK]
-            b = _bucket(self.swap_buckets, len(chunk))
-            gpu = np.zeros(b, np.int32)
-            gpu[:len(chunk)] = [g for g, _ in chunk]
-            data = self._gather_fn(self.kv_caches, gpu)
-            if self._pinned:
-                data = jax.device_put(data, data.sharding.with_memory_kind("pinned_host"))
-            self.cpu_cache[:, :, [c for _, c in chunk]] = np.asarray(data)[:, :, :len(chunk)]
-
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        """Moves (cpu block -> gpu block) pairs back, one transfer a chunk."""
-        self._ensure_cpu_cache()
-        for lo in range(0, len(pairs), MAX_SWAP_CHUNK):
-            chunk = pairs[lo:lo + MAX_SWAP_CHUNK]
-            b = _bucket(self.swap_buckets, len(chunk))
-            data = np.zeros((self.cpu_cache.shape[0], 2, b) + self.cpu_cache.shape[3:],
-                            self.cpu_cache.dtype)
-            data[:, :, :len(chunk)] = self.cpu_cache[:, :, [c for c, _ in chunk]]
-            gpu = np.full(b, self.num_gpu_blocks, np.int32)  # padding: dropped
-            gpu[:len(chunk)] = [g for _, g in chunk]
-            self.kv_caches = self._scatter_fn(self.kv_caches, self._to_device(data), gpu)
-
-    def _to_device(self, data: np.ndarray):
-        if self.mesh is not None:  # jit spreads host data over the mesh (every host's too)
-            return data
-        if not self._pinned:
-            return jnp.asarray(data)
-        staged = jax.device_put(data, jax.sharding.SingleDeviceSharding(
-            self._device, memory_kind="pinned_host"))
-        return jax.device_put(staged, jax.sharding.SingleDeviceSharding(self._device))
+    def swap_in(self, pairs) -> None:
+        self.pool.swap_in(pairs)

@@ -21,7 +21,7 @@ K/V, as a share of the pool. Host core: stdlib only.
 from __future__ import annotations
 
 from jpaged.block_allocator import BlockAllocator
-from jpaged.block_manager import AllocStatus, BlockSpaceManager
+from jpaged.block_manager import tokens_to_cover, AllocStatus, BlockSpaceManager
 from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 POLICIES = ("max", "pow2", "oracle")
@@ -161,16 +161,22 @@ class ReservationBlockManager(BlockSpaceManager):
         self._num_cached_tokens[seq.seq_id] = 0
         self._num_marked[seq.seq_id] = 0
 
-    def can_append_slots(self, seq_group: SequenceGroup) -> bool:
-        return all(self._covers(s) for s in seq_group.get_seqs(SequenceStatus.RUNNING))
+    def can_append_slots(self, seq_group: SequenceGroup, num_lookahead: int = 0,
+                         max_len: int | None = None) -> bool:
+        return all(self._covers(s, num_lookahead, max_len)
+                   for s in seq_group.get_seqs(SequenceStatus.RUNNING))
 
-    def can_append_slots_all(self, seq_groups: list[SequenceGroup]) -> bool:
+    def can_append_slots_all(self, seq_groups: list[SequenceGroup], num_lookahead: int = 0,
+                             max_len=None) -> bool:
         """Reservations never grow: every group's must cover its next tokens."""
-        return all(self.can_append_slots(g) for g in seq_groups)
+        return all(self.can_append_slots(g, num_lookahead,
+                                         max_len(g) if max_len is not None else None)
+                   for g in seq_groups)
 
-    def append_slots(self, seq: Sequence) -> list[tuple[int, int]]:
-        """Never allocates: the reservation already covers the new token."""
-        if not self._covers(seq):
+    def append_slots(self, seq: Sequence, num_lookahead: int = 0,
+                     max_len: int | None = None) -> list[tuple[int, int]]:
+        """Never allocates: the reservation already covers the new tokens."""
+        if not self._covers(seq, num_lookahead, max_len):
             raise RuntimeError(f"sequence {seq.seq_id} outgrew its reservation; "
                                "call can_append_slots() first")
         return []
@@ -178,8 +184,9 @@ class ReservationBlockManager(BlockSpaceManager):
     def fork(self, parent_seq: Sequence, child_seq: Sequence) -> None:
         raise ValueError("the reservation baseline does not fork sequences (no sharing)")
 
-    def _covers(self, seq: Sequence) -> bool:
-        return len(self._gpu_tables[seq.seq_id]) * self.block_size >= seq.get_len()
+    def _covers(self, seq: Sequence, num_lookahead: int = 0, max_len: int | None = None) -> bool:
+        return len(self._gpu_tables[seq.seq_id]) * self.block_size >= tokens_to_cover(
+            seq, num_lookahead, max_len)
 
 
 def kv_slot_usage(block_manager: BlockSpaceManager, seqs: list[Sequence]) -> tuple[int, int, int]:

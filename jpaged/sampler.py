@@ -371,13 +371,19 @@ class SamplerOutput(NamedTuple):
     topk_logprobs: jax.Array      # f32[S, K] raw, descending
 
 
-def apply_penalties(logits, t: SamplingTensors):
+def apply_penalties(logits, t: SamplingTensors, counts=None, in_prompt=None):
     """Repetition (prompt and output tokens), then frequency and presence
-    (output tokens) penalties. f32[S, V] -> f32[S, V]."""
+    (output tokens) penalties. f32[S, V] -> f32[S, V].
+
+    counts (i32[S, V], output-token counts) and in_prompt (bool[S, V]) are
+    built from t's token arrays unless given (the engine keeps them per
+    slot on the device: jpaged.device_batch)."""
     S, V = logits.shape
     rows = jnp.arange(S)[:, None]
-    counts = jnp.zeros((S, V), jnp.int32).at[rows, t.output_token_ids].add(1, mode="drop")
-    in_prompt = jnp.zeros((S, V), jnp.bool_).at[rows, t.prompt_token_ids].set(True, mode="drop")
+    if counts is None:
+        counts = jnp.zeros((S, V), jnp.int32).at[rows, t.output_token_ids].add(1, mode="drop")
+        in_prompt = jnp.zeros((S, V), jnp.bool_).at[rows, t.prompt_token_ids].set(
+            True, mode="drop")
     seen = in_prompt | (counts > 0)
     r = t.repetition_penalties[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
@@ -442,13 +448,16 @@ def _gather_logprob_rank(logprobs, token_ids):
     return jnp.where(valid, lp, 0.0), jnp.where(valid, rank, 0)
 
 
-def sample(logits, t: SamplingTensors, modes: SamplerModes) -> SamplerOutput:
+def sample(logits, t: SamplingTensors, modes: SamplerModes, counts=None,
+           in_prompt=None) -> SamplerOutput:
     """Process logits and draw one token per row.
 
     Args:
       logits: f32[S, V] (bf16 is upcast) for the last position of each row.
       t: SamplingTensors of S rows.
       modes: static SamplerModes (e.g. from build_sampling_tensors).
+      counts, in_prompt: the penalty stage's token counts (see
+        apply_penalties), instead of t's token arrays.
     Returns:
       SamplerOutput; its logprobs are of the raw distribution log_softmax(logits).
     """
@@ -461,7 +470,7 @@ def sample(logits, t: SamplingTensors, modes: SamplerModes) -> SamplerOutput:
     # it, so the step's launch would block for the device time. The caller
     # picks the modes on the host instead.
     if modes.do_penalties:
-        logits = apply_penalties(logits, t)
+        logits = apply_penalties(logits, t, counts, in_prompt)
     logits = logits.at[jnp.arange(S)[:, None], t.banned_token_ids].set(-jnp.inf, mode="drop")
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if modes.all_greedy:

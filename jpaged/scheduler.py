@@ -85,6 +85,9 @@ class SchedulerOutput:
       preempted: groups preempted in this step.
       swapped_out: the groups preempted by swapping in this step (their host
         blocks hold valid K/V only once blocks_to_swap_out has run).
+      recomputed: the groups preempted by recomputation in this step.
+      num_steps: decode steps the step runs (a window of tokens per
+        sequence; the blocks for them are reserved); 1 for a prefill.
     """
     scheduled_seq_groups: list[ScheduledSequenceGroup] = dataclasses.field(default_factory=list)
     is_prefill: bool = False
@@ -95,6 +98,8 @@ class SchedulerOutput:
     ignored_seq_groups: list[tuple[SequenceGroup, str]] = dataclasses.field(default_factory=list)
     preempted: int = 0
     swapped_out: list[SequenceGroup] = dataclasses.field(default_factory=list)
+    recomputed: list[SequenceGroup] = dataclasses.field(default_factory=list)
+    num_steps: int = 1
 
     def is_empty(self) -> bool:
         return not (self.scheduled_seq_groups or self.blocks_to_swap_in
@@ -183,14 +188,15 @@ class Scheduler:
 
     # -- one step ------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
-        """Decides the next step (see the module docstring)."""
+    def schedule(self, max_window: int = 1) -> SchedulerOutput:
+        """Decides the next step (see the module docstring). A decode step
+        may run up to `max_window` tokens per sequence (a power of two)."""
         self.free_finished_seq_groups()
         out = SchedulerOutput()
         if not self.swapped:
             self._schedule_prefills(out)
         if not out.scheduled_seq_groups:
-            self._schedule_decodes(out)
+            self._schedule_decodes(out, max_window)
         now = time.monotonic()
         for scheduled in out.scheduled_seq_groups:
             group = scheduled.seq_group
@@ -276,13 +282,39 @@ class Scheduler:
             out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, chunk, new_tokens))
         out.is_prefill = bool(out.scheduled_seq_groups)
 
-    def _schedule_decodes(self, out: SchedulerOutput) -> None:
+    def max_len(self, group: SequenceGroup) -> int:
+        """Tokens a sequence of the group may hold at most (prompt + max_tokens,
+        capped by max_model_len)."""
+        limit = self.config.max_model_len
+        max_tokens = group.sampling_params.max_tokens if group.sampling_params else None
+        if max_tokens is None:
+            return limit
+        return min(limit, group.prompt_len + max_tokens)
+
+    def _window(self, queue: list[SequenceGroup], max_window: int) -> int:
+        """Decode steps for this step: max_window, halved until the pool can
+        reserve every running sequence's slots that far ahead, and no more
+        than the longest sequence still needs; 1 while a group is swapped out
+        (it comes back between steps)."""
+        if max_window <= 1 or self.swapped:
+            return 1
+        need = max(self.max_len(g) - s.get_len() for g in queue
+                   for s in g.get_seqs(SequenceStatus.RUNNING))
+        k = max_window
+        while k > 1 and k // 2 >= need:
+            k //= 2
+        while k > 1 and not self.block_manager.can_append_slots_all(queue, k - 1, self.max_len):
+            k //= 2
+        return k
+
+    def _schedule_decodes(self, out: SchedulerOutput, max_window: int = 1) -> None:
         bm = self.block_manager
         queue = sorted(self.running, key=self._key)
         running: list[SequenceGroup] = []
-        if bm.can_append_slots_all(queue):  # the common case: nobody is preempted
+        out.num_steps = self._window(queue, max_window) if queue else 1
+        if out.num_steps > 1 or bm.can_append_slots_all(queue):  # nobody is preempted
             for group in queue:
-                self._append_slots(out, group)
+                self._append_slots(out, group, out.num_steps - 1)
             running, queue = queue, []
         while queue:
             group = queue.pop(0)
@@ -334,17 +366,20 @@ class Scheduler:
                 ScheduledSequenceGroup(group, len(seqs), {s.seq_id: 1 for s in seqs}))
         out.is_prefill = False
 
-    def _append_slots(self, out: SchedulerOutput, group: SequenceGroup) -> None:
+    def _append_slots(self, out: SchedulerOutput, group: SequenceGroup,
+                      num_lookahead: int = 0) -> None:
+        max_len = self.max_len(group)
         for seq in group.get_seqs(SequenceStatus.RUNNING):
-            out.blocks_to_copy.extend(self.block_manager.append_slots(seq))
+            out.blocks_to_copy.extend(self.block_manager.append_slots(seq, num_lookahead,
+                                                                      max_len))
 
     def _preempt(self, out: SchedulerOutput, group: SequenceGroup) -> None:
         bm = self.block_manager
         mode = self.config.preemption_mode
         if mode is None:
             mode = "recompute" if group.get_max_num_running_seqs() == 1 else "swap"
-        if mode == "swap" and not bm.can_swap_out(group):
-            mode = "recompute"
+        if mode == "swap" and (not bm.can_swap_out(group) or group.has_penalties()):
+            mode = "recompute"  # (the device's penalty counts stay with the slot)
         if mode == "swap":
             out.blocks_to_swap_out.extend(bm.swap_out(group))
             for seq in group.get_seqs(SequenceStatus.RUNNING):
@@ -359,6 +394,7 @@ class Scheduler:
                 seq.num_computed_tokens = 0
             # Back in the waiting queue at its arrival rank (ahead of every newer request).
             bisect.insort(self.waiting, group, key=self._key)
+            out.recomputed.append(group)
         out.preempted += 1
         self.num_preemptions += 1
 

@@ -13,8 +13,9 @@ import enum
 
 
 # A generated token whose value is still on the device: async scheduling
-# appends it when a step is dispatched and fills it in when the step's
-# results arrive; the next step reads the value on the device.
+# appends one per token a dispatched step may produce, and replaces them by
+# the real tokens when the step's results arrive; the next step reads the
+# values on the device.
 PLACEHOLDER_TOKEN_ID = -1
 
 
@@ -96,23 +97,23 @@ class Sequence:
         self.output_logprobs.append(logprobs_entry)
         self.cumulative_logprob += logprob
 
-    def set_last_token_id(self, token_id: int, logprob: float, logprobs_entry=None) -> None:
-        """Fills in the last generated token, appended as PLACEHOLDER_TOKEN_ID
-        while the step that samples it was still running (async scheduling)."""
-        if not self.ends_with_placeholder():
-            raise ValueError(f"sequence {self.seq_id}: its last token is not a placeholder")
-        self.output_token_ids[-1] = token_id
-        self.output_logprobs[-1] = logprobs_entry
-        self.cumulative_logprob += logprob
-
-    def drop_placeholder(self) -> None:
-        """Removes a trailing placeholder (its step was undone)."""
-        if self.ends_with_placeholder():
+    def drop_placeholders(self) -> int:
+        """Removes the trailing placeholders (their step's tokens arrive, or
+        it was undone); returns how many there were."""
+        n = 0
+        while self.ends_with_placeholder():
             self.output_token_ids.pop()
             self.output_logprobs.pop()
+            n += 1
+        return n
+
+    def append_placeholders(self, num: int) -> None:
+        """Appends `num` tokens still on the device (a dispatched step's)."""
+        self.output_token_ids.extend([PLACEHOLDER_TOKEN_ID] * num)
+        self.output_logprobs.extend([None] * num)
 
     def ends_with_placeholder(self) -> bool:
-        """Whether the last token is still on the device (set_last_token_id fills it)."""
+        """Whether the last token is still on the device (a placeholder)."""
         return bool(self.output_token_ids) and self.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID
 
     def get_len(self) -> int:
@@ -192,6 +193,18 @@ class SequenceGroup:
     @property
     def prompt_token_ids(self) -> list[int]:
         return next(iter(self.seqs_dict.values())).prompt_token_ids
+
+    @property
+    def prompt_len(self) -> int:
+        return len(next(iter(self.seqs_dict.values())).prompt_token_ids)
+
+    def has_penalties(self) -> bool:
+        """Whether sampling reads the sequences' token counts (the device
+        keeps them per slot: such a group is recomputed, never swapped)."""
+        p = self.sampling_params
+        return p is not None and (getattr(p, "presence_penalty", 0) != 0
+                                  or getattr(p, "frequency_penalty", 0) != 0
+                                  or getattr(p, "repetition_penalty", 1) != 1)
 
     def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
         if status is None:

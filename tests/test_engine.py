@@ -179,9 +179,11 @@ def test_no_compilation_after_warm_up(llama):
     llm = make_llm(llama, num_gpu_blocks=30, enable_prefix_caching=True)
     runner = llm.engine.runner
     traces = runner.num_traces
-    # one model step per bucket, the sampler's modes per row count
-    assert traces == (len(runner.decode_buckets) + len(runner.prefill_buckets)
-                      + len(runner.decode_buckets) * len(SAMPLER_MODES))
+    # per prefill bucket two forwards (prompt logprobs or not), the prefill
+    # sampler's modes, a decode window per size and mode, the diff layouts
+    assert traces == (2 * len(runner.prefill_buckets) + len(SAMPLER_MODES)
+                      + len(runner.window_sizes) * len(SAMPLER_MODES)
+                      + len(runner.diff_layouts))
     rng = np.random.default_rng(8)
     sps = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
            SamplingParams(temperature=0.9, top_p=0.8, top_k=20, seed=1, max_tokens=10),
@@ -256,7 +258,7 @@ def test_soak_thousand_requests(llama, mode):
             assert all(1 <= len(c.token_ids) <= sp.max_tokens for c in o.outputs)
         bm = eng.block_manager
         assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
-        assert not eng._states and not eng._finished_beams
+        assert not eng._states and not eng.output_processor.finished_beams
         sizes.append(tracemalloc.get_traced_memory()[0])
     tracemalloc.stop()
     assert len(seen) == 1000
@@ -342,4 +344,4 @@ def test_abort_frees_everything(llama):
     assert not finished and not eng.has_unfinished_requests()
     bm = eng.block_manager
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
-    assert not eng._states and not eng._finished_beams
+    assert not eng._states and not eng.output_processor.finished_beams

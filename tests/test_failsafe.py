@@ -51,8 +51,8 @@ def assert_idle(eng):
     bm.check_invariants()
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
     assert bm.get_num_free_cpu_blocks() == bm.cpu_allocator.num_usable_blocks
-    assert eng.runner.kv_pool_is_valid()
-    assert not eng._requests and not eng._states and not eng._finished_beams
+    assert eng.runner.pool.is_valid()
+    assert not eng._requests and not eng._states and not eng.output_processor.finished_beams
 
 
 def batch(seed=0, num=12):
@@ -123,9 +123,9 @@ class Inject:
 class LosePool(Inject):
     """The model call consumes the donated KV pool, then its result is lost."""
 
-    def __call__(self, params, kv_caches, *rest):
+    def __call__(self, params, kv_caches, *rest, **kw):
         self.calls += 1
-        out = self.real(params, kv_caches, *rest)
+        out = self.real(params, kv_caches, *rest, **kw)
         if self.calls == self.k:
             for c in kv_caches:
                 if not c.is_deleted():
@@ -139,20 +139,26 @@ POINTS = {
     "in-schedule": ("block_manager", "append_slots", 3, False),
     "after-schedule": ("scheduler", "schedule", 3, True),
     "copy-on-write": ("runner", "copy_blocks", 1, False),
-    "before-dispatch": ("runner", "dispatch", 3, False),
-    "after-dispatch": ("runner", "dispatch", 3, True),
+    "slot-diff": ("runner", "apply_diff", 3, False),
+    "before-prefill": ("runner", "dispatch_prefill", 2, False),
+    "after-prefill": ("runner", "dispatch_prefill", 2, True),
+    "before-decode": ("runner", "dispatch_decode", 2, False),
+    "after-decode": ("runner", "dispatch_decode", 2, True),
     "during-fetch": ("runner", "fetch", 3, False),
     "after-fetch": ("runner", "fetch", 3, True),
-    "during-update": ("engine", "_append", 7, False),
-    "detokenize": ("engine", "_check_stop", 9, False),
+    "during-update": ("output_processor", "update", 4, False),
+    "mid-group-update": ("output_processor", "_check_stop", 9, False),
 }
 
 
 def inject(monkeypatch, eng, point, exc):
     where, name, k, after = POINTS[point]
-    obj = {"engine": eng, "runner": eng.runner, "scheduler": eng.scheduler,
-           "block_manager": eng.block_manager}[where]
-    return Inject(monkeypatch, obj, name, k, exc, after)
+    return Inject(monkeypatch, _target(eng, where), name, k, exc, after)
+
+
+def _target(eng, where):
+    return {"engine": eng, "runner": eng.runner, "scheduler": eng.scheduler,
+            "block_manager": eng.block_manager, "output_processor": eng.output_processor}[where]
 
 
 def check_outcome(eng, reqs, ref, done, point, fail_exc, num_failed_steps=1):
@@ -168,7 +174,7 @@ def check_outcome(eng, reqs, ref, done, point, fail_exc, num_failed_steps=1):
         assert errors, "an exception must fail the requests of its step"
         assert len(errors) < len(reqs), "the requests waiting outside the step must go on"
     else:  # an interrupt rolls back; only a group caught mid-update is failed
-        assert len(errors) <= (1 if point in ("during-update", "detokenize") else 0)
+        assert len(errors) <= (1 if point in ("during-update", "mid-group-update") else 0)
     assert eng.stats["num_failed_steps"] == num_failed_steps
     assert_idle(eng)
     assert run_clean(eng, reqs) == ref, "the engine serves the batch differently after a failure"
@@ -207,17 +213,18 @@ def test_exception_at_each_point_fails_only_its_step(engines, monkeypatch, point
     check_outcome(eng, reqs, ref, done, point, fail_exc=True)
 
 
+@pytest.mark.parametrize("call", ["_forward_fn", "_decode_fn"])
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("injected")],
                          ids=["interrupt", "exception"])
 @pytest.mark.parametrize("async_scheduling", [True, False])
-def test_lost_kv_pool_is_rebuilt(engines, monkeypatch, exc, async_scheduling):
+def test_lost_kv_pool_is_rebuilt(engines, monkeypatch, exc, async_scheduling, call):
     """A model call that consumed the donated pool and failed: a fresh pool,
     every request with device blocks recomputed or failed, none lost."""
     eng = engines(async_scheduling, True).engine
     reqs = batch(2)
     ref = run_clean(eng, reqs)
     eng.stats["num_failed_steps"] = 0
-    hook = LosePool(monkeypatch, eng.runner, "_forward_fn", 4, exc)
+    hook = LosePool(monkeypatch, eng.runner, call, 2, exc)
     add_all(eng, reqs)
     done = {}
     try:
@@ -290,7 +297,7 @@ def test_generate_cleans_up_after_any_exception(engines, monkeypatch, exc, async
     ref = [summary(o) for o in llm.generate(prompt_token_ids=prompts, sampling_params=sps,
                                             use_tqdm=False)]
     calls = []
-    real = eng._check_stop
+    real = eng.output_processor._check_stop
 
     def failing(*a):  # an exception in the caller's own code path, mid-run
         calls.append(1)
@@ -298,7 +305,7 @@ def test_generate_cleans_up_after_any_exception(engines, monkeypatch, exc, async
             raise exc("injected")
         return real(*a)
 
-    monkeypatch.setattr(eng, "_check_stop", failing)
+    monkeypatch.setattr(eng.output_processor, "_check_stop", failing)
     if exc is KeyboardInterrupt:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(prompt_token_ids=prompts, sampling_params=sps, use_tqdm=False)
@@ -442,9 +449,7 @@ def test_fuzz_bad_values_and_failures(engines, monkeypatch, mode):
         if rng.random() < 0.7:
             exc = KeyboardInterrupt() if rng.random() < 0.5 else RuntimeError("injected")
             where, name, _, after = POINTS[points[int(rng.integers(len(points)))]]
-            obj = {"engine": eng, "runner": eng.runner, "scheduler": eng.scheduler,
-                   "block_manager": eng.block_manager}[where]
-            Inject(monkeypatch, obj, name, int(rng.integers(1, 6)), exc, after)
+            Inject(monkeypatch, _target(eng, where), name, int(rng.integers(1, 6)), exc, after)
         while True:
             try:
                 drain(eng, done)

@@ -57,6 +57,7 @@ class SimConfig:
     stop_prob: float = 0.1
     abort_prob: float = 0.02
     fail_prob: float = 0.0
+    max_window: int = 1
 
 
 def prefix_hashes(token_ids):
@@ -165,8 +166,16 @@ def run_sim(cfg: SimConfig) -> dict:
         if step > max(r.arrival_step for r in cfg.requests) and not sched.has_unfinished_seqs():
             break
 
+        def ends(seq, params):
+            if seq.get_output_len() >= params.max_tokens or seq.get_len() >= cfg.max_model_len:
+                seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+            elif rng.random() < cfg.stop_prob:
+                seq.status = SequenceStatus.FINISHED_STOPPED
+            return seq.is_finished()
+
         had_swapped = bool(sched.swapped)
-        out = sched.schedule()
+        beams = any(g.sampling_params.use_beam_search for g in sched.running)
+        out = sched.schedule(1 if beams else cfg.max_window)
         check_tables(sched, bm)
         stats["preempted"] += out.preempted
         for g, reason in out.ignored_seq_groups:
@@ -206,9 +215,13 @@ def run_sim(cfg: SimConfig) -> dict:
                 k = sg.num_new_tokens[seq.seq_id]
                 n = seq.get_len()
                 assert 1 <= k <= n and (out.is_prefill or k == 1)
-                assert seq.num_computed_tokens == n - k and sg.num_computed_tokens[seq.seq_id] == n
+                # (after a window, the tokens it generated count once the next step ran)
+                assert sg.num_computed_tokens[seq.seq_id] == n
+                assert seq.num_computed_tokens == n - k or (
+                    not out.is_prefill and seq.num_computed_tokens < n - k)
                 table = bm.get_block_table(seq)
-                assert len(table) == math.ceil(n / bs) and 0 not in table
+                cover = min(n + out.num_steps - 1, max(n, sched.max_len(group)))
+                assert len(table) == math.ceil(cover / bs) and 0 not in table
                 ph = prefix_hashes(seq.get_token_ids())
                 for p in range(n - k):
                     assert pool.gpu[table[p // bs]][p % bs] == ph[p], "read a stale or foreign slot"
@@ -265,12 +278,20 @@ def run_sim(cfg: SimConfig) -> dict:
                     running[0].append_token_id(rng.randrange(VOCAB), -1.0)
                 else:
                     for seq in running:
-                        seq.append_token_id(rng.randrange(VOCAB), -1.0)
+                        for j in range(out.num_steps):  # a decode window: tokens on the device
+                            if j > 0:  # the token sampled last step is this step's input
+                                p = seq.get_len() - 1
+                                table = bm.get_block_table(seq)
+                                assert p // bs < len(table), "a window wrote past its blocks"
+                                pool.gpu[table[p // bs]][p % bs] = \
+                                    prefix_hashes(seq.get_token_ids())[p]
+                                stats["window_tokens"] += 1
+                            seq.append_token_id(rng.randrange(VOCAB), -1.0)
+                            if j + 1 < out.num_steps and ends(seq, params):
+                                sched.free_seq(seq)
+                                break
             for seq in group.get_seqs(SequenceStatus.RUNNING):
-                if seq.get_output_len() >= params.max_tokens or seq.get_len() >= cfg.max_model_len:
-                    seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
-                elif rng.random() < cfg.stop_prob:
-                    seq.status = SequenceStatus.FINISHED_STOPPED
+                ends(seq, params)
                 if seq.is_finished():
                     sched.free_seq(seq)
             if group.is_finished():
@@ -325,6 +346,7 @@ sim_st = st.builds(
     seed=st.integers(0, 2**16),
     stop_prob=st.sampled_from([0.0, 0.02, 0.1]),
     fail_prob=st.sampled_from([0.0, 0.0, 0.15]),
+    max_window=st.sampled_from([1, 4]),
 )
 
 
@@ -371,6 +393,20 @@ def test_failed_steps_roll_back_cleanly(prefix_caching):
     assert totals["steps_done"] > 0 and totals["forks"] > 0
     if prefix_caching:
         assert totals["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize("mode", [None, "recompute", "swap"])
+def test_decode_windows_reserve_and_preempt(mode):
+    """Decode windows of up to 4 tokens on the busy workload: blocks are
+    reserved ahead (checked at every step), the pool still forces
+    preemption, every read stays exact."""
+    totals = collections.Counter()
+    for seed in range(3):
+        cfg = _busy(mode, True, seed)
+        cfg.max_window = 4
+        cfg.requests = [dataclasses.replace(r, beam=False) for r in cfg.requests]
+        totals.update(run_sim(cfg))
+    assert totals["window_tokens"] > 0 and totals["preempted"] > 0
 
 
 def test_recompute_when_host_pool_is_full():

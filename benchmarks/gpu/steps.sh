@@ -8,8 +8,6 @@
 # through the XLA cache), generate (scripts/generate.py itself on 300
 # random prompts of SmolLM2's shape), generate-sync (the same with
 # --no-async-scheduling, for the side-by-side ratio).
-# dispatch (scripts/bench_dispatch.py: where a decode step's host time goes,
-# 1.1B and 13B shapes).
 # SYSTEMS=jpaged,orca-max,... limits the throughput step's systems.
 # BUDGET=<seconds> caps the whole call: a step gets at most what is left.
 # Each bench script writes its JSON after every run and prints a flushed
@@ -35,9 +33,6 @@ run() {  # name, time limit, command...
 nvidia-smi -L
 for s in "$@"; do
     case $s in
-    dispatch) run dispatch 150 bash -c "python3 scripts/bench_dispatch.py --model llama-1.1b \
-        --num-seqs 256 --label 1.1b --out $OUT/dispatch.json && python3 scripts/bench_dispatch.py \
-        --model llama-13b --num-seqs 128 --label 13b --out $OUT/dispatch.json" ;;
     throughput) run throughput 300 python3 scripts/bench_throughput.py $COMMON --workload $W \
         --num-requests 300 --hf-num-requests 32 --hf-timeout 150 ${SYSTEMS:+--systems $SYSTEMS} \
         --out "$OUT/throughput.json" ;;

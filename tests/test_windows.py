@@ -1,0 +1,167 @@
+"""Decode windows: K decode steps in one jitted call, stop rules on the device.
+
+Every test runs the same requests with windows of 1, 4 and 8 tokens
+(EngineConfig.max_decode_window) and compares what a user sees: the
+device's stop rules must end each sequence exactly where the host's do,
+seeded sampling must not depend on the window (its randomness is keyed by
+seed and token index), and tokens a window computed past a stop string are
+dropped with their blocks.
+"""
+import numpy as np
+import pytest
+
+import models
+from jpaged import LLM, SamplingParams
+from tiny import ENGINE, LLAMA, tiny_tokenizer
+
+WINDOWS = (1, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    m = models.random_model(LLAMA, dtype="float32", seed=1)
+    m.tokenizer = tiny_tokenizer()
+    return m
+
+
+@pytest.fixture(scope="module")
+def engines(llama):
+    cache = {}
+
+    def get(window, **kw):
+        key = (window, tuple(sorted(kw.items())))
+        if key not in cache:
+            args = dict(ENGINE, num_gpu_blocks=200)
+            args.update(kw)
+            cache[key] = LLM(llama, use_tqdm_warmup=False, max_decode_window=window, **args)
+        return cache[key]
+    return get
+
+
+def summary(outs):
+    rows = []
+    for o in outs:
+        rows.append((None, o.error, [
+            (tuple(c.token_ids), c.text, c.finish_reason, c.stop_reason,
+             round(c.cumulative_logprob, 3),
+             None if c.logprobs is None else [{t: round(v, 4) for t, v in e.items()}
+                                             for e in c.logprobs])
+            for c in o.outputs]))
+    return rows
+
+
+def prompts(seed, lengths):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 256, n).tolist() for n in lengths]
+
+
+def mixed(greedy_tokens):
+    """Requests whose stops fall inside windows: stop ids and EOS taken from
+    the model's own greedy output, min_tokens over them, max_tokens of every
+    residue modulo the window."""
+    t = greedy_tokens
+    return [
+        SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[t[5]]),
+        SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[t[2], t[6]], min_tokens=4),
+        SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=7, max_tokens=11),
+        SamplingParams(n=2, best_of=3, temperature=1.1, seed=3, max_tokens=9, logprobs=2),
+        SamplingParams(temperature=0.7, seed=5, repetition_penalty=1.4, presence_penalty=0.3,
+                       max_tokens=15),
+        SamplingParams(temperature=0.0, max_tokens=1),
+        SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+    ]
+
+
+def test_every_window_gives_the_same_outputs(engines):
+    base = engines(1)
+    ps = prompts(0, [5, 9, 17, 12, 7, 30, 4, 21])
+    ps[2] = ps[1]  # requests 1 and 2 stop on ids from this prompt's greedy tokens
+    greedy = base.generate(prompt_token_ids=[ps[1]], sampling_params=SamplingParams(
+        temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    sps = mixed(greedy)
+    want = None
+    for k in WINDOWS:
+        llm = engines(k)
+        steps = dict(llm.engine.stats)
+        got = summary(llm.generate(prompt_token_ids=ps, sampling_params=sps, use_tqdm=False))
+        if want is None:
+            want = got
+        assert got == want, f"window {k} changed the outputs"
+        st = llm.engine.stats
+        decode_calls = st["num_steps"] - steps["num_steps"]
+        decode_steps = st["num_decode_steps"] - steps["num_decode_steps"]
+        if k > 1:  # windows did run
+            assert decode_steps > decode_calls
+        bm = llm.engine.block_manager
+        assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+    # each stop where the host rules put it
+    by_tokens = [r[2][0][0] for r in want]
+    assert by_tokens[1][-1] == greedy[5] and len(by_tokens[1]) == 6
+    held = by_tokens[2]  # its stop ids are banned until 4 tokens, then they end it
+    assert len(held) >= 4 and not {greedy[2], greedy[6]} & set(held[:3])
+    assert held[-1] in (greedy[2], greedy[6]) or len(held) == 20
+    assert [len(by_tokens[i]) for i in (0, 6, 7)] == [13, 1, 3]
+
+
+def test_seeded_sampling_ignores_the_batch_and_the_window(engines):
+    sp = SamplingParams(temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    alone = engines(1).generate(prompt_token_ids=[[7, 8, 9]], sampling_params=sp,
+                                use_tqdm=False)[0].outputs[0].token_ids
+    others = prompts(1, [4, 6, 10, 3, 8])
+    for k in WINDOWS:
+        outs = engines(k).generate(prompt_token_ids=others + [[7, 8, 9]],
+                                   sampling_params=[SamplingParams(temperature=0.0, max_tokens=k + 3)
+                                                    ] * len(others) + [sp], use_tqdm=False)
+        assert outs[-1].outputs[0].token_ids == alone
+
+
+def test_stop_string_inside_a_window(engines):
+    """The host finds a stop string after the device ran on: the tokens
+    past it are dropped, the text is cut, the blocks come back."""
+    ps = prompts(2, [6, 11])
+    sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    full = engines(1).generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    stops = []
+    for o in full:
+        visible = [c for c in o.outputs[0].text if c != "\ufffd"]
+        stops.append(visible[len(visible) // 3])
+    sps = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[s]) for s in stops]
+    want = summary(engines(1).generate(prompt_token_ids=ps, sampling_params=sps, use_tqdm=False))
+    for k in WINDOWS[1:]:
+        llm = engines(k)
+        assert summary(llm.generate(prompt_token_ids=ps, sampling_params=sps,
+                                    use_tqdm=False)) == want
+        bm = llm.engine.block_manager
+        assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+    for (_, _, [(toks, text, reason, stop, _, _)]), o, s in zip(want, full, stops):
+        assert reason == "stop" and stop == s and len(toks) < 30
+        assert text == o.outputs[0].text[:o.outputs[0].text.index(s)]
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_and_abort_inside_windows(engines, mode):
+    ps = prompts(3, [10, 12, 14, 9, 11, 13])
+    sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    want = summary(engines(1).generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False))
+    llm = engines(8, num_gpu_blocks=24, swap_space=0.01, preemption_mode=mode)
+    eng = llm.engine
+    before = eng.scheduler.num_preemptions
+    assert summary(llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)) == want
+    assert eng.scheduler.num_preemptions > before
+    # an abort while a window is in flight
+    for i, p in enumerate(ps):
+        eng.add_request(f"a{i}", None, sp, prompt_token_ids=p)
+    while not (eng._inflight is not None and eng.stats["num_decode_steps"] > 0
+               and eng._inflight.step.num_tokens == 0):
+        eng.step()
+    eng.abort_request("a2")
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            done[o.request_id] = o
+    assert sorted(done) == [f"a{i}" for i in range(6) if i != 2]
+    assert [summary([done[f"a{i}"]])[0] for i in range(6) if i != 2] == \
+        [w for i, w in enumerate(want) if i != 2]
+    bm = eng.block_manager
+    assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
