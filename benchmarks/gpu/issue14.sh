@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# GPU steps of issues 14, 15 and 19 (one H200), any subset in one device call:
+#   JPAGED_COMMIT=<hash> BUDGET=560 bash benchmarks/gpu/issue14.sh steady throughput generate
+# (<hash> written out here: the GPU machine's copied .git can be stale)
+# Steps:
+#   steady      engine steady decode at 256 seqs x 512 vs the model alone (bench_steady.py)
+#   throughput  ShareGPT-1000, 2 GiB pool: jpaged, Orca-Max, + the ceiling (bench_throughput.py)
+#   throughput40  the same, 40 GiB pool, jpaged only
+#   generate    the README main job: generate.py, SmolLM2 shape, 300 x 128 -> 128
+#   step        bench_step.py: 1.1B and SmolLM2 shapes, 256 x 512, K=16, three variants
+#   profile     profile_step.py on the 1.1B shape
+#   sharing     bench_sharing.py (parallel n, beams, prefix caching)
+#   latency     bench_latency.py at 2-32 req/s
+#   serving     bench_serving.py over HTTP (needs the .whl wheels: starlette, uvicorn, ...)
+# BUDGET=<seconds> caps the whole call: a step gets at most what is left.
+set -uo pipefail
+OUT=${OUT:-/tmp/jpaged-out}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export JPAGED_XLA_CACHE=${JPAGED_XLA_CACHE:-/tmp/jpaged-xla}
+W=benchmarks/workloads/sharegpt-1000.json
+COMMON="--model llama-1.1b --no-progress"
+START=$SECONDS
+run() {  # name, time limit, command...
+    local name=$1 limit=$2; shift 2
+    local left=$(( ${BUDGET:-100000} - (SECONDS - START) ))
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -lt 30 ]; then echo "SKIPPED $name: ${left} s left"; return; fi
+    echo "== $name ($(date +%T), limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || echo "FAILED or stopped: $name (rc $?)"
+    grep -v -e "^\s*$" -e cuda_timer "$OUT/$name.log" | tail -12
+}
+nvidia-smi -L
+for s in "$@"; do
+    case $s in
+    steady) run steady 200 python3 scripts/bench_steady.py $COMMON --num-seqs 256 --context 512 \
+        --decode-tokens 160 --max-model-len 1024 --out "$OUT/steady.json" ;;
+    throughput) run throughput 240 python3 scripts/bench_throughput.py $COMMON --kv-cache-gib 2 \
+        --workload $W --num-requests 1000 --systems jpaged,orca-max --ceiling 256:512 \
+        --out "$OUT/throughput.json" ;;
+    throughput40) run throughput40 150 python3 scripts/bench_throughput.py $COMMON \
+        --kv-cache-gib 40 --workload $W --num-requests 1000 --systems jpaged \
+        --out "$OUT/throughput40.json" ;;
+    generate) run generate 150 python3 scripts/generate.py --random-weights \
+        --model smollm2-135m-shape --num-random-prompts 300 --random-prompt-len 128 \
+        --max-tokens 128 --ignore-eos --max-model-len 1024 --no-progress \
+        --output "$OUT/generate.jsonl" ;;
+    step) run step 240 python3 scripts/bench_step.py --point llama-1.1b:256:512:16 \
+        --point smollm2-135m-shape:256:512:16 --variant full,no-attention,no-attention-no-kv-write \
+        --out "$OUT/step.json" ;;
+    profile) run profile 200 python3 scripts/profile_step.py --model llama-1.1b --num-seqs 256 \
+        --context 512 --steps 4 --prefill-seqs 1 --prefill-len 2048 --out "$OUT/profile.json" ;;
+    sharing) run sharing 240 python3 scripts/bench_sharing.py $COMMON --kv-cache-gib 2 \
+        --usable-kv-gib 0.25 --num-requests 60 --num-prefix-requests 120 \
+        --out "$OUT/sharing.json" ;;
+    latency) run latency 230 python3 scripts/bench_latency.py $COMMON --kv-cache-gib 2 \
+        --workload $W --rates 2,8,16,32 --duration 6 --min-requests 20 --time-limit 140 \
+        --out "$OUT/latency.json" ;;
+    serving) run serving 200 python3 scripts/bench_serving.py --random-weights \
+        --model smollm2-135m-shape --dtype bfloat16 --max-num-seqs 256 --num-requests 500 \
+        --request-rates inf,16 --output "$OUT/serving.json" ;;
+    *) echo "unknown step $s" ;;
+    esac
+done
+echo "== done $(date +%T)"
