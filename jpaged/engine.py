@@ -474,7 +474,7 @@ class LLMEngine:
         """The decode window's rows (one per slot), and the slot changes:
         whole rows for sequences new to the device (swapped in, forked
         beams), block-table entries for the tables that changed."""
-        bm = self.block_manager
+        bm, bs = self.block_manager, self.config.block_size
         group_rows = []
         for sched in scheduled:
             max_len = self.scheduler.max_len(sched.seq_group)
@@ -484,12 +484,16 @@ class LLMEngine:
                 table = bm.block_table(seq)
                 if state.slot < 0 or state.refill:
                     self._fill_slot(seq, sched.seq_group, table)
-                elif table != state.sent_table:
+                else:
+                    # NOTE: a table only grows, or a copy-on-write replaces the
+                    # block of the sequence's last token: compare from there.
                     sent = state.sent_table
-                    for i, block in enumerate(table):
-                        if i >= len(sent) or sent[i] != block:
-                            self._diff.set_block(state.slot, i, block)
-                    state.sent_table = list(table)
+                    first = min(len(sent), (seq.get_len() - 1) // bs)
+                    if len(table) != len(sent) or table[first:] != sent[first:]:
+                        for i in range(first, len(table)):
+                            if i >= len(sent) or sent[i] != table[i]:
+                                self._diff.set_block(state.slot, i, table[i])
+                        state.sent_table = list(table)
                 entries.append((seq, state.slot, min(num_steps, max_len - seq.get_len())))
             group_rows.append(entries)
         return group_rows

@@ -79,6 +79,9 @@ class OutputProcessor:
             seq.drop_placeholders()
             tokens = result.token_ids[:n, col].tolist()
             lps = result.logprobs[:n, col].tolist()
+            if sp.logprobs is None and self.states[seq.seq_id].detok is None:
+                self._append_window(seq, sp, tokens, lps)  # no text: no per-token work
+                continue
             for j in range(n):
                 token = tokens[j]
                 assert token >= 0, "the device ended a sequence the host did not"
@@ -94,6 +97,35 @@ class OutputProcessor:
                     break
         if g.is_finished():
             g.finished_time = time.monotonic()
+
+    def _append_window(self, seq, sp, tokens, lps) -> None:
+        """A window's tokens at once for a sequence without text or logprobs:
+        the first that ends it (the rules of _stops) ends the window."""
+        num_out, length = seq.get_output_len(), seq.get_len()
+        cap = self.max_model_len - length  # tokens until a length cap, the first always taken
+        if sp.max_tokens is not None:
+            cap = min(cap, sp.max_tokens - num_out)
+        cap = max(1, cap)
+        stops = sp.stop_token_ids
+        eos = () if sp.ignore_eos else self.eos_token_ids
+        end = None
+        for j in range(min(len(tokens), cap)):
+            t = tokens[j]
+            if num_out + j + 1 >= sp.min_tokens and (t in eos or t in stops):
+                end = j
+                seq.stop_reason = t if t in stops else None
+                status = SequenceStatus.FINISHED_STOPPED
+                break
+        else:
+            if cap <= len(tokens):
+                end, status = cap - 1, SequenceStatus.FINISHED_LENGTH_CAPPED
+        take = len(tokens) if end is None else end + 1
+        assert min(tokens[:take], default=0) >= 0, "the device ended a sequence the host did not"
+        seq.extend_tokens(tokens[:take], lps[:take])
+        self.stats["num_generated_tokens"] += take
+        if end is not None:
+            seq.status = status
+            self.free_seq(seq)
 
     def _check_stop(self, seq, sp) -> bool:
         """Sets a finished status on `seq` if a stop condition holds."""

@@ -298,8 +298,11 @@ class Scheduler:
         (it comes back between steps)."""
         if max_window <= 1 or self.swapped:
             return 1
-        need = max(self.max_len(g) - s.get_len() for g in queue
-                   for s in g.get_seqs(SequenceStatus.RUNNING))
+        need = 0
+        for g in queue:
+            limit = self.max_len(g)
+            for s in g.get_seqs(SequenceStatus.RUNNING):
+                need = max(need, limit - s.get_len())
         k = max_window
         while k > 1 and k // 2 >= need:
             k //= 2

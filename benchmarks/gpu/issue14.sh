@@ -6,6 +6,7 @@
 #   steady      engine steady decode at 256 seqs x 512 vs the model alone (bench_steady.py)
 #   throughput  ShareGPT-1000, 2 GiB pool: jpaged, Orca-Max, + the ceiling (bench_throughput.py)
 #   throughput40  the same, 40 GiB pool, jpaged only
+#   throughput-profile  the 2 GiB jpaged run under cProfile (host-profile.txt)
 #   generate    the README main job: generate.py, SmolLM2 shape, 300 x 128 -> 128
 #   step        bench_step.py: 1.1B and SmolLM2 shapes, 256 x 512, K=16, three variants
 #   profile     profile_step.py on the 1.1B shape
@@ -38,6 +39,9 @@ for s in "$@"; do
     throughput) run throughput 240 python3 scripts/bench_throughput.py $COMMON --kv-cache-gib 2 \
         --workload $W --num-requests 1000 --systems jpaged,orca-max --ceiling 256:512 \
         --out "$OUT/throughput.json" ;;
+    throughput-profile) run throughput-profile 200 python3 scripts/bench_throughput.py $COMMON \
+        --kv-cache-gib 2 --workload $W --num-requests 1000 --systems jpaged \
+        --profile-host "$OUT/host-profile.txt" --out "$OUT/throughput-profile.json" ;;
     throughput40) run throughput40 150 python3 scripts/bench_throughput.py $COMMON \
         --kv-cache-gib 40 --workload $W --num-requests 1000 --systems jpaged \
         --out "$OUT/throughput40.json" ;;
