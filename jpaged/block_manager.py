@@ -228,6 +228,33 @@ class BlockSpaceManager:
                 return False
         return True
 
+    def window_costs(self, seq_groups: list[SequenceGroup], windows: list[int],
+                     max_len) -> list[int]:
+        """Device blocks append_slots takes for every RUNNING sequence of the
+        groups, for each decode window size K in `windows` (num_lookahead K -
+        1), exact, in one pass; max_len: a callable group -> its max_len."""
+        bs, tables, gpu = self.block_size, self._gpu_tables, self.gpu_allocator
+        needs = [0] * len(windows)
+        writers: collections.Counter = collections.Counter()
+        running = SequenceStatus.RUNNING
+        for g in seq_groups:
+            limit = max_len(g)
+            for seq in g.seqs_dict.values():
+                if seq.status != running:
+                    continue
+                table = tables[seq.seq_id]
+                n, have = seq.get_len(), len(table)
+                last = (n - 1) // bs
+                if last < have and gpu.get_ref_count(table[last]) > 1:
+                    writers[table[last]] += 1
+                for i, k in enumerate(windows):
+                    blocks = -(-max(n, min(n + k - 1, limit)) // bs)
+                    if blocks > have:
+                        needs[i] += blocks - have
+        # k writers of a block held r times copy min(k, r - 1) times: the last one writes in place.
+        copies = sum(min(k, gpu.get_ref_count(b) - 1) for b, k in writers.items())
+        return [n + copies for n in needs]
+
     def append_slots(self, seq: Sequence, num_lookahead: int = 0,
                      max_len: int | None = None) -> list[tuple[int, int]]:
         """Makes seq's table cover all its tokens and `num_lookahead` more

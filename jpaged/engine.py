@@ -489,7 +489,8 @@ class LLMEngine:
                     # block of the sequence's last token: compare from there.
                     sent = state.sent_table
                     first = min(len(sent), (seq.get_len() - 1) // bs)
-                    if len(table) != len(sent) or table[first:] != sent[first:]:
+                    if len(table) != len(sent) or (first < len(sent)
+                                                   and table[first] != sent[first]):
                         for i in range(first, len(table)):
                             if i >= len(sent) or sent[i] != table[i]:
                                 self._diff.set_block(state.slot, i, table[i])

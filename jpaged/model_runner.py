@@ -130,6 +130,13 @@ class StepOutput:
     prompt_logprobs: np.ndarray | None = None        # f32[tokens]
     prompt_topk_token_ids: np.ndarray | None = None  # i32[tokens, MAX_LOGPROBS]
     prompt_topk_logprobs: np.ndarray | None = None   # f32[tokens, MAX_LOGPROBS]
+    _columns: tuple | None = None
+
+    def columns(self) -> tuple[list, list]:
+        """(tokens, logprobs) as Python lists per row: [R][K] (made once)."""
+        if self._columns is None:
+            self._columns = (self.token_ids.T.tolist(), self.logprobs.T.tolist())
+        return self._columns
 
 
 @dataclasses.dataclass
@@ -413,8 +420,10 @@ class ModelRunner:
         if len(parts) == 1:
             return self._prefill(seqs, level, want_prompt)
         outs = [self.fetch(self._prefill(p, level, want_prompt)) for p in parts]
-        result = StepOutput(*(None if x[0] is None else np.concatenate(x, axis=1 if i < 4 else 0)
-                              for i, x in enumerate(zip(*(dataclasses.astuple(o) for o in outs)))))
+        fields = [f.name for f in dataclasses.fields(StepOutput)][:7]
+        result = StepOutput(*(None if getattr(outs[0], f) is None else
+                              np.concatenate([getattr(o, f) for o in outs], axis=1 if i < 4 else 0)
+                              for i, f in enumerate(fields)))
         step = PendingStep(None, None, sum(len(s.rows) for s in seqs),
                            sum(len(s.token_ids) for s in seqs), SAMPLER_MODES[level].num_logprobs)
         step.result = result

@@ -75,10 +75,10 @@ class OutputProcessor:
                                 for seq, col, _ in live])
             return
         topk_ids = result.topk_token_ids
+        columns = result.columns()
         for seq, col, n in live:
             seq.drop_placeholders()
-            tokens = result.token_ids[:n, col].tolist()
-            lps = result.logprobs[:n, col].tolist()
+            tokens, lps = columns[0][col][:n], columns[1][col][:n]
             if sp.logprobs is None and self.states[seq.seq_id].detok is None:
                 self._append_window(seq, sp, tokens, lps)  # no text: no per-token work
                 continue

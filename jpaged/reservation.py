@@ -173,6 +173,13 @@ class ReservationBlockManager(BlockSpaceManager):
                                          max_len(g) if max_len is not None else None)
                    for g in seq_groups)
 
+    def window_costs(self, seq_groups: list[SequenceGroup], windows: list[int],
+                     max_len) -> list[int]:
+        """0 for a window every reservation covers, else more than the pool."""
+        never = self.gpu_allocator.num_usable_blocks + 1
+        return [0 if self.can_append_slots_all(seq_groups, k - 1, max_len) else never
+                for k in windows]
+
     def append_slots(self, seq: Sequence, num_lookahead: int = 0,
                      max_len: int | None = None) -> list[tuple[int, int]]:
         """Never allocates: the reservation already covers the new tokens."""

@@ -286,36 +286,45 @@ class Scheduler:
         """Tokens a sequence of the group may hold at most (prompt + max_tokens,
         capped by max_model_len)."""
         limit = self.config.max_model_len
-        max_tokens = group.sampling_params.max_tokens if group.sampling_params else None
-        if max_tokens is None:
+        params = group.sampling_params
+        if params is None or params.max_tokens is None:
             return limit
-        return min(limit, group.prompt_len + max_tokens)
+        return min(limit, group.prompt_len + params.max_tokens)
 
     def _window(self, queue: list[SequenceGroup], max_window: int) -> int:
         """Decode steps for this step: max_window, halved until the pool can
         reserve every running sequence's slots that far ahead, and no more
         than the longest sequence still needs; 1 while a group is swapped out
-        (it comes back between steps)."""
+        (it comes back between steps). 0: not even one step fits (preempt)."""
+        bm = self.block_manager
         if max_window <= 1 or self.swapped:
-            return 1
+            return 1 if bm.can_append_slots_all(queue) else 0
         need = 0
         for g in queue:
             limit = self.max_len(g)
-            for s in g.get_seqs(SequenceStatus.RUNNING):
-                need = max(need, limit - s.get_len())
+            for s in g.seqs_dict.values():
+                if s.status == SequenceStatus.RUNNING:
+                    need = max(need, limit - s.get_len())
         k = max_window
         while k > 1 and k // 2 >= need:
             k //= 2
-        while k > 1 and not self.block_manager.can_append_slots_all(queue, k - 1, self.max_len):
-            k //= 2
-        return k
+        windows = [k >> i for i in range(k.bit_length())]  # k, k/2, ..., 1
+        free = bm.get_num_free_gpu_blocks()
+        num_seqs = sum(g.num_seqs(SequenceStatus.RUNNING) for g in queue)
+        if num_seqs * (1 + -(-(k - 1) // bm.block_size)) <= free:  # a cheap bound first
+            return k
+        for window, cost in zip(windows, bm.window_costs(queue, windows, self.max_len)):
+            if cost <= free:
+                return window
+        return 0
 
     def _schedule_decodes(self, out: SchedulerOutput, max_window: int = 1) -> None:
         bm = self.block_manager
         queue = sorted(self.running, key=self._key)
         running: list[SequenceGroup] = []
-        out.num_steps = self._window(queue, max_window) if queue else 1
-        if out.num_steps > 1 or bm.can_append_slots_all(queue):  # nobody is preempted
+        window = self._window(queue, max_window) if queue else 1
+        out.num_steps = max(1, window)
+        if window:  # nobody is preempted
             for group in queue:
                 self._append_slots(out, group, out.num_steps - 1)
             running, queue = queue, []

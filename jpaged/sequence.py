@@ -190,6 +190,7 @@ class SequenceGroup:
         for seq in seqs:
             self.add(seq)
         self.sampling_params = sampling_params
+        self.prompt_len = len(seqs[0].prompt_token_ids)  # the same for every sequence
         self.arrival_time = arrival_time
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
@@ -204,9 +205,6 @@ class SequenceGroup:
     def prompt_token_ids(self) -> list[int]:
         return next(iter(self.seqs_dict.values())).prompt_token_ids
 
-    @property
-    def prompt_len(self) -> int:
-        return len(next(iter(self.seqs_dict.values())).prompt_token_ids)
 
     def has_penalties(self) -> bool:
         """Whether sampling reads the sequences' token counts (the device
@@ -265,13 +263,15 @@ class SequenceGroup:
         until its prompt step and best_of after it.
         """
         params = self.sampling_params
-        if params is None:
-            return self.num_unfinished_seqs()
-        if params.use_beam_search:
-            return params.actual_best_of
-        if params.actual_best_of > self.num_seqs():
-            return params.actual_best_of
-        return self.num_unfinished_seqs()
+        if params is not None:
+            if params.use_beam_search:
+                return params.actual_best_of
+            if params.actual_best_of > len(self.seqs_dict):
+                return params.actual_best_of
+        n = 0
+        for s in self.seqs_dict.values():
+            n += s.status < _FIRST_FINISHED
+        return n
 
     def maybe_set_first_token_time(self, time: float) -> None:
         if self.first_token_time is None:
