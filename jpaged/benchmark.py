@@ -30,9 +30,10 @@ from jpaged.reservation import ReservationBlockManager, kv_slot_usage
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import SequenceStatus
 
-SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync")
+SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync", "jpaged-window1")
 LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "orca-oracle": "Orca-Oracle", "jpaged-sync": "jpaged, async scheduling off",
+          "jpaged-window1": "jpaged, one decode step per call",
           "hf-generate": "HF generate (static)",
           "hf-generate-batch": "HF generate_batch (continuous)"}
 
@@ -192,7 +193,7 @@ def engine_from_args(args, hf_config: dict):
 
 def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):
     """A callable with BlockSpaceManager's signature for `system`."""
-    if system in ("jpaged", "jpaged-sync"):
+    if system in ("jpaged", "jpaged-sync", "jpaged-window1"):
         return BlockSpaceManager
     if system.startswith("orca-") and system[5:] in ("max", "pow2", "oracle"):
         if enable_prefix_caching:
@@ -224,8 +225,11 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
                                    engine.runner.num_cpu_blocks, watermark=cfg.watermark,
                                    enable_prefix_caching=enable_prefix_caching)
     engine.scheduler = Scheduler(engine.scheduler.config, engine.block_manager)
-    # "jpaged-sync": jpaged waiting for each step's tokens (no host/device overlap)
-    engine.config = dataclasses.replace(engine.config, async_scheduling=system != "jpaged-sync")
+    # "jpaged-sync": jpaged waiting for each step's tokens (no host/device overlap);
+    # "jpaged-window1": decode windows off (one decode step per jitted call)
+    engine.config = dataclasses.replace(
+        engine.config, async_scheduling=system != "jpaged-sync",
+        max_decode_window=1 if system == "jpaged-window1" else max(engine.runner.window_sizes))
     for k, v in engine.stats.items():
         engine.stats[k] = type(v)(0)
 
@@ -340,9 +344,13 @@ def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
     n = len(requests)
     sim, i = 0.0, 0
     finish: dict[int, float] = {}
+    first_token: dict[int, float] = {}
     rejected = 0
     truncated = False
     t_start = time.perf_counter()
+    # NOTE: first_token_time is time.monotonic(); each step's end maps it to the
+    # simulated clock (the first token came back in that step)
+    step_ends: list[tuple[float, float]] = []
     while i < n or engine.has_unfinished_requests():
         if deadline is not None and i < n and time.perf_counter() > deadline:
             truncated = True
@@ -357,22 +365,40 @@ def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
         t0 = time.perf_counter()
         done = engine.step()
         sim += time.perf_counter() - t0
+        step_ends.append((time.monotonic(), sim))
         for o in done:
             if o.error is not None:
                 rejected += 1
             else:
                 finish[int(o.request_id)] = sim
+                if o.metrics is not None and o.metrics.first_token_time is not None:
+                    first_token[int(o.request_id)] = o.metrics.first_token_time
     wall = time.perf_counter() - t_start
     ok = sorted(finish)
     lat = np.array([finish[k] - arrivals[k] for k in ok])
     norm = lat / np.array([requests[k].output_len for k in ok]) if ok else np.array([math.nan])
     tokens = sum(requests[k].output_len for k in ok)
+    monos = [m for m, _ in step_ends]
+    ttft, tpot = [], []
+    for k in ok:
+        if k not in first_token:
+            continue
+        j = min(np.searchsorted(monos, first_token[k]), len(step_ends) - 1)
+        t_first = step_ends[j][1]
+        ttft.append(t_first - arrivals[k])
+        if requests[k].output_len > 1:
+            tpot.append((finish[k] - t_first) / (requests[k].output_len - 1))
+
+    def pct(xs, q):
+        return float(np.percentile(xs, q)) if xs else math.nan
     return dict(num_requests=n, num_finished=len(ok), num_rejected=rejected,
                 truncated=truncated, sim_seconds=sim, wall_seconds=wall,
                 mean_normalized_latency=float(np.mean(norm)),
                 p50_normalized_latency=float(np.percentile(norm, 50)),
                 p90_normalized_latency=float(np.percentile(norm, 90)),
                 mean_latency=float(np.mean(lat)) if ok else math.nan,
+                ttft_p50_ms=1e3 * pct(ttft, 50), ttft_p99_ms=1e3 * pct(ttft, 99),
+                tpot_p50_ms=1e3 * pct(tpot, 50), tpot_p99_ms=1e3 * pct(tpot, 99),
                 output_tokens_per_s=tokens / sim if sim else 0.0,
                 **engine_counters(engine))
 

@@ -159,6 +159,14 @@ def main(argv=None):
           f"mean normalized latency (s/token) by rate; max rate under {bound:.4g} s/token "
           f"({result['latency_bound_source']})")
     print(format_table(rows, cols))
+    rows = [dict(system=LABELS[name], rate=pt["rate"], **{k: pt.get(k) for k in (
+        "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")})
+        for name, s in systems.items() for pt in s["points"] if "skipped" not in pt]
+    print(format_table(rows, [("system", "system", ""), ("rate", "req/s", "g"),
+                              ("ttft_p50_ms", "TTFT p50 ms", ".1f"),
+                              ("ttft_p99_ms", "TTFT p99 ms", ".1f"),
+                              ("tpot_p50_ms", "TPOT p50 ms", ".2f"),
+                              ("tpot_p99_ms", "TPOT p99 ms", ".2f")]))
     print(f"wrote {out}")
     return result
 

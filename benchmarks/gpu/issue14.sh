@@ -11,7 +11,8 @@
 #   step        bench_step.py: 1.1B and SmolLM2 shapes, 256 x 512, K=16, three variants
 #   profile     profile_step.py on the 1.1B shape
 #   sharing     bench_sharing.py (parallel n, beams, prefix caching)
-#   latency     bench_latency.py at 2-32 req/s
+#   latency     bench_latency.py at 2-32 req/s: windows on and off (TTFT, TPOT)
+#   throughput-w16  the 2 GiB run with windows of up to 16 steps
 #   serving     bench_serving.py over HTTP (needs the .whl wheels: starlette, uvicorn, ...)
 # BUDGET=<seconds> caps the whole call: a step gets at most what is left.
 set -uo pipefail
@@ -58,8 +59,11 @@ for s in "$@"; do
         --usable-kv-gib 0.25 --num-requests 60 --num-prefix-requests 120 \
         --out "$OUT/sharing.json" ;;
     latency) run latency 230 python3 scripts/bench_latency.py $COMMON --kv-cache-gib 2 \
-        --workload $W --rates 2,8,16,32 --duration 6 --min-requests 20 --time-limit 140 \
-        --out "$OUT/latency.json" ;;
+        --workload $W --rates 2,8,16,32 --duration 6 --min-requests 20 --time-limit 150 \
+        --systems jpaged,jpaged-window1 --out "$OUT/latency.json" ;;
+    throughput-w16) run throughput-w16 150 python3 scripts/bench_throughput.py $COMMON \
+        --kv-cache-gib 2 --workload $W --num-requests 1000 --systems jpaged \
+        --max-decode-window 16 --out "$OUT/throughput-w16.json" ;;
     serving) run serving 200 python3 scripts/bench_serving.py --random-weights \
         --model smollm2-135m-shape --dtype bfloat16 --max-num-seqs 256 --num-requests 500 \
         --request-rates inf,16 --output "$OUT/serving.json" ;;
