@@ -99,6 +99,12 @@ class EngineConfig:
         two in [1, 64]: when only decodes run, the device runs up to this
         many steps with no host in between (stop rules on the device), each
         window size from 1 up compiled at start-up. 1 turns windows off.
+        Windows run only when they delay no new request's first token:
+        while requests wait that the batch or the pool cannot take yet, or
+        once no request has arrived for decode_window_idle_s seconds;
+        otherwise (requests arriving into a batch with room) a step decodes
+        one token, so an arrival is prefilled at the next step.
+      decode_window_idle_s: see max_decode_window, >= 0.
     """
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -116,7 +122,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
     async_scheduling: bool = True
-    max_decode_window: int = 8
+    max_decode_window: int = 16
+    decode_window_idle_s: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -146,6 +153,9 @@ class EngineConfig:
         w = self.max_decode_window
         if not _is_int(w) or not 1 <= w <= 64 or w & (w - 1):
             raise ValueError(f"max_decode_window must be a power of two in [1, 64], got {w!r}")
+        if not _is_number(self.decode_window_idle_s) or not self.decode_window_idle_s >= 0:
+            raise ValueError(f"decode_window_idle_s must be a number of seconds >= 0, got "
+                             f"{self.decode_window_idle_s!r}")
         if self.max_model_len is not None:
             self._check_budget(self.max_model_len)
 

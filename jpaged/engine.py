@@ -142,6 +142,7 @@ class LLMEngine:
         self._scheduled: SchedulerOutput | None = None
         self._updating: SequenceGroup | None = None
         self._in_schedule = False
+        self._last_arrival = -float("inf")  # time.monotonic() of the last add_request
         self._guard = InterruptGuard()
         self._wait = 0.0  # seconds of the current step spent waiting for the device
         # host_seconds: step time the host spent working; device_seconds:
@@ -186,6 +187,7 @@ class LLMEngine:
                                                                   sampling_params))
         self._requests[request_id] = group
         self.scheduler.add_seq_group(group)
+        self._last_arrival = time.monotonic()
 
     def prepare_request(self, request_id, prompt, sampling_params,
                         prompt_token_ids=None) -> list[int]:
@@ -303,7 +305,8 @@ class LLMEngine:
         if self._inflight is not None and self._must_finish_inflight():
             self._finish_inflight()
         self._in_schedule = True
-        out = self._scheduled = self.scheduler.schedule(self._max_window())
+        idle = time.monotonic() - self._last_arrival >= self.config.decode_window_idle_s
+        out = self._scheduled = self.scheduler.schedule(self._max_window(), idle)
         self._in_schedule = False
         for g, reason in out.ignored_seq_groups:
             self._emit(OutputProcessor.error_output(g, reason))

@@ -44,6 +44,10 @@ def add_engine_args(parser: argparse.ArgumentParser, *,
     m.add_argument("--no-async-scheduling", action="store_true",
                    help="wait for each step's tokens before scheduling the next (by default "
                         "the host schedules the next step while the device runs)")
+    from jpaged.config import EngineConfig
+    m.add_argument("--max-decode-window", type=int, default=EngineConfig.max_decode_window,
+                   help="decode steps one jitted call may run, a power of two (1: off); "
+                        "windows wait while requests arrive into a batch with room")
     t = parser.add_argument_group("tensor parallelism (README, \"Tensor parallelism\")")
     t.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="devices the model and KV pool are split over (heads, MLP columns, "
@@ -76,6 +80,7 @@ def llm_kwargs(args) -> dict:
                   swap_space=args.swap_space, preemption_mode=args.preemption_mode,
                   enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                   async_scheduling=not args.no_async_scheduling,
+                  max_decode_window=args.max_decode_window,
                   tensor_parallel_size=args.tensor_parallel_size)
     if args.max_num_seqs is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs

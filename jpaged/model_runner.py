@@ -357,7 +357,11 @@ class ModelRunner:
         num_pool = 1 + len(self.pool.swap_buckets)
         bar = tqdm(total=len(forwards) + len(jobs) + len(SAMPLER_MODES) + num_pool,
                    desc="compiling", disable=not progress)
-        workers = max(1, os.cpu_count() or 1)
+        # NOTE: one at a time on the CPU backend: there, executables read back
+        # from the persistent cache on several threads at once aborted the
+        # process twice in our test runs (jax 0.11.2); on accelerators the
+        # host compiles in parallel.
+        workers = 1 if jax.default_backend() == "cpu" else max(1, os.cpu_count() or 1)
         compile_job = lambda f, a, k: f(*a, **k).compile()  # noqa: E731
         with concurrent.futures.ThreadPoolExecutor(workers) as ex:
             first = ex.submit(compile_job, *forwards[0])

@@ -188,15 +188,18 @@ class Scheduler:
 
     # -- one step ------------------------------------------------------------
 
-    def schedule(self, max_window: int = 1) -> SchedulerOutput:
+    def schedule(self, max_window: int = 1, idle: bool = True) -> SchedulerOutput:
         """Decides the next step (see the module docstring). A decode step
-        may run up to `max_window` tokens per sequence (a power of two)."""
+        may run up to `max_window` tokens per sequence (a power of two): when
+        requests wait that could not be admitted, or when `idle` (no request
+        arrived lately); else one, so the next arrival is not held up."""
         self.free_finished_seq_groups()
         out = SchedulerOutput()
         if not self.swapped:
             self._schedule_prefills(out)
         if not out.scheduled_seq_groups:
-            self._schedule_decodes(out, max_window)
+            # NOTE: prefills were tried first: a group still waiting cannot be admitted now
+            self._schedule_decodes(out, max_window if idle or self.waiting else 1)
         now = time.monotonic()
         for scheduled in out.scheduled_seq_groups:
             group = scheduled.seq_group

@@ -31,9 +31,9 @@ def engines(llama):
     def get(window, **kw):
         key = (window, tuple(sorted(kw.items())))
         if key not in cache:
-            args = dict(ENGINE, num_gpu_blocks=200)
+            args = dict(ENGINE, num_gpu_blocks=200, max_decode_window=window)
             args.update(kw)
-            cache[key] = LLM(llama, use_tqdm_warmup=False, max_decode_window=window, **args)
+            cache[key] = LLM(llama, use_tqdm_warmup=False, **args)
         return cache[key]
     return get
 
@@ -165,3 +165,26 @@ def test_preemption_and_abort_inside_windows(engines, mode):
         [w for i, w in enumerate(want) if i != 2]
     bm = eng.block_manager
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+
+
+def test_windows_wait_while_requests_arrive_into_room(engines):
+    """Requests that just arrived and fit the batch: one step a call (the
+    next arrival is prefilled at the next step); a backlog that cannot be
+    admitted, or quiet: windows."""
+    llm = engines(8, decode_window_idle_s=3600.0)  # every request is a recent arrival
+    eng = llm.engine
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    few = prompts(5, [4, 6, 5])
+    before = dict(eng.stats)
+    outs = llm.generate(prompt_token_ids=few, sampling_params=sp, use_tqdm=False)
+    calls = eng.stats["num_steps"] - before["num_steps"]
+    decode = eng.stats["num_decode_steps"] - before["num_decode_steps"]
+    assert decode == 11 and calls == 1 + decode  # one prefill, then single steps
+    before = dict(eng.stats)
+    many = prompts(6, [5] * 20)  # more than max_num_seqs: a backlog waits
+    llm.generate(prompt_token_ids=many, sampling_params=sp, use_tqdm=False)
+    assert eng.stats["num_decode_steps"] - before["num_decode_steps"] > \
+        eng.stats["num_steps"] - before["num_steps"] - 3  # windows while the backlog waits
+    quiet = engines(8)  # decode_window_idle_s 0 (tests/tiny.py): windows straight away
+    again = quiet.generate(prompt_token_ids=few, sampling_params=sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]

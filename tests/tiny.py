@@ -5,13 +5,15 @@ set of compiled shapes, so the persistent XLA cache serves them all)."""
 LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
          "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
          "vocab_size": 320, "max_position_embeddings": 256, "eos_token_id": 2}
-# Small bucket sets keep compile time down: decode 1..8, prefill 16..64.
+# Small bucket sets keep compile time down: windows 1..8, prefill 16..64; windows
+# whether or not requests arrive (decode_window_idle_s 0), so tests exercise them.
 ENGINE = dict(block_size=4, max_num_seqs=8, max_model_len=64, max_num_batched_tokens=64,
-              swap_space=0.002)
+              swap_space=0.002, max_decode_window=8, decode_window_idle_s=0.0)
 # The same engine as command-line flags of the scripts, with a 200-block pool.
 ENGINE_FLAGS = ["--dtype", "float32", "--block-size", "4", "--max-num-seqs", "8",
                 "--max-model-len", "64", "--max-num-batched-tokens", "64",
-                "--num-gpu-blocks", "200", "--swap-space", "0.002", "--no-progress"]
+                "--num-gpu-blocks", "200", "--swap-space", "0.002", "--max-decode-window", "8",
+                "--no-progress"]
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
