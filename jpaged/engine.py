@@ -142,7 +142,9 @@ class LLMEngine:
         self._scheduled: SchedulerOutput | None = None
         self._updating: SequenceGroup | None = None
         self._in_schedule = False
-        self._last_arrival = -float("inf")  # time.monotonic() of the last add_request
+        # time.monotonic() of the last request added while others ran (an
+        # offline batch, added to an idle engine, does not hold windows back)
+        self._last_arrival = -float("inf")
         self._guard = InterruptGuard()
         self._wait = 0.0  # seconds of the current step spent waiting for the device
         # host_seconds: step time the host spent working; device_seconds:
@@ -185,9 +187,10 @@ class LLMEngine:
                               arrival_time if arrival_time is not None else time.monotonic())
         self._states[seq.seq_id] = SeqState(seed, self._new_detok(prompt_token_ids,
                                                                   sampling_params))
+        if self.scheduler.running:  # an arrival into a running batch (not a batch's start)
+            self._last_arrival = time.monotonic()
         self._requests[request_id] = group
         self.scheduler.add_seq_group(group)
-        self._last_arrival = time.monotonic()
 
     def prepare_request(self, request_id, prompt, sampling_params,
                         prompt_token_ids=None) -> list[int]:

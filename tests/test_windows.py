@@ -171,20 +171,38 @@ def test_windows_wait_while_requests_arrive_into_room(engines):
     """Requests that just arrived and fit the batch: one step a call (the
     next arrival is prefilled at the next step); a backlog that cannot be
     admitted, or quiet: windows."""
-    llm = engines(8, decode_window_idle_s=3600.0)  # every request is a recent arrival
+    llm = engines(8, decode_window_idle_s=3600.0)  # an arrival stays recent
     eng = llm.engine
     sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     few = prompts(5, [4, 6, 5])
+    # an offline batch added to an idle engine: windows at once
     before = dict(eng.stats)
     outs = llm.generate(prompt_token_ids=few, sampling_params=sp, use_tqdm=False)
+    assert eng.stats["num_steps"] - before["num_steps"] <= 3  # a prefill, two windows
+    # requests arriving while others run: single steps until the arrivals stop
+    eng.add_request("first", None, sp, prompt_token_ids=few[0])
+    eng.step()  # its prefill: it runs now
+    before = dict(eng.stats)
+    eng.add_request("second", None, sp, prompt_token_ids=few[1])
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update((o.request_id, o) for o in eng.step())
     calls = eng.stats["num_steps"] - before["num_steps"]
     decode = eng.stats["num_decode_steps"] - before["num_decode_steps"]
-    assert decode == 11 and calls == 1 + decode  # one prefill, then single steps
-    before = dict(eng.stats)
-    many = prompts(6, [5] * 20)  # more than max_num_seqs: a backlog waits
-    llm.generate(prompt_token_ids=many, sampling_params=sp, use_tqdm=False)
-    assert eng.stats["num_decode_steps"] - before["num_decode_steps"] > \
-        eng.stats["num_steps"] - before["num_steps"] - 3  # windows while the backlog waits
-    quiet = engines(8)  # decode_window_idle_s 0 (tests/tiny.py): windows straight away
-    again = quiet.generate(prompt_token_ids=few, sampling_params=sp, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
+    assert decode == calls - 1  # one prefill (the second), then one token a call
+    assert [done[r].outputs[0].token_ids for r in ("first", "second")] == \
+        [o.outputs[0].token_ids for o in outs[:2]]
+    # arrivals that find the batch full (max_num_seqs 8): a backlog waits, windows run
+    many = prompts(6, [5] * 20)
+    for i, p in enumerate(many[:8]):
+        eng.add_request(f"m{i}", None, sp, prompt_token_ids=p)
+    eng.step()
+    for i, p in enumerate(many[8:], 8):
+        eng.add_request(f"m{i}", None, sp, prompt_token_ids=p)
+    windows = []
+    while eng.has_unfinished_requests():
+        steps = eng.stats["num_decode_steps"]
+        eng.step()
+        if eng.scheduler.waiting:
+            windows.append(eng.stats["num_decode_steps"] - steps)
+    assert max(windows) > 1
