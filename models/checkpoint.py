@@ -309,16 +309,11 @@ def read_meta(directory) -> dict:
     if not marker.is_file():
         raise FileNotFoundError(f"{directory} is not a converted checkpoint "
                                 f"(no {MARKER}); write one with scripts/convert.py")
+    from models.convert import read_json_object
     try:
-        meta = json.loads(marker.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{marker} is not valid JSON ({e.msg} at line {e.lineno} column "
-                         f"{e.colno}); {_redo_hint(directory)}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{marker} is not UTF-8 text; {_redo_hint(directory)}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{marker} holds a JSON {type(meta).__name__}, not an object; "
-                         f"{_redo_hint(directory)}")
+        meta = read_json_object(marker)
+    except ValueError as e:
+        raise ValueError(f"{e}; {_redo_hint(directory)}") from None
     version = meta.get("version")
     if (meta.get("format") != FORMAT or type(version) is not int
             or version not in SUPPORTED_VERSIONS):

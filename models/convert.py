@@ -291,7 +291,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], rules: Iterable[Rule],
 # Readers
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def read_json_object(path: pathlib.Path) -> dict:
     """The JSON object in ``path``; ValueError naming the file (and line, column) if not."""
     try:
         value = json.loads(path.read_text())
@@ -313,7 +313,7 @@ def read_hf_config(model_dir) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face "
                                 "model directory?")
-    return _read_json(path)
+    return read_json_object(path)
 
 
 def _read_safetensors(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
@@ -344,7 +344,7 @@ def _read_torch_bin(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
 
 
 def _sharded_files(model_dir: pathlib.Path, index_name: str) -> list[pathlib.Path]:
-    index = _read_json(model_dir / index_name)
+    index = read_json_object(model_dir / index_name)
     if not isinstance(index.get("weight_map"), dict):
         raise ValueError(f"{model_dir / index_name} has no weight_map")
     files = [model_dir / f for f in sorted(set(index["weight_map"].values()))]

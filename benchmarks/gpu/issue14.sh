@@ -23,15 +23,8 @@ export JPAGED_XLA_CACHE=${JPAGED_XLA_CACHE:-/tmp/jpaged-xla}
 W=benchmarks/workloads/sharegpt-1000.json
 COMMON="--model llama-1.1b --no-progress"
 START=$SECONDS
-run() {  # name, time limit, command...
-    local name=$1 limit=$2; shift 2
-    local left=$(( ${BUDGET:-100000} - (SECONDS - START) ))
-    [ "$limit" -gt "$left" ] && limit=$left
-    if [ "$limit" -lt 30 ]; then echo "SKIPPED $name: ${left} s left"; return; fi
-    echo "== $name ($(date +%T), limit ${limit}s)"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || echo "FAILED or stopped: $name (rc $?)"
-    grep -v -e "^\s*$" -e cuda_timer "$OUT/$name.log" | tail -12
-}
+RUN_TAIL=12
+. "$(dirname "$0")/run_step.sh"
 nvidia-smi -L
 for s in "$@"; do
     case $s in

@@ -21,15 +21,7 @@ COMMON="--model llama-1.1b --kv-cache-gib 2 --no-progress"
 GEN="--random-weights --model smollm2-135m-shape --num-random-prompts 300 --random-prompt-len 128
      --max-tokens 128 --ignore-eos --max-model-len 1024 --no-progress"
 START=$SECONDS
-run() {  # name, time limit, command...
-    local name=$1 limit=$2; shift 2
-    local left=$(( ${BUDGET:-100000} - (SECONDS - START) ))
-    [ "$limit" -gt "$left" ] && limit=$left
-    if [ "$limit" -lt 30 ]; then echo "SKIPPED $name: ${left} s left"; return; fi
-    echo "== $name ($(date +%T), limit ${limit}s)"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || echo "FAILED or stopped: $name (rc $?)"
-    grep -v -e "^\s*$" -e cuda_timer "$OUT/$name.log" | tail -25
-}
+. "$(dirname "$0")/run_step.sh"
 nvidia-smi -L
 for s in "$@"; do
     case $s in
