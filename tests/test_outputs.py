@@ -3,7 +3,6 @@ outputs add up to the final one, stop strings, special tokens, several EOS
 ids (tiny random Llama with a byte-level tokenizer, CPU)."""
 import dataclasses
 
-import numpy as np
 import pytest
 
 import models
@@ -143,7 +142,6 @@ def _stop_char(text):
 
 def test_stop_strings_and_special_tokens(llm):
     g = _greedy(llm)
-    toks = g.token_ids
     stop = _stop_char(g.text)
     full = g.text
     cut = _greedy(llm, stop=[stop])

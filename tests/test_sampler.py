@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from jpaged import sampler as smp
-from jpaged.sampler import SamplerModes, build_sampling_tensors, sample
+from jpaged.sampler import SamplerModes, sample
+import sampling_rows as rows_lib
+from sampling_rows import build_sampling_tensors
 
 _TRACES = []
 
@@ -230,9 +232,9 @@ def test_modes_are_only_speed_switches():
     coarse, _ = _run(rows, logits)
     np.testing.assert_array_equal(_sample(logits, t, m).sampled_token_ids, coarse.sampled_token_ids)
     mc = build_sampling_tensors(rows, V, S, coarse_modes=True)[1]
-    assert mc in smp.all_modes(coarse=True) and mc != m
-    assert len(set(smp.all_modes(coarse=True))) == 4 * len(smp.LOGPROBS_BUCKETS)
-    assert len(set(smp.all_modes(coarse=False))) == 10 * len(smp.LOGPROBS_BUCKETS)
+    assert mc in rows_lib.all_modes(coarse=True) and mc != m
+    assert len(set(rows_lib.all_modes(coarse=True))) == 4 * len(smp.LOGPROBS_BUCKETS)
+    assert len(set(rows_lib.all_modes(coarse=False))) == 10 * len(smp.LOGPROBS_BUCKETS)
 
 
 def test_logprobs_match_log_softmax():
@@ -290,10 +292,10 @@ def test_builder_errors_and_helpers():
     with pytest.raises(ValueError, match="unknown"):
         build_sampling_tensors([dict(temprature=1.0)], 10, 1)
     with pytest.raises(ValueError, match="maximum"):
-        smp.logprobs_bucket(21)
+        rows_lib.logprobs_bucket(21)
     with pytest.raises(ValueError, match="num_logprobs"):
         SamplerModes(num_logprobs=3)
-    assert [smp.logprobs_bucket(k) for k in (None, 0, 1, 5, 6, 20)] == [0, 0, 5, 5, 20, 20]
+    assert [rows_lib.logprobs_bucket(k) for k in (None, 0, 1, 5, 6, 20)] == [0, 0, 5, 5, 20, 20]
     with pytest.raises(ValueError, match="outside"):
         build_sampling_tensors([dict(repetition_penalty=1.2, prompt_token_ids=[2**40])], 10, 1)
     t, _ = build_sampling_tensors([dict(frequency_penalty=1.0, output_token_ids=np.array([3, 4], np.int32))], 10, 2)
@@ -304,7 +306,7 @@ def test_builder_errors_and_helpers():
     # sampling_row reads SamplingParams-like attributes.
     class P:
         temperature, top_p, top_k, seed, logprobs = 0.5, 0.9, 7, 3, 2
-    row = smp.sampling_row(P(), prompt_token_ids=[1], output_token_ids=[2, 3], seed=smp.derive_seed(3, 1))
+    row = rows_lib.sampling_row(P(), prompt_token_ids=[1], output_token_ids=[2, 3], seed=smp.derive_seed(3, 1))
     assert row["step"] == 2 and row["top_k"] == 7 and row["repetition_penalty"] == 1.0
     t, m = build_sampling_tensors([row], 10, 1)
     assert t.seeds[0] == smp.derive_seed(3, 1) and t.top_ks[0] == 7 and m.num_logprobs == 5
@@ -313,7 +315,6 @@ def test_builder_errors_and_helpers():
 
 def test_banned_tokens_are_never_drawn():
     import jax.numpy as jnp
-    from jpaged.sampler import SamplerModes, build_sampling_tensors, sample
     logits = jnp.array([[0.0, 5.0, 4.0, 1.0]] * 2)
     rows = [dict(temperature=0.0, banned_token_ids=[1]), dict(temperature=0.0)]
     t, _ = build_sampling_tensors(rows, 4, 2)
