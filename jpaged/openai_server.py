@@ -245,7 +245,7 @@ class OpenAIServer:
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise APIError(404, f"the model {model!r} does not exist: this server serves "
+            raise APIError(400, f"the model {model!r} does not exist: this server serves "
                            f"{self.model_name!r} (GET /v1/models)", "model", "model_not_found")
 
     def _check_fits(self, prompts, sp, field: str) -> None:

@@ -394,7 +394,7 @@ BAD = [  # (path, body, status, what the message says)
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "", "max_tokens": 2}, 400, "empty"),
-    ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "does not exist"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 400, "does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "at least one message"),
     ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages.0.role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
@@ -420,7 +420,7 @@ def test_bad_requests_leave_the_server_serving(srv, ref):
     c = srv.client()
     with pytest.raises(openai.BadRequestError, match="temperature"):
         c.completions.create(model=MODEL, prompt="hi", temperature=-1)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.BadRequestError, match="does not exist"):
         c.completions.create(model="gpt-9", prompt="hi")
     r = c.completions.create(model=MODEL, prompt=PROMPTS[0], **GREEDY)
     assert r.choices[0].text == ref["greedy"][0].outputs[0].text
