@@ -13,20 +13,10 @@ os.environ.setdefault("JPAGED_XLA_CACHE", tempfile.mkdtemp(prefix="jpaged-xla-")
 # maps each kernel apart); with vm.max_map_count 65,530 a dozen live engines
 # make LLVM fail to allocate and the process crash (seen, jax 0.11.2). An
 # engine is a reference cycle (jitted bound methods), freed only by the
-# cycle collector: collect once the mappings pile up.
-_MAX_MAPPINGS = 20_000
-
-
-def _num_mappings() -> int:
-    try:
-        with open("/proc/self/maps") as f:
-            return sum(1 for _ in f)
-    except OSError:  # no procfs: nothing to watch
-        return 0
-
-
-@pytest.fixture(autouse=True)
-def _free_dead_engines():
+# cycle collector, whose full passes are rare: collect once each module's
+# fixtures are gone. (Autouse and module-scoped: set up first, so torn down
+# after the module's own engine fixtures.)
+@pytest.fixture(autouse=True, scope="module")
+def _free_module_engines():
     yield
-    if _num_mappings() > _MAX_MAPPINGS:
-        gc.collect()
+    gc.collect()

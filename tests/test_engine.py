@@ -1,5 +1,7 @@
 """End-to-end engine tests on tiny random models (CPU, reference kernels)."""
+import gc
 import math
+import sys
 
 import jax
 import numpy as np
@@ -222,7 +224,6 @@ def test_bad_requests_get_errors_and_others_finish(llama):
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_soak_thousand_requests(llama, mode):
-    import tracemalloc
     rng = np.random.default_rng(10 if mode == "swap" else 11)
     llm = make_llm(llama, num_gpu_blocks=40, preemption_mode=mode, max_num_seqs=8)
     eng = llm.engine
@@ -245,8 +246,10 @@ def test_soak_thousand_requests(llama, mode):
                                           max_tokens=int(rng.integers(1, 10))))
         return ps, sps
 
+    # NOTE: not tracemalloc: stopping it races with numpy's untracking from
+    # XLA's threads and crashed CPython 3.12.1 (seen in CI). Live pymalloc
+    # blocks show a leak of per-request Python state just as well.
     seen = set()
-    tracemalloc.start()
     sizes = []
     for round_ in range(4):
         ps, sps = batch(250)
@@ -259,11 +262,13 @@ def test_soak_thousand_requests(llama, mode):
         bm = eng.block_manager
         assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
         assert not eng._states and not eng.output_processor.finished_beams
-        sizes.append(tracemalloc.get_traced_memory()[0])
-    tracemalloc.stop()
+        gc.collect()
+        sizes.append(sys.getallocatedblocks())
     assert len(seen) == 1000
     assert eng.scheduler.num_preemptions > 0
-    assert sizes[-1] < sizes[1] * 1.5 + (1 << 20)  # host memory stays flat
+    # Host memory stays flat: a request that left anything behind (its state,
+    # its tokens, its output) would add 10+ blocks; 500 of them add <1,000.
+    assert sizes[-1] - sizes[1] < 5 * 500
 
 
 def test_prompt_logprobs_and_min_tokens(llama):

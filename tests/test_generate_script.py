@@ -47,7 +47,10 @@ def gen():
 
     mod.load_llm = load_llm
     mod.engines = engines
-    return mod
+    yield mod
+    # The module stays in sys.modules (dataclasses need it): drop its engines.
+    engines.clear()
+    del sys.modules["generate_script"]
 
 
 @pytest.fixture(scope="module")
