@@ -51,8 +51,9 @@ def engine_limits(engine) -> dict:
 
 
 def engine_load(engine) -> dict:
-    """The engine's load: requests running / waiting / swapped, KV blocks,
-    preemptions and generated tokens. With engine_limits, the only reader
+    """The engine's load: requests running / waiting / swapped, KV blocks
+    (free device blocks count the prefix-cached ones, which a request may
+    revive), free host swap blocks, preemptions and generated tokens. With engine_limits, the only reader
     of engine internals here, so a rename inside the engine is adapted in
     one place."""
     sched, bm = engine.scheduler, engine.block_manager
@@ -60,6 +61,8 @@ def engine_load(engine) -> dict:
                 num_swapped=len(sched.swapped),
                 num_free_blocks=bm.get_num_free_gpu_blocks(),
                 num_total_blocks=bm.get_num_total_gpu_blocks(),
+                num_cached_blocks=bm.gpu_allocator.get_num_cached_blocks(),
+                num_free_cpu_blocks=bm.get_num_free_cpu_blocks(),
                 num_preemptions=sched.num_preemptions,
                 num_generated_tokens=engine.stats["num_generated_tokens"],
                 num_steps=engine.stats["num_steps"])

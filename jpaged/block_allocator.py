@@ -133,9 +133,6 @@ class BlockAllocator:
         self._block_to_hash[block_id] = block_hash
         return True
 
-    def get_block_hash(self, block_id: int) -> int | None:
-        return self._block_to_hash.get(block_id)
-
     def get_num_cached_blocks(self) -> int:
         """Registered blocks, in use or free."""
         return len(self._hash_to_block)

@@ -8,7 +8,6 @@ stdlib only, never imports jax.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = (None, "recompute", "swap")
@@ -192,7 +191,3 @@ class EngineConfig:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                max_model_len=max_model_len, preemption_mode=self.preemption_mode)
 
-    def get_num_cpu_blocks(self, bytes_per_block: int) -> int:
-        """Host swap blocks that swap_space GiB hold, for blocks of this many bytes (all layers)."""
-        _check_int("bytes_per_block", bytes_per_block, 1)
-        return int(math.floor(self.swap_space * (1 << 30) / bytes_per_block))

@@ -110,11 +110,6 @@ class Detokenizer:
         """Whole-sequence decode through the same path as `step`."""
         return self._tokens_to_text(self._to_tokens(token_ids, skip_special_tokens))
 
-    def decode_token(self, token_id: int) -> str:
-        """The text of one token alone (for Logprob.decoded_token); a piece of
-        a multi-byte character shows as U+FFFD."""
-        return self._tokens_to_text(self._to_tokens([token_id], False))
-
     # -- per sequence -------------------------------------------------------
 
     def new_state(self, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True) -> DetokenizerState:

@@ -40,7 +40,7 @@ from kernels_pallas import AttentionMetadata
 
 # Sampler rows return this many top logprobs in the FULL mode (beam search
 # asks for 2 * beam_width of them, so beam widths up to 10 fit).
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = sampler_lib.MAX_LOGPROBS  # (20)
 MIN_PREFILL_BUCKET = 16
 # The sampler's static modes, the host picking the least one that covers
 # every row of a step (mode_level): greedy only; sampling (temperature,

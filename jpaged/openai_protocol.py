@@ -226,7 +226,7 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
 # ------------------------------------------------------------------ logprobs
 def _lp(value) -> float:
     """A logprob as JSON can carry it (no -inf)."""
-    value = float(getattr(value, "logprob", value))
+    value = float(value)
     return max(value, -9999.0)
 
 

@@ -66,8 +66,9 @@ class OutputProcessor:
         per row of the step: the sequence's tokens are
         result.token_ids[:num_tokens, column], arriving where it holds that
         many placeholders."""
+        g.last_token_time = now = time.monotonic()
         if g.first_token_time is None:
-            g.first_token_time = time.monotonic()
+            g.first_token_time = now
         live = [e for e in entries if e[0].status == SequenceStatus.RUNNING]  # not stopped since
         sp = g.sampling_params
         if sp.sampling_type == SamplingType.BEAM:
@@ -236,6 +237,9 @@ class OutputProcessor:
             if done or parent.seq_id not in used:
                 parent.status = SequenceStatus.FINISHED_ABORTED
                 self.free_seq(parent)
+                if not done:  # a beam that lost: nothing reads it again (the group
+                    g.remove(parent.seq_id)  # would grow by the width every step)
+                    del self.states[parent.seq_id]
         if done:
             g.finished_time = time.monotonic()
 
@@ -266,10 +270,9 @@ class OutputProcessor:
 
     def stream_output(self, g) -> RequestOutput:
         """An unfinished request's output so far (DELTA / CUMULATIVE)."""
-        first = g.get_seqs()[0]
         return RequestOutput(
-            request_id=g.request_id, prompt=first.prompt,
-            prompt_token_ids=list(first.prompt_token_ids), prompt_logprobs=g.prompt_logprobs,
+            request_id=g.request_id, prompt=g.prompt,
+            prompt_token_ids=list(g.prompt_token_ids), prompt_logprobs=g.prompt_logprobs,
             outputs=[self._completion(i, s, g.sampling_params)
                      for i, s in enumerate(g.get_seqs())],
             finished=False, metrics=metrics(g), error=None)
@@ -280,26 +283,24 @@ class OutputProcessor:
             seqs = self.finished_beams.pop(g.request_id, [])
             seqs = sorted(seqs, key=lambda s: -self._beam_score(s, sp))[:sp.n]
             for s in seqs:
-                if self.tokenizer is not None:
-                    s.output_text = self.tokenizer.decode(
-                        s.output_token_ids, skip_special_tokens=sp.skip_special_tokens)
+                if self.detokenizer is not None:  # (the path streamed text takes)
+                    s.output_text = self.detokenizer.decode(s.output_token_ids,
+                                                            sp.skip_special_tokens)
         else:
             seqs = g.get_seqs()
             if sp.actual_best_of > sp.n:
                 seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)
             seqs = seqs[:sp.n]
-        first = g.get_seqs()[0]
         return RequestOutput(
-            request_id=g.request_id, prompt=first.prompt,
-            prompt_token_ids=list(first.prompt_token_ids), prompt_logprobs=g.prompt_logprobs,
+            request_id=g.request_id, prompt=g.prompt,
+            prompt_token_ids=list(g.prompt_token_ids), prompt_logprobs=g.prompt_logprobs,
             outputs=[self._completion(i, s, sp) for i, s in enumerate(seqs)],
             finished=True, metrics=metrics(g), error=None)
 
     @staticmethod
     def error_output(g, reason) -> RequestOutput:
         """The output of a request rejected or failed with `reason`."""
-        first = g.get_seqs()[0]
-        return RequestOutput.from_error(g.request_id, first.prompt, first.prompt_token_ids,
+        return RequestOutput.from_error(g.request_id, g.prompt, g.prompt_token_ids,
                                         reason, n=g.sampling_params.n, metrics=metrics(g))
 
 
@@ -312,7 +313,10 @@ def _top_entries(entry, k, token):
 
 
 def metrics(g) -> RequestMetrics:
-    return RequestMetrics(arrival_time=g.arrival_time,
-                          first_scheduled_time=getattr(g, "first_scheduled_time", None),
-                          first_token_time=getattr(g, "first_token_time", None),
-                          finished_time=getattr(g, "finished_time", None) or time.monotonic())
+    scheduled = g.first_scheduled_time
+    return RequestMetrics(arrival_time=g.arrival_time, first_scheduled_time=scheduled,
+                          first_token_time=g.first_token_time,
+                          last_token_time=g.last_token_time,
+                          finished_time=g.finished_time or time.monotonic(),
+                          time_in_queue=None if scheduled is None else scheduled - g.arrival_time,
+                          num_preemptions=g.num_preemptions)

@@ -24,19 +24,10 @@ def _short(items) -> str:
     return f"[{head}, ... ({len(items)} in all)]"
 
 
-@dataclasses.dataclass
-class Logprob:
-    """One candidate token's raw logprob, its 1-based rank in the vocabulary,
-    and its text (None when no tokenizer is loaded)."""
-
-    logprob: float
-    rank: Optional[int] = None
-    decoded_token: Optional[str] = None
-
-
-# Per position: token id -> Logprob; the sampled (or prompt) token is always
-# included beside the top-k. A prompt's first position has no logprob: None.
-PositionLogprobs = dict[int, Logprob]
+# Per position: token id -> its raw logprob; the sampled (or prompt) token is
+# always included beside the top-k. A prompt's first position has no
+# logprobs: None.
+PositionLogprobs = dict[int, float]
 
 
 @dataclasses.dataclass
@@ -65,9 +56,6 @@ class CompletionOutput:
     finish_reason: Optional[FinishReason] = None
     stop_reason: int | str | None = None
 
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
     def __repr__(self) -> str:
         lp = None if self.logprobs is None else _short(self.logprobs)
         return (f"CompletionOutput(index={self.index}, text={self.text!r}, "
@@ -95,28 +83,6 @@ class RequestMetrics:
     finished_time: Optional[float] = None
     time_in_queue: Optional[float] = None
     num_preemptions: int = 0
-
-    def mark_scheduled(self, now: float) -> None:
-        if self.first_scheduled_time is None:
-            self.first_scheduled_time = now
-            self.time_in_queue = now - self.arrival_time
-
-    def mark_token(self, now: float) -> None:
-        if self.first_token_time is None:
-            self.first_token_time = now
-        self.last_token_time = now
-
-    def mark_finished(self, now: float) -> None:
-        self.finished_time = now
-
-    @property
-    def time_to_first_token(self) -> Optional[float]:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
-    def latency(self) -> Optional[float]:
-        """End-to-end: arrival to finish."""
-        return None if self.finished_time is None else self.finished_time - self.arrival_time
 
 
 @dataclasses.dataclass

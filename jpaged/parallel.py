@@ -110,19 +110,6 @@ def sharded_heads(config, tp: int) -> tuple[int, int]:
     return num_heads, num_kv_heads
 
 
-def sharded_num_kv_heads(config, tp: int) -> int:
-    """KV heads the sharded model stores: num_kv_heads when tp divides it,
-    else lcm(num_kv_heads, tp) (each KV head repeated for the devices whose
-    query heads read it). Raises ValueError when the heads cannot be split."""
-    return sharded_heads(config, tp)[1]
-
-
-def sharded_num_heads(config, tp: int) -> int:
-    """Query heads the sharded model computes: num_heads, or more when zero
-    heads pad the KV groups (sharded_heads). Raises ValueError like it."""
-    return sharded_heads(config, tp)[0]
-
-
 def _can_pad_heads(config) -> bool:
     """Whether num_heads, num_kv_heads and head_dim are independent config
     fields, so a padded copy of the config keeps head_dim (Llama: yes; OPT

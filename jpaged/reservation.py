@@ -25,7 +25,6 @@ from jpaged.block_manager import tokens_to_cover, AllocStatus, BlockSpaceManager
 from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 POLICIES = ("max", "pow2", "oracle")
-SYSTEM_NAMES = {"max": "Orca-Max", "pow2": "Orca-Pow2", "oracle": "Orca-Oracle"}
 
 
 def reserved_len(policy: str, true_len: int, max_model_len: int) -> int:

@@ -110,10 +110,6 @@ class SamplingTensors:
     banned_token_ids: Any      # i32[S, MAX_BANNED] never sampled (min_tokens:
                                # EOS and stop ids), padded with vocab_size
 
-    @property
-    def num_rows(self) -> int:
-        return self.temperatures.shape[0]
-
 
 MAX_BANNED = 16  # banned ids per row (EOS + stop token ids while below min_tokens)
 

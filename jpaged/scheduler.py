@@ -101,11 +101,6 @@ class SchedulerOutput:
     recomputed: list[SequenceGroup] = dataclasses.field(default_factory=list)
     num_steps: int = 1
 
-    def is_empty(self) -> bool:
-        return not (self.scheduled_seq_groups or self.blocks_to_swap_in
-                    or self.blocks_to_swap_out or self.blocks_to_copy)
-
-
 class Scheduler:
     """FCFS iteration-level scheduler with preemption by recompute or swap.
 
@@ -155,9 +150,6 @@ class Scheduler:
 
     def has_unfinished_seqs(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
-
-    def get_num_unfinished_seq_groups(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.swapped)
 
     def fork_seq(self, parent_seq: Sequence, child_seq: Sequence) -> None:
         """The child shares the parent's blocks (the engine adds it to the group)."""
@@ -411,6 +403,7 @@ class Scheduler:
             bisect.insort(self.waiting, group, key=self._key)
             out.recomputed.append(group)
         out.preempted += 1
+        group.num_preemptions += 1
         self.num_preemptions += 1
 
     def _ignore(self, out: SchedulerOutput, group: SequenceGroup, reason: str) -> None:

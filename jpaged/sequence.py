@@ -33,10 +33,6 @@ class SequenceStatus(enum.IntEnum):
     FINISHED_IGNORED = enum.auto()
 
     @staticmethod
-    def is_finished(status: "SequenceStatus") -> bool:
-        return status in _FINISHED
-
-    @staticmethod
     def get_finished_reason(status: "SequenceStatus") -> str | None:
         """OpenAI-style finish reason: "stop", "length", "abort" or None (unfinished).
 
@@ -47,8 +43,6 @@ class SequenceStatus(enum.IntEnum):
 
 
 _FIRST_FINISHED = SequenceStatus.FINISHED_STOPPED
-_FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED,
-                       SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_IGNORED})
 _FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop",
                   SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
                   SequenceStatus.FINISHED_ABORTED: "abort",
@@ -139,26 +133,11 @@ class Sequence:
         """Prompt + output token ids (a new list)."""
         return self.prompt_token_ids + self.output_token_ids
 
-    def get_output_token_ids(self) -> list[int]:
-        return self.output_token_ids
-
     def get_last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
-    def get_num_uncomputed_tokens(self) -> int:
-        return self.get_len() - self.num_computed_tokens
-
     def is_finished(self) -> bool:
         return self.status >= _FIRST_FINISHED  # (the finished statuses come last)
-
-    def get_beam_search_score(self, length_penalty: float = 1.0, seq_len: int | None = None,
-                              eos_token_id: int | None = None) -> float:
-        """vLLM's beam score: cumulative logprob / len**length_penalty (EOS not counted)."""
-        if seq_len is None:
-            seq_len = self.get_len()
-            if eos_token_id is not None and self.get_last_token_id() == eos_token_id:
-                seq_len -= 1
-        return self.cumulative_logprob / (seq_len ** length_penalty)
 
     def fork(self, new_seq_id: int) -> "Sequence":
         """A deep copy under a new id (the block manager's fork shares the blocks)."""
@@ -178,7 +157,8 @@ class SequenceGroup:
       request_id: the engine-wide id of the request.
       sampling_params: a SamplingParams (may be None in tests of the host core).
       arrival_time: when the request arrived (seconds, any monotonic clock).
-      first_scheduled_time, first_token_time, finished_time: metrics, None until known.
+      first_scheduled_time, first_token_time, last_token_time, finished_time:
+        metrics, None until known; num_preemptions: times it was preempted.
       prompt_logprobs: filled by the engine when asked for.
     """
 
@@ -194,7 +174,9 @@ class SequenceGroup:
         self.arrival_time = arrival_time
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
         self.finished_time: float | None = None
+        self.num_preemptions = 0
         self.prompt_logprobs = None
 
     @property
@@ -204,7 +186,6 @@ class SequenceGroup:
     @property
     def prompt_token_ids(self) -> list[int]:
         return next(iter(self.seqs_dict.values())).prompt_token_ids
-
 
     def has_penalties(self) -> bool:
         """Whether sampling reads the sequences' token counts (the device
@@ -222,19 +203,8 @@ class SequenceGroup:
     def get_unfinished_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs_dict.values() if not s.is_finished()]
 
-    def get_finished_seqs(self) -> list[Sequence]:
-        return [s for s in self.seqs_dict.values() if s.is_finished()]
-
     def num_seqs(self, status: SequenceStatus | None = None) -> int:
         return len(self.get_seqs(status))
-
-    def num_unfinished_seqs(self) -> int:
-        return len(self.get_unfinished_seqs())
-
-    def find(self, seq_id: int) -> Sequence:
-        if seq_id not in self.seqs_dict:
-            raise ValueError(f"request {self.request_id!r} has no sequence {seq_id}")
-        return self.seqs_dict[seq_id]
 
     def add(self, seq: Sequence) -> None:
         if seq.seq_id in self.seqs_dict:
@@ -252,10 +222,6 @@ class SequenceGroup:
                 return False
         return True
 
-    def is_prefill(self) -> bool:
-        """True while the group waits for a prefill (new, or preempted by recompute)."""
-        return any(s.status == SequenceStatus.WAITING for s in self.seqs_dict.values())
-
     def get_max_num_running_seqs(self) -> int:
         """Sequences this group may run at once: what admission must reserve.
 
@@ -272,10 +238,6 @@ class SequenceGroup:
         for s in self.seqs_dict.values():
             n += s.status < _FIRST_FINISHED
         return n
-
-    def maybe_set_first_token_time(self, time: float) -> None:
-        if self.first_token_time is None:
-            self.first_token_time = time
 
     def __repr__(self) -> str:
         return f"SequenceGroup(request_id={self.request_id!r}, seqs={list(self.seqs_dict.values())})"

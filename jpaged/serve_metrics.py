@@ -38,7 +38,10 @@ class _EngineCollector:
                 ("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).",
                  1.0 - load["num_free_blocks"] / max(1, load["num_total_blocks"])),
                 ("num_free_gpu_blocks", "Free KV cache blocks.", load["num_free_blocks"]),
-                ("num_total_gpu_blocks", "KV cache blocks in the pool.", load["num_total_blocks"])):
+                ("num_total_gpu_blocks", "KV cache blocks in the pool.", load["num_total_blocks"]),
+                ("num_cached_gpu_blocks", "Free KV cache blocks that still hold a cached "
+                 "prefix (a request with that prefix revives them).", load["num_cached_blocks"]),
+                ("num_free_cpu_blocks", "Free host swap blocks.", load["num_free_cpu_blocks"])):
             yield GaugeMetricFamily(f"jpaged:{name}", doc, value=value)
         for name, doc, value in (
                 ("num_preemptions", "Preemptions (swap-outs and recomputations).",

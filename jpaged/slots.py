@@ -95,9 +95,6 @@ class SlotAllocator:
     def free(self, slot: int) -> None:
         self._free.append(slot)
 
-    def num_free(self) -> int:
-        return len(self._free)
-
     def reset(self) -> None:
         self.__init__(self.num_slots)
 

@@ -163,7 +163,7 @@ def test_swap_out_and_in_round_trip_keeps_sharing():
     cpu_to_gpu = dict(back)
     assert len(back) == 3 and set(cpu_to_gpu) == set(gpu_to_cpu.values())
     for sid, t in cpu_tables.items():
-        assert bm.get_block_table(g.find(sid)) == [cpu_to_gpu[b] for b in t]
+        assert bm.get_block_table(g.seqs_dict[sid]) == [cpu_to_gpu[b] for b in t]
     assert bm.gpu_allocator.get_ref_count(cpu_to_gpu[cpu_tables[0][0]]) == 2
     assert bm.get_num_free_cpu_blocks() == 6
     bm.check_invariants()

@@ -96,6 +96,12 @@ def test_tiny_pool_preempts_and_gives_same_tokens(llama, mode):
     assert [o.outputs[0].token_ids for o in small] == [o.outputs[0].token_ids for o in big]
     sched = llm.engine.scheduler
     assert sched.num_preemptions > 0
+    # Each request's metrics: its own preemptions, in order times.
+    assert sum(o.metrics.num_preemptions for o in small) == sched.num_preemptions
+    for o in small:
+        m = o.metrics
+        assert m.time_in_queue == m.first_scheduled_time - m.arrival_time >= 0
+        assert m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
     if mode == "swap":
         assert sched.num_swaps_out > 0 and sched.num_swaps_in > 0
     bm = llm.engine.block_manager
@@ -127,6 +133,26 @@ def test_beam_search_equals_reference(llama):
     assert [c.token_ids for c in out.outputs] == [r[1] for r in ref]
     for c, r in zip(out.outputs, ref):
         assert c.cumulative_logprob == pytest.approx(r[0], abs=1e-3)
+
+
+def test_beams_that_lose_leave_the_group(llama):
+    """A beam group holds at most its width of sequences at every step (the
+    beams that lost are dropped, with their state), and gives the tokens of
+    the reference."""
+    p = prompts(np.random.default_rng(2), [7])[0]
+    sp = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0.0,
+                        max_tokens=12, ignore_eos=True)
+    eng = make_llm(llama).engine
+    eng.add_request("beams", None, sp, prompt_token_ids=p)
+    sizes, outs = [], []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+        if "beams" in eng._requests:
+            sizes.append(len(eng._requests["beams"].seqs_dict))
+    assert max(sizes) <= 3 and len(sizes) >= 11
+    assert not eng._states
+    ref = reference_beam_search(llama, p, 3, 12)[:2]
+    assert [c.token_ids for c in outs[-1].outputs] == [r[1] for r in ref]
 
 
 def test_parallel_sampling_is_reproducible_and_batch_invariant(llama):

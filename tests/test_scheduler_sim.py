@@ -251,7 +251,7 @@ def run_sim(cfg: SimConfig) -> dict:
             params = group.sampling_params
             running = group.get_seqs(SequenceStatus.RUNNING)
             if params.use_beam_search:
-                width = params.actual_best_of - len(group.get_finished_seqs())
+                width = params.actual_best_of - sum(s.is_finished() for s in group.get_seqs())
                 parents = collections.Counter(rng.choice(running).seq_id for _ in range(width))
                 for parent in running:
                     uses = parents[parent.seq_id]

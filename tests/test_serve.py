@@ -92,6 +92,8 @@ class Handle:
             m = self.metrics()
             if (m["jpaged:num_requests_unfinished"] == 0 and m["jpaged:num_requests_running"] == 0
                     and m["jpaged:num_free_gpu_blocks"] == m["jpaged:num_total_gpu_blocks"]):
+                assert 0 <= m["jpaged:num_cached_gpu_blocks"] <= m["jpaged:num_free_gpu_blocks"]
+                assert m["jpaged:num_free_cpu_blocks"] >= 0
                 return m
             assert time.monotonic() < deadline, f"the server did not go idle: {m}"
             time.sleep(0.02)
@@ -439,7 +441,9 @@ class FakeEngine:
         self.model = ns(config=ns(vocab_size=320))
         self.scheduler = ns(running=[], waiting=[], swapped=[], num_preemptions=0)
         self.block_manager = ns(get_num_free_gpu_blocks=lambda: 9,
-                                get_num_total_gpu_blocks=lambda: 9)
+                                get_num_total_gpu_blocks=lambda: 9,
+                                get_num_free_cpu_blocks=lambda: 4,
+                                gpu_allocator=ns(get_num_cached_blocks=lambda: 0))
         self.stats = dict(num_generated_tokens=0, num_steps=0)
         self.requests = {}
 

@@ -463,9 +463,9 @@ def test_check_divisible_errors():
         parallel.check_divisible(OPTConfig.from_hf(OPT), 3)
     with pytest.raises(ValueError, match=r"tensor_parallel_size must be an int >= 1, got 0"):
         parallel.check_divisible(llama, 0)
-    assert parallel.sharded_num_kv_heads(LlamaConfig.from_hf(LLAMA_KV3), 2) == 6
-    assert parallel.sharded_num_kv_heads(LlamaConfig.from_hf(LLAMA_KV2), 4) == 4
-    assert parallel.sharded_num_kv_heads(LlamaConfig.from_hf(LLAMA_GQA), 2) == 4
+    assert parallel.sharded_heads(LlamaConfig.from_hf(LLAMA_KV3), 2)[1] == 6
+    assert parallel.sharded_heads(LlamaConfig.from_hf(LLAMA_KV2), 4)[1] == 4
+    assert parallel.sharded_heads(LlamaConfig.from_hf(LLAMA_GQA), 2)[1] == 4
 
 
 @pytest.mark.parametrize("cfg,tp,heads", [
@@ -486,7 +486,7 @@ def test_sharded_heads_rule(cfg, tp, heads):
     assert (num_heads, num_kv_heads) == heads
     # both split evenly, whole GQA groups per device
     assert num_heads % tp == 0 and num_kv_heads % tp == 0 and num_heads % num_kv_heads == 0
-    assert parallel.sharded_num_heads(config, tp) == num_heads
+    assert parallel.sharded_heads(config, tp)[0] == num_heads
 
 
 def test_pad_query_heads_places_real_heads_and_zeros():
