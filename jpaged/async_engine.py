@@ -63,9 +63,9 @@ def engine_load(engine) -> dict:
                 num_total_blocks=bm.get_num_total_gpu_blocks(),
                 num_cached_blocks=bm.gpu_allocator.get_num_cached_blocks(),
                 num_free_cpu_blocks=bm.get_num_free_cpu_blocks(),
-                num_preemptions=sched.num_preemptions,
-                num_generated_tokens=engine.stats["num_generated_tokens"],
-                num_steps=engine.stats["num_steps"])
+                num_preemptions=engine.stats.num_preemptions,
+                num_generated_tokens=engine.stats.num_generated_tokens,
+                num_steps=engine.stats.num_steps)
 
 
 class RequestStream:

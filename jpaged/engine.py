@@ -63,6 +63,7 @@ from jpaged.sampling_params import RequestOutputKind, SamplingParams, SamplingTy
 from jpaged.scheduler import ScheduledSequenceGroup, Scheduler, SchedulerOutput
 from jpaged.sequence import SequenceGroup, SequenceStatus
 from jpaged.slots import MAX_STOP, SlotAllocator, SlotDiff, sampling_row
+from jpaged.stats import EngineStats
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # KV pool size on a device that reports no memory
 
@@ -95,7 +96,7 @@ class LLMEngine:
         """block_manager_factory: optional callable with BlockSpaceManager's
         signature (block_size, num_gpu_blocks, num_cpu_blocks, watermark=,
         enable_prefix_caching=) returning a compatible manager, e.g. the
-        contiguous-reservation baseline of jpaged.reservation."""
+        contiguous-reservation baseline of jpaged.bench.reservation."""
         enable_compilation_cache()
         if model is None:
             import models
@@ -125,7 +126,8 @@ class LLMEngine:
             config.block_size, self.runner.num_gpu_blocks, self.runner.num_cpu_blocks,
             watermark=config.watermark,
             enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(sched_config, self.block_manager)
+        self.stats = EngineStats()  # every counter (jpaged.stats)
+        self.scheduler = Scheduler(sched_config, self.block_manager, self.stats)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self._seq_ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
@@ -147,18 +149,6 @@ class LLMEngine:
         self._last_arrival = -float("inf")
         self._guard = InterruptGuard()
         self._wait = 0.0  # seconds of the current step spent waiting for the device
-        # host_seconds: step time the host spent working; device_seconds:
-        # time it waited for device results (with async scheduling the device
-        # also runs while the host works); dispatch_seconds: the part of
-        # host_seconds spent dispatching (input packing and the jitted
-        # calls). num_steps: jitted steps; num_decode_steps: the decode steps
-        # they ran (a window counts its size). num_steps_ahead: steps
-        # dispatched before the previous step's results were on the host.
-        # num_failed_steps: steps undone by _recover.
-        self.stats = dict(num_steps=0, num_decode_steps=0, num_steps_ahead=0,
-                          num_prefill_tokens=0, num_cached_prompt_tokens=0,
-                          num_generated_tokens=0, peak_blocks_used=0, host_seconds=0.0,
-                          device_seconds=0.0, dispatch_seconds=0.0, num_failed_steps=0)
         self.output_processor = OutputProcessor(
             self.tokenizer, self.detokenizer, self.eos_token_ids, max_model_len, self._states,
             self.stats, free_seq=self._free_seq, fork_seq=self._fork,
@@ -265,6 +255,41 @@ class LLMEngine:
         return request_id in self._requests or any(
             o.request_id == request_id for o in self._outputs)
 
+    def use_block_manager(self, block_manager_factory=None, num_blocks: int | None = None,
+                          **config_changes) -> None:
+        """Gives the idle engine a fresh block manager (from the factory, as
+        in the constructor; default BlockSpaceManager) and scheduler, and
+        zeroes its stats; the model runner, its compiled steps and the KV
+        pool stay. How benchmarks compare systems on one warmed-up engine.
+
+        num_blocks: hand out only the first num_blocks blocks of the pool
+          (null block included), as a smaller pool would; default all.
+        config_changes: EngineConfig fields that need no recompile
+          (async_scheduling, max_decode_window up to the compiled one,
+          enable_prefix_caching).
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError("use_block_manager() needs an idle engine")
+        pool = self.runner.num_gpu_blocks
+        num_blocks = pool if num_blocks is None else num_blocks
+        if not 2 <= num_blocks <= pool:
+            raise ValueError(f"num_blocks must be in [2, {pool}] (the pool), got {num_blocks}")
+        unknown = set(config_changes) - {"async_scheduling", "max_decode_window",
+                                         "enable_prefix_caching"}
+        if unknown:
+            raise ValueError(f"use_block_manager() cannot change {sorted(unknown)} "
+                             "(they need another model runner)")
+        window = config_changes.get("max_decode_window", self.config.max_decode_window)
+        if not 1 <= window <= max(self.runner.window_sizes):
+            raise ValueError(f"max_decode_window must be in [1, {max(self.runner.window_sizes)}] "
+                             f"(the compiled windows), got {window!r}")
+        self.config = config = dataclasses.replace(self.config, **config_changes)
+        self.block_manager = (block_manager_factory or BlockSpaceManager)(
+            config.block_size, num_blocks, self.runner.num_cpu_blocks,
+            watermark=config.watermark, enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler.config, self.block_manager, self.stats)
+        self.stats.reset()
+
     def has_unfinished_requests(self) -> bool:
         """Whether step() has more to do or to return."""
         return bool(self._outputs) or self.scheduler.has_unfinished_seqs()
@@ -297,8 +322,8 @@ class LLMEngine:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self.stats["host_seconds"] += time.perf_counter() - t0 - self._wait
-            self.stats["device_seconds"] += self._wait
+            self.stats.host_seconds += time.perf_counter() - t0 - self._wait
+            self.stats.device_seconds += self._wait
         outputs, self._outputs = self._outputs, []
         if not outputs:  # a held Ctrl-C acts now; with outputs, at the next step's start
             self._guard.raise_pending()
@@ -341,7 +366,7 @@ class LLMEngine:
         if self._inflight is not None and not self.scheduler.has_unfinished_seqs():
             self._finish_inflight()  # only stopped sequences: leave the engine idle
         used = self.runner.num_gpu_blocks - 1 - self.block_manager.get_num_free_gpu_blocks()
-        self.stats["peak_blocks_used"] = max(self.stats["peak_blocks_used"], used)
+        self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, used)
 
     def _max_window(self) -> int:
         """Beam search decides every token on the host: no windows then."""
@@ -363,10 +388,10 @@ class LLMEngine:
             group_rows = self._decode_inputs(out.scheduled_seq_groups, out.num_steps)
             self.runner.apply_diff(self._diff)
             step = self.runner.dispatch_decode(out.num_steps, level)
-            self.stats["num_decode_steps"] += out.num_steps
-        self.stats["dispatch_seconds"] += time.perf_counter() - t
-        self.stats["num_steps"] += 1
-        self.stats["num_steps_ahead"] += self._inflight is not None
+            self.stats.num_decode_steps += out.num_steps
+        self.stats.dispatch_seconds += time.perf_counter() - t
+        self.stats.num_steps += 1
+        self.stats.num_steps_ahead += self._inflight is not None
         return _InFlight(out.scheduled_seq_groups, group_rows, spans, step,
                          ahead=self._may_run_ahead(groups, out.is_prefill, step))
 
@@ -446,8 +471,8 @@ class LLMEngine:
                 tokens = seq.get_token_ids()[start:]
                 if seq.ends_with_placeholder():
                     raise RuntimeError(f"sequence {seq.seq_id} is prefilled with an unknown token")
-                self.stats["num_prefill_tokens"] += len(tokens)
-                self.stats["num_cached_prompt_tokens"] += start
+                self.stats.num_prefill_tokens += len(tokens)
+                self.stats.num_cached_prompt_tokens += start
                 slot = self._fill_slot(seq, g, table)
                 rows = [(slot, -1)]
                 entries.append((seq, num_rows, 1))
@@ -546,7 +571,7 @@ class LLMEngine:
         are rolled back, or failed with an error output when `exc` is an
         Exception; the group caught mid-update is failed; every other group
         on the device is rolled back."""
-        self.stats["num_failed_steps"] += 1
+        self.stats.num_failed_steps += 1
         touched: dict[int, SequenceGroup] = {}
         for step in (self._inflight, self._launched):
             if step is not None:

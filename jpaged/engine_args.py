@@ -61,7 +61,7 @@ def load_model(args):
     if not args.random_weights:
         return args.model
     import models
-    from jpaged.benchmark import load_hf_config
+    from models import load_hf_config
     from jpaged.engine import enable_compilation_cache
     enable_compilation_cache()  # the model's init compiles too
     return models.random_model(load_hf_config(args.model),

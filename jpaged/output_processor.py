@@ -92,7 +92,7 @@ class OutputProcessor:
                                      result.topk_logprobs[j, col, :sp.logprobs].tolist()))
                     entry[token] = lps[j]
                 seq.append_token_id(token, lps[j], entry)
-                self.stats["num_generated_tokens"] += 1
+                self.stats.num_generated_tokens += 1
                 if self._check_stop(seq, sp):
                     self.free_seq(seq)
                     break
@@ -123,7 +123,7 @@ class OutputProcessor:
         take = len(tokens) if end is None else end + 1
         assert min(tokens[:take], default=0) >= 0, "the device ended a sequence the host did not"
         seq.extend_tokens(tokens[:take], lps[:take])
-        self.stats["num_generated_tokens"] += take
+        self.stats.num_generated_tokens += take
         if end is not None:
             seq.status = status
             self.free_seq(seq)
@@ -232,7 +232,7 @@ class OutputProcessor:
             for target, t, lp in targets:
                 target.append_token_id(t, lp, {t: lp})
                 self.states[target.seq_id].refill = True  # the device sampled another token
-                self.stats["num_generated_tokens"] += 1
+                self.stats.num_generated_tokens += 1
         for parent, _, _ in parents:
             if done or parent.seq_id not in used:
                 parent.status = SequenceStatus.FINISHED_ABORTED

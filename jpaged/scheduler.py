@@ -42,10 +42,12 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import os
 import time
 
 from jpaged.block_manager import AllocStatus, BlockSpaceManager
 from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus
+from jpaged.stats import EngineStats
 
 
 @dataclasses.dataclass
@@ -108,9 +110,11 @@ class Scheduler:
       config: a SchedulerConfig (max_num_seqs, max_num_batched_tokens,
         max_model_len, preemption_mode).
       block_manager: the BlockSpaceManager of the engine.
+      stats: the engine's EngineStats (its preemption and swap counters are
+        written here); default a fresh one.
     """
 
-    def __init__(self, config, block_manager: BlockSpaceManager):
+    def __init__(self, config, block_manager: BlockSpaceManager, stats: EngineStats | None = None):
         self.config = config
         self.block_manager = block_manager
         self.waiting: list[SequenceGroup] = []
@@ -118,9 +122,10 @@ class Scheduler:
         self.swapped: list[SequenceGroup] = []
         self._order: dict[str, int] = {}     # request_id -> arrival rank (FCFS key)
         self._counter = itertools.count()
-        self.num_preemptions = 0
-        self.num_swaps_out = 0
-        self.num_swaps_in = 0
+        self.stats = stats if stats is not None else EngineStats()
+        # JPAGED_CHECK_INVARIANTS=1: the block manager checks its refcounts and
+        # tables after every schedule (slow; for debugging the host core)
+        self.check_invariants = os.environ.get("JPAGED_CHECK_INVARIANTS") == "1"
 
     # -- requests ------------------------------------------------------------
 
@@ -200,6 +205,8 @@ class Scheduler:
             scheduled.num_computed_tokens = {s.seq_id: s.get_len()
                                              for s in group.get_seqs(SequenceStatus.RUNNING)}
         out.num_batched_tokens = sum(s.token_chunk_size for s in out.scheduled_seq_groups)
+        if self.check_invariants:
+            self.block_manager.check_invariants()
         return out
 
     def mark_computed(self, scheduled: ScheduledSequenceGroup) -> None:
@@ -362,7 +369,7 @@ class Scheduler:
                 out.blocks_to_swap_in.extend(bm.swap_in(group))
                 for seq in group.get_seqs(SequenceStatus.SWAPPED):
                     seq.status = SequenceStatus.RUNNING
-                self.num_swaps_in += 1
+                self.stats.num_swaps_in += 1
                 num_seqs += group.get_max_num_running_seqs()
                 self._append_slots(out, group)
                 self.running.append(group)
@@ -393,7 +400,7 @@ class Scheduler:
                 seq.status = SequenceStatus.SWAPPED
             self.swapped.append(group)
             out.swapped_out.append(group)
-            self.num_swaps_out += 1
+            self.stats.num_swaps_out += 1
         else:
             for seq in group.get_seqs(SequenceStatus.RUNNING):
                 bm.free(seq)
@@ -404,7 +411,7 @@ class Scheduler:
             out.recomputed.append(group)
         out.preempted += 1
         group.num_preemptions += 1
-        self.num_preemptions += 1
+        self.stats.num_preemptions += 1
 
     def _ignore(self, out: SchedulerOutput, group: SequenceGroup, reason: str) -> None:
         for seq in group.get_unfinished_seqs():

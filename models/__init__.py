@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import pathlib
@@ -105,6 +106,17 @@ PRESETS: dict[str, dict] = {
     "opt-13b": dict(_OPT_BASE, hidden_size=5120, ffn_dim=20480, num_hidden_layers=40,
                     num_attention_heads=40),
 }
+
+
+def load_hf_config(spec: str) -> dict:
+    """A PRESETS entry's HF config, or one read from a JSON file."""
+    if spec in PRESETS:
+        return dict(PRESETS[spec])
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            return json.load(f)
+    raise ValueError(f"model {spec!r} is neither a preset {sorted(PRESETS)} "
+                     "nor a JSON file with an HF config")
 
 
 def architecture_of(hf_config: dict) -> str:

@@ -95,7 +95,7 @@ def sharded_attention(q, k, v, kv_cache, metadata, *, scale, backend, interpret,
       backend:  a kernels_pallas backend name, or a callable with
                 kernels_pallas.attention's signature ``(q, k, v, kv_cache,
                 metadata, *, scale) -> (out, kv_cache)``: the seam through
-                which benchmarks (jpaged.step_ceiling) swap attention out.
+                which benchmarks (jpaged.bench.step_ceiling) swap attention out.
     Returns:
       (out [num_tokens, num_heads, head_dim], updated kv_cache)
     """

@@ -42,7 +42,7 @@ def main(argv=None):
     import numpy as np
     import models
     from jpaged import LLM, SamplingParams
-    from jpaged.benchmark import use_system
+    from jpaged.bench.harness import use_system
 
     device = jax.devices()[0].device_kind
     result = dict(device=device, command=" ".join(["python"] + sys.argv),
@@ -83,14 +83,14 @@ def main(argv=None):
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
         elapsed = time.perf_counter() - t
         gen = sum(len(o.outputs[0].token_ids) for o in outs)
-        st = eng.stats
+        st = eng.stats.snapshot()
         runs["async" if mode else "sync"] = dict(
             output_tokens=gen, seconds=elapsed, output_tokens_per_s=gen / elapsed,
             num_steps=st["num_steps"], num_steps_ahead=st["num_steps_ahead"],
             host_ms_per_step=1e3 * st["host_seconds"] / st["num_steps"],
             wait_ms_per_step=1e3 * st["device_seconds"] / st["num_steps"],
             wall_ms_per_step=1e3 * elapsed / st["num_steps"],
-            peak_blocks_used=st["peak_blocks_used"], preemptions=eng.scheduler.num_preemptions,
+            peak_blocks_used=st["peak_blocks_used"], preemptions=eng.stats.num_preemptions,
             tokens=[o.outputs[0].token_ids for o in outs])
     same = sum(a == b for a, b in zip(runs["async"].pop("tokens"), runs["sync"]["tokens"]))
     full_pool_tokens = runs["sync"].pop("tokens")
@@ -123,7 +123,7 @@ def _check_swap(llm, prompts, sp, full_pool_tokens, num_blocks) -> dict:
     device has it), then the batch in swap mode through num_blocks blocks."""
     import jax
     import numpy as np
-    from jpaged.benchmark import use_system
+    from jpaged.bench.harness import use_system
     eng = llm.engine
     runner = eng.runner
     rng = np.random.default_rng(5)
@@ -150,8 +150,8 @@ def _check_swap(llm, prompts, sp, full_pool_tokens, num_blocks) -> dict:
     toks = [o.outputs[0].token_ids for o in outs]
     res.update(usable_blocks=num_blocks, seconds=elapsed,
                all_finished=all(len(t) == sp.max_tokens for t in toks),
-               swaps_out=eng.scheduler.num_swaps_out, swaps_in=eng.scheduler.num_swaps_in,
-               preemptions=eng.scheduler.num_preemptions,
+               swaps_out=eng.stats.num_swaps_out, swaps_in=eng.stats.num_swaps_in,
+               preemptions=eng.stats.num_preemptions,
                requests_with_tokens_equal_to_full_pool=sum(
                    a == b for a, b in zip(toks, full_pool_tokens)),
                num_requests=len(toks),

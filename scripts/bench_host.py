@@ -39,7 +39,7 @@ def main(argv=None):
     prof.enable()
     llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
     prof.disable()
-    st = eng.stats
+    st = eng.stats.snapshot()
     pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
     print(f"steps {st['num_steps']}: host {1e3 * st['host_seconds'] / st['num_steps']:.2f} ms/step, "
           f"device call {1e3 * st['device_seconds'] / st['num_steps']:.2f} ms/step")

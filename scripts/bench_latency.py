@@ -21,8 +21,8 @@ import time
 
 
 def parse_args(argv):
-    from jpaged.benchmark import (SYSTEMS, add_engine_args, add_model_args, add_output_args,
-                                  parse_list)
+    from jpaged.bench.harness import (SYSTEMS, add_engine_args, add_model_args, add_output_args,
+                                      parse_list)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -84,10 +84,11 @@ def main(argv=None):
     args = parse_args(argv)
     from tqdm import tqdm
     from jpaged import SamplingParams
-    from jpaged.benchmark import (LABELS, default_out, engine_from_args, format_table,
-                                  load_hf_config, progress_line, result_header, run_poisson,
-                                  use_system, write_result)
-    from jpaged.workloads import make_workload, poisson_arrivals
+    from jpaged.bench.harness import (LABELS, default_out, engine_from_args, format_table,
+                                      progress_line, result_header, run_poisson,
+                                      use_system, write_result)
+    from jpaged.bench.workloads import make_workload, poisson_arrivals
+    from models import load_hf_config
     hf_config = load_hf_config(args.model)
     counts = [min(args.max_requests, max(args.min_requests, math.ceil(r * args.duration)))
               for r in args.rates]

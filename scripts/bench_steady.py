@@ -3,7 +3,7 @@
 S requests with prompts of C random tokens each are prefilled, then the
 engine decodes all S together; the tokens it generates while every request
 is still running, over the wall time they took, are the engine's steady
-decode rate. In the same process, jpaged.step_ceiling.run_point times the
+decode rate. In the same process, jpaged.bench.step_ceiling.run_point times the
 model and kernels alone (K decode steps in one jitted loop, no scheduler)
 at the same S and the midpoint context; the JSON records both, their
 ratio, the host time per jitted call and per decode step, and the windows.
@@ -17,9 +17,9 @@ import time
 
 
 def main(argv=None):
-    from jpaged.benchmark import (add_engine_args, add_model_args, add_output_args,
-                                  default_out, engine_from_args, load_hf_config,
-                                  result_header, write_result)
+    from jpaged.bench.harness import (add_engine_args, add_model_args, add_output_args,
+                                      default_out, engine_from_args, result_header, write_result)
+    from models import load_hf_config
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -44,12 +44,10 @@ def main(argv=None):
     for i in range(args.num_seqs):
         engine.add_request(str(i), None, sp,
                            prompt_token_ids=rng.integers(0, vocab, args.context).tolist())
-    st = engine.stats
     while any(s.get_output_len() == 0 for g in engine.scheduler.waiting + engine.scheduler.running
               for s in g.get_seqs()) and engine.has_unfinished_requests():
         engine.step()
-    start = {k: st[k] for k in ("num_generated_tokens", "num_steps", "num_decode_steps",
-                                "host_seconds", "device_seconds", "dispatch_seconds")}
+    start = engine.stats.snapshot()
     t0 = time.perf_counter()
     finished = 0
     while engine.has_unfinished_requests():
@@ -57,7 +55,7 @@ def main(argv=None):
         if finished:  # the batch starts to shrink: the steady part is over
             break
     elapsed = time.perf_counter() - t0
-    d = {k: st[k] - v for k, v in start.items()}
+    d = {k: v - start[k] for k, v in engine.stats.snapshot().items()}
     calls = max(1, d["num_steps"])
     engine_run = dict(
         tokens=d["num_generated_tokens"], seconds=elapsed,
@@ -77,7 +75,7 @@ def main(argv=None):
           f"ms per decode step, host {engine_run['host_ms_per_decode_step']:.2f} ms per decode "
           f"step ({engine_run['host_ms_per_call']:.2f} per call)", flush=True)
     if not args.no_ceiling:
-        from jpaged.step_ceiling import run_point
+        from jpaged.bench.step_ceiling import run_point
         mid = args.context + args.decode_tokens // 2
         ceiling = run_point(model, num_seqs=args.num_seqs, context=mid,
                             steps=engine.config.max_decode_window * 2,

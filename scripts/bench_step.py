@@ -17,7 +17,7 @@ no-attention-no-kv-write (both removed).
 
 Points: the product of --model, --num-seqs, --context, --steps and
 --variant, or explicit --point MODEL:NUM_SEQS:CONTEXT:K entries (each run
-with every --variant). The core is jpaged.step_ceiling.run_point, which the
+with every --variant). The core is jpaged.bench.step_ceiling.run_point, which the
 engine benches can call in their own process.
 
 Writes benchmarks/results/step-<device>.json (or --out) after every point:
@@ -39,8 +39,8 @@ import time
 
 
 def parse_args(argv):
-    from jpaged.benchmark import add_output_args, parse_list, positive_int
-    from jpaged.step_ceiling import PEAK_BW, VARIANTS
+    from jpaged.bench.harness import add_output_args, parse_list, positive_int
+    from jpaged.bench.step_ceiling import PEAK_BW, VARIANTS
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-1.1b",
@@ -100,7 +100,7 @@ def _parse_point(text: str) -> tuple[str, int, int, int]:
 
 def _build(name: str, args):
     import models
-    from jpaged.benchmark import load_hf_config
+    from models import load_hf_config
     model = models.random_model(load_hf_config(name), dtype=args.dtype, seed=args.seed,
                                 attention_backend=args.attention_backend,
                                 interpret=args.interpret, fast_init=True)
@@ -113,8 +113,8 @@ def _build(name: str, args):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import jax
-    from jpaged.benchmark import default_out, format_table, result_header, write_result
-    from jpaged.step_ceiling import run_point
+    from jpaged.bench.harness import default_out, format_table, result_header, write_result
+    from jpaged.bench.step_ceiling import run_point
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover

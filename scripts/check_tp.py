@@ -36,7 +36,7 @@ PRECISIONS = ("highest", "high", "default")
 
 
 def parse_args(argv):
-    from jpaged.benchmark import parse_list, positive_int
+    from jpaged.bench.harness import parse_list, positive_int
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-shape,llama-1.1b",
@@ -133,7 +133,7 @@ def run_one(model, tp: int, prompts, args) -> dict:
         raise RuntimeError(f"tp {tp}: a request failed: {errors[0]}")
     tokens = [list(done[str(i)].outputs[0].token_ids) for i in range(len(prompts))]
     res = dict(tensor_parallel_size=tp, tokens=tokens,
-               num_preemptions=engine.scheduler.num_preemptions,
+               num_preemptions=engine.stats.num_preemptions,
                kv_pool_devices=len(engine.runner.kv_caches[0].sharding.device_set))
     logits = None
     if not args.no_logits:
@@ -170,8 +170,9 @@ def main(argv=None) -> int:
     if args.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     import models
-    from jpaged.benchmark import (default_out, format_table, load_hf_config, result_header,
-                                  write_result)
+    from jpaged.bench.harness import (default_out, format_table, result_header,
+                                      write_result)
+    from models import load_hf_config
     if max(args.tp) > len(jax.devices()):
         raise ValueError(f"--tp {max(args.tp)} needs that many devices, but jax sees "
                          f"{len(jax.devices())}")

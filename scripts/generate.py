@@ -173,7 +173,7 @@ def read_inputs(args) -> list[Input]:
                              "jsonl" if args.input_format == "jsonl" else "text")
     if args.random_weights and args.num_random_prompts:
         import numpy as np
-        from jpaged.benchmark import load_hf_config  # a preset name or an HF config .json
+        from models import load_hf_config  # a preset name or an HF config .json
         vocab = load_hf_config(args.model)["vocab_size"]
         rng = np.random.default_rng(args.seed)
         inputs += [Input("random", prompt_token_ids=rng.integers(0, vocab, args.random_prompt_len).tolist())
@@ -303,7 +303,7 @@ def main(argv=None):
             sink.close()
     if not is_writer:
         return
-    st = eng.stats
+    st = eng.stats.snapshot()
     elapsed = t_done - t_ready
     pool = eng.runner.num_gpu_blocks - 1
     steps = max(1, st["num_steps"])
@@ -317,7 +317,7 @@ def main(argv=None):
           f"{1e3 * st['device_seconds'] / steps:.2f} ms/step | peak KV usage "
           f"{st['peak_blocks_used']}/{pool} blocks "
           f"({100 * st['peak_blocks_used'] / max(pool, 1):.1f}%) | preemptions "
-          f"{eng.scheduler.num_preemptions}", file=sys.stderr)
+          f"{eng.stats.num_preemptions}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The same random-weight model runs (1) the decode loop of scripts/bench_step.py
 lax.fori_loop) and (2) one prefill step (--prefill-seqs sequences of
 --prefill-len new tokens, greedy argmax of each last token), each compiled
 once, warmed up, then called --calls times under jax.profiler. The trace is
-joined with the compiled HLO (jpaged.step_profile) into a table of the ops /
+joined with the compiled HLO (jpaged.bench.step_profile) into a table of the ops /
 kernels the device ran: time per step, calls, bytes, achieved GB/s and
 TFLOP/s where derivable (bytes: operands + result; KV-pool ops by the K/V
 they must touch; FLOPs: the dots, attention by its formula). Rows are grouped
@@ -45,8 +45,8 @@ import time
 
 
 def parse_args(argv):
-    from jpaged.benchmark import add_output_args, positive_int
-    from jpaged.step_ceiling import PEAK_BW
+    from jpaged.bench.harness import add_output_args, positive_int
+    from jpaged.bench.step_ceiling import PEAK_BW
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-1.1b",
@@ -82,7 +82,7 @@ def parse_args(argv):
 def _pool_info(model, num_blocks, block_size, tokens_read, attention_flops):
     """One layer's pool shape and what its attention reads and computes."""
     import jax.numpy as jnp
-    from jpaged.step_profile import PoolInfo
+    from jpaged.bench.step_profile import PoolInfo
     from models.base import DTYPES
     c = model.config
     tp = 1 if model.kv_sharding is None else len(model.kv_sharding.device_set)
@@ -104,7 +104,7 @@ def _timed(compiled, state, make_args, calls=3) -> float:
 
 
 def profile_decode(model, args) -> dict:
-    from jpaged import step_ceiling, step_profile
+    from jpaged.bench import step_ceiling, step_profile
     S, C, K, bs = args.num_seqs, args.context, args.steps, args.block_size
     inputs = step_ceiling.decode_inputs(model, S, C, K, bs, args.seed)
     loop = step_ceiling.decode_loop(model, K, bs)
@@ -141,7 +141,7 @@ def profile_prefill(model, args) -> dict:
     import jax.numpy as jnp
     import numpy as np
     import kernels_pallas
-    from jpaged import step_ceiling, step_profile
+    from jpaged.bench import step_ceiling, step_profile
     P, L, bs = args.prefill_seqs, args.prefill_len, args.block_size
     if L > model.config.max_position_embeddings:
         raise ValueError(f"--prefill-len {L} exceeds max_position_embeddings "
@@ -187,7 +187,7 @@ def profile_prefill(model, args) -> dict:
 
 
 def _tables(name: str, res: dict, args) -> str:
-    from jpaged.benchmark import format_table
+    from jpaged.bench.harness import format_table
     rows = [dict(r, pct_peak_bw=(100 * r["gb_per_s"] * 1e9 / args.peak_bw
                                  if r.get("gb_per_s") else None)) for r in res["groups"]]
     cats = [dict(r, pct_peak_bw=(100 * r["gb_per_s"] * 1e9 / args.peak_bw
@@ -210,7 +210,8 @@ def _tables(name: str, res: dict, args) -> str:
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import models
-    from jpaged.benchmark import default_out, load_hf_config, result_header, write_result
+    from jpaged.bench.harness import default_out, result_header, write_result
+    from models import load_hf_config
     header = result_header("scripts/profile_step.py", argv)
     out = args.out or default_out("profile", header["device"])
     model = models.random_model(load_hf_config(args.model), dtype=args.dtype, seed=args.seed,

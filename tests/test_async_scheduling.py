@@ -44,9 +44,9 @@ def _summary(outs):
 
 
 def _generate(llm, prompts, params):
-    llm.engine.stats.update(num_steps=0, num_steps_ahead=0)
+    llm.engine.stats.reset()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-    return outs, dict(llm.engine.stats)
+    return outs, llm.engine.stats.snapshot()
 
 
 MIXED = [
@@ -97,7 +97,7 @@ def test_tiny_pool_preempts_and_gives_the_same_tokens(llama, mode):
                   **dict(ENGINE, num_gpu_blocks=24, swap_space=0.01))
         outs, stats = _generate(llm, ps, sp)
         runs[on] = ([o.outputs[0].token_ids for o in outs], stats,
-                    llm.engine.scheduler.num_preemptions)
+                    llm.engine.stats.num_preemptions)
         bm = llm.engine.block_manager
         assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
     assert runs[True][0] == runs[False][0]

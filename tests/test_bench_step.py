@@ -1,5 +1,5 @@
-"""The step ceiling (jpaged.step_ceiling, scripts/bench_step.py) and the step
-profile (jpaged.step_profile, scripts/profile_step.py) on tiny shapes.
+"""The step ceiling (jpaged.bench.step_ceiling, scripts/bench_step.py) and the step
+profile (jpaged.bench.step_profile, scripts/profile_step.py) on tiny shapes.
 
 The GPU-only parts run here too: the Pallas GPU kernels in interpret mode
 through bench_step, and a GPU-shaped trace (a "/device:GPU:0" plane with
@@ -17,7 +17,7 @@ import pytest
 
 import kernels_pallas
 import models
-from jpaged import step_ceiling, step_profile
+from jpaged.bench import step_ceiling, step_profile
 from tiny import LLAMA
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from jpaged.workloads import Workload, save_workload, synthetic_alpaca
+from jpaged.bench.workloads import Workload, save_workload, synthetic_alpaca
 from tiny import ENGINE_FLAGS as ENGINE_ARGS, LLAMA
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

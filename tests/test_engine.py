@@ -95,15 +95,15 @@ def test_tiny_pool_preempts_and_gives_same_tokens(llama, mode):
     small = llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in small] == [o.outputs[0].token_ids for o in big]
     sched = llm.engine.scheduler
-    assert sched.num_preemptions > 0
+    assert sched.stats.num_preemptions > 0
     # Each request's metrics: its own preemptions, in order times.
-    assert sum(o.metrics.num_preemptions for o in small) == sched.num_preemptions
+    assert sum(o.metrics.num_preemptions for o in small) == sched.stats.num_preemptions
     for o in small:
         m = o.metrics
         assert m.time_in_queue == m.first_scheduled_time - m.arrival_time >= 0
         assert m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
     if mode == "swap":
-        assert sched.num_swaps_out > 0 and sched.num_swaps_in > 0
+        assert sched.stats.num_swaps_out > 0 and sched.stats.num_swaps_in > 0
     bm = llm.engine.block_manager
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
 
@@ -179,7 +179,7 @@ def test_prefix_caching_same_tokens_and_fewer_prefill_tokens(llama):
         first = llm.generate(prompt_token_ids=ps[:1], sampling_params=GREEDY, use_tqdm=False)
         rest = llm.generate(prompt_token_ids=ps[1:], sampling_params=GREEDY, use_tqdm=False)
         results[caching] = ([o.outputs[0].token_ids for o in first + rest],
-                            llm.engine.stats["num_prefill_tokens"])
+                            llm.engine.stats.num_prefill_tokens)
     assert results[True][0] == results[False][0]
     assert results[False][1] == sum(len(p) for p in ps)
     # the two later prompts each reuse the 24-token prefix (6 full blocks of 4)
@@ -200,7 +200,7 @@ def test_sharing_uses_fewer_blocks(llama, kind):
     b = make_llm(llama)
     b.generate(prompt_token_ids=[p] * 4, sampling_params=single, use_tqdm=False)
     # unshared: 4 x (8 prompt blocks + 1-2 output blocks); shared: one prompt copy
-    assert a.engine.stats["peak_blocks_used"] < b.engine.stats["peak_blocks_used"] - 15
+    assert a.engine.stats.peak_blocks_used < b.engine.stats.peak_blocks_used - 15
 
 
 def test_no_compilation_after_warm_up(llama):
@@ -223,7 +223,7 @@ def test_no_compilation_after_warm_up(llama):
     ps = prompts(rng, [5, 17, 30, 3, 44, 21])
     outs = llm.generate(prompt_token_ids=ps, sampling_params=sps, use_tqdm=False)
     assert all(o.error is None and o.outputs for o in outs)
-    assert llm.engine.scheduler.num_preemptions > 0  # the small pool forced some
+    assert llm.engine.stats.num_preemptions > 0  # the small pool forced some
     assert runner.num_traces == traces
 
 
@@ -291,7 +291,7 @@ def test_soak_thousand_requests(llama, mode):
         gc.collect()
         sizes.append(sys.getallocatedblocks())
     assert len(seen) == 1000
-    assert eng.scheduler.num_preemptions > 0
+    assert eng.stats.num_preemptions > 0
     # Host memory stays flat: a request that left anything behind (its state,
     # its tokens, its output) would add 10+ blocks; 500 of them add <1,000.
     assert sizes[-1] - sizes[1] < 5 * 500

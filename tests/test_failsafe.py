@@ -175,7 +175,7 @@ def check_outcome(eng, reqs, ref, done, point, fail_exc, num_failed_steps=1):
         assert len(errors) < len(reqs), "the requests waiting outside the step must go on"
     else:  # an interrupt rolls back; only a group caught mid-update is failed
         assert len(errors) <= (1 if point in ("during-update", "mid-group-update") else 0)
-    assert eng.stats["num_failed_steps"] == num_failed_steps
+    assert eng.stats.num_failed_steps == num_failed_steps
     assert_idle(eng)
     assert run_clean(eng, reqs) == ref, "the engine serves the batch differently after a failure"
 
@@ -186,7 +186,7 @@ def test_interrupt_at_each_point_rolls_back(engines, monkeypatch, point, mode):
     eng = engines(*mode).engine
     reqs = batch()
     ref = run_clean(eng, reqs)
-    eng.stats["num_failed_steps"] = 0
+    eng.stats.num_failed_steps = 0
     hook = inject(monkeypatch, eng, point, KeyboardInterrupt())
     add_all(eng, reqs)
     done = {}
@@ -205,7 +205,7 @@ def test_exception_at_each_point_fails_only_its_step(engines, monkeypatch, point
     eng = engines(*mode).engine
     reqs = batch(1)
     ref = run_clean(eng, reqs)
-    eng.stats["num_failed_steps"] = 0
+    eng.stats.num_failed_steps = 0
     hook = inject(monkeypatch, eng, point, RuntimeError("injected"))
     add_all(eng, reqs)
     done = drain(eng, {})  # no raise: the failure comes back as error outputs
@@ -226,7 +226,7 @@ def test_lost_kv_pool_is_rebuilt(engines, monkeypatch, exc, async_scheduling, ca
     eng = engines(async_scheduling, True).engine
     reqs = batch(2)
     ref = run_clean(eng, reqs)
-    eng.stats["num_failed_steps"] = 0
+    eng.stats.num_failed_steps = 0
     hook = LosePool(monkeypatch, eng.runner, call, 2, exc("injected"))
     add_all(eng, reqs)
     done = {}
@@ -247,9 +247,9 @@ def test_preemption_with_failures_in_swaps(engines, monkeypatch):
     sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     reqs = [(f"s{i}", rng.integers(3, 320, 9 + i).tolist(), sp) for i in range(6)]
     ref = run_clean(eng, reqs)
-    assert eng.scheduler.num_swaps_out > 0
+    assert eng.stats.num_swaps_out > 0
     for name in ("swap_out", "swap_in"):
-        eng.stats["num_failed_steps"] = 0
+        eng.stats.num_failed_steps = 0
         Inject(monkeypatch, eng.runner, name, 1, KeyboardInterrupt())
         add_all(eng, reqs)
         done = {}
@@ -267,7 +267,7 @@ def test_real_sigint(engines, monkeypatch, where):
     eng = engines(True, False).engine
     reqs = batch(4)
     ref = run_clean(eng, reqs)
-    eng.stats["num_failed_steps"] = 0
+    eng.stats.num_failed_steps = 0
     obj, name = (eng.block_manager, "append_slots") if where == "schedule" else \
         (eng.runner, "fetch")
     real, calls = getattr(obj, name), []
@@ -317,13 +317,13 @@ def test_generate_cleans_up_after_any_exception(engines, monkeypatch, exc, async
         assert any(o.error is not None for o in outs)
         assert all(summary(o) == r for o, r in zip(outs, ref) if o.error is None)
     assert_idle(eng)  # the call's requests are gone, blocks and all
-    steps = eng.stats["num_steps"]
+    steps = eng.stats.num_steps
     again = llm.generate(prompt_token_ids=prompts, sampling_params=sps, use_tqdm=False)
     assert [summary(o) for o in again] == ref
-    clean_steps = eng.stats["num_steps"] - steps
-    steps = eng.stats["num_steps"]
+    clean_steps = eng.stats.num_steps - steps
+    steps = eng.stats.num_steps
     llm.generate(prompt_token_ids=prompts, sampling_params=sps, use_tqdm=False)
-    assert eng.stats["num_steps"] - steps == clean_steps  # no leftover work rode along
+    assert eng.stats.num_steps - steps == clean_steps  # no leftover work rode along
 
 
 # ---------------------------------------------------------------- engine API
@@ -427,7 +427,7 @@ def test_fuzz_bad_values_and_failures(engines, monkeypatch, mode):
     bad_prompts = [b"ab", 3, None, {"x": 1}, ["a"], [1.5], [True], [10**6], [], [-3]]
     bad_params = [None, {"temperature": 0}, "greedy", 0.5]
     points = sorted(POINTS)
-    failed_before = eng.stats["num_failed_steps"]
+    failed_before = eng.stats.num_failed_steps
     for round_ in range(20):
         monkeypatch.undo()
         accepted, done = {}, {}
@@ -472,7 +472,7 @@ def test_fuzz_bad_values_and_failures(engines, monkeypatch, mode):
                          use_tqdm=False)
         assert_idle(eng)
     monkeypatch.undo()
-    assert eng.stats["num_failed_steps"] - failed_before >= 5  # the failures did happen
+    assert eng.stats.num_failed_steps - failed_before >= 5  # the failures did happen
     assert run_clean(eng, good) == ref
     assert PLACEHOLDER_TOKEN_ID not in {t for o in llm.generate(
         prompt_token_ids=[g[1] for g in good], sampling_params=[g[2] for g in good],

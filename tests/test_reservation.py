@@ -5,9 +5,10 @@ import pytest
 
 from jpaged import SamplingParams
 from jpaged.block_manager import AllocStatus, BlockSpaceManager
-from jpaged.reservation import (ContiguousBlockAllocator, ReservationBlockManager,
-                                kv_slot_usage, reserved_len)
+from jpaged.bench.reservation import (ContiguousBlockAllocator, ReservationBlockManager,
+                                      kv_slot_usage, reserved_len)
 from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus
+from jpaged.stats import EngineStats
 from tiny import ENGINE, LLAMA
 
 BS = 4
@@ -118,7 +119,7 @@ def test_same_greedy_tokens_as_the_paged_engine():
     import functools
 
     import models
-    from jpaged.benchmark import use_system
+    from jpaged.bench.harness import use_system
     from jpaged.config import EngineConfig
     from jpaged.engine import LLMEngine
 
@@ -142,7 +143,8 @@ def test_same_greedy_tokens_as_the_paged_engine():
                 assert o.error is None
                 outs[int(o.request_id)] = o.outputs[0].token_ids
         engine.block_manager.check_invariants()
-        assert engine.block_manager.get_num_free_gpu_blocks() == 199
+        bm = engine.block_manager
+        assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
         return [outs[i] for i in range(len(prompts))]
 
     tokens = {"orca-pow2": run()}
@@ -150,7 +152,39 @@ def test_same_greedy_tokens_as_the_paged_engine():
         use_system(engine, system)
         tokens[system] = run()
         if system != "jpaged":
-            assert engine.scheduler.num_preemptions == 0
+            assert engine.stats.num_preemptions == 0
     assert all(len(t) == n for t, n in zip(tokens["jpaged"], lens))
     for system in ("orca-pow2", "orca-max", "orca-oracle"):
         assert tokens[system] == tokens["jpaged"], system
+    # The seam the harness uses: a fresh manager over part of the pool, config
+    # changes that need no recompile, zeroed stats; anything else is refused.
+    assert engine.stats.num_steps > 0
+    engine.use_block_manager(num_blocks=50, async_scheduling=False, max_decode_window=1)
+    assert engine.stats.snapshot() == EngineStats().snapshot()
+    assert engine.block_manager.get_num_total_gpu_blocks() == 49
+    assert not engine.config.async_scheduling and engine.config.max_decode_window == 1
+    assert type(engine.block_manager).__name__ == "BlockSpaceManager"
+    assert run() == tokens["jpaged"] and engine.stats.num_steps_ahead == 0
+    with pytest.raises(ValueError, match="cannot change .'block_size'."):
+        engine.use_block_manager(block_size=32)
+    with pytest.raises(ValueError, match="num_blocks must be in"):
+        engine.use_block_manager(num_blocks=10_000)
+    with pytest.raises(ValueError, match="max_decode_window must be in"):
+        engine.use_block_manager(max_decode_window=10_000)
+    engine.add_request("busy", None, SamplingParams(max_tokens=2), prompt_token_ids=[5, 6])
+    with pytest.raises(RuntimeError, match="needs an idle engine"):
+        engine.use_block_manager()
+    engine.abort_request("busy")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_engine_stats_snapshot_and_reset():
+    st = EngineStats()
+    st.num_steps += 3
+    st.host_seconds += 0.5
+    snap = st.snapshot()
+    st.num_steps += 1
+    assert snap["num_steps"] == 3 and snap["host_seconds"] == 0.5  # a copy
+    st.reset()
+    assert st.snapshot() == EngineStats().snapshot() and isinstance(st.host_seconds, float)

@@ -109,8 +109,8 @@ def test_recompute_preemption_of_the_newest_group():
     for _ in range(3):
         h.step()
     out = h.step()                          # both need a 3rd block: b is preempted
-    assert out.preempted == 1 and h.ids_of(out) == ["a"] and h.sched.num_preemptions == 1
-    assert h.sched.num_swaps_out == 0 and not out.blocks_to_swap_out
+    assert out.preempted == 1 and h.ids_of(out) == ["a"] and h.sched.stats.num_preemptions == 1
+    assert h.sched.stats.num_swaps_out == 0 and not out.blocks_to_swap_out
     sb = b.get_seqs()[0]
     assert sb.status == S.WAITING and sb.num_computed_tokens == 0 and not h.bm.has_block_table(sb)
     assert h.sched.waiting == [b]
@@ -137,7 +137,7 @@ def test_swap_preemption_of_a_multi_sequence_group_blocks_admission():
         if out.preempted:
             preempted = out
             break
-    assert preempted is not None and preempted.blocks_to_swap_out and h.sched.num_swaps_out == 1
+    assert preempted is not None and preempted.blocks_to_swap_out and h.sched.stats.num_swaps_out == 1
     assert all(s.status == S.SWAPPED for s in b.get_seqs()) and h.sched.swapped == [b]
     gpu_blocks = [gb for gb, _ in preempted.blocks_to_swap_out]
     assert len(gpu_blocks) == len(set(gpu_blocks))
@@ -148,7 +148,7 @@ def test_swap_preemption_of_a_multi_sequence_group_blocks_admission():
     h.sched.free_seq(a.get_seqs()[0])
     out = h.step()
     assert out.blocks_to_swap_in and not out.blocks_to_swap_out and h.ids_of(out) == ["b"]
-    assert h.sched.num_swaps_in == 1 and all(s.status == S.RUNNING for s in b.get_seqs())
+    assert h.sched.stats.num_swaps_in == 1 and all(s.status == S.RUNNING for s in b.get_seqs())
     assert {c for c, _ in out.blocks_to_swap_in} == {c for _, c in preempted.blocks_to_swap_out}
     out = h.step()
     assert out.is_prefill and h.ids_of(out) == ["c"]
@@ -163,7 +163,7 @@ def test_swap_falls_back_to_recompute_when_the_host_pool_is_full():
         out = h.step()
         if out.preempted:
             break
-    assert out.preempted == 1 and not out.blocks_to_swap_out and h.sched.num_swaps_out == 0
+    assert out.preempted == 1 and not out.blocks_to_swap_out and h.sched.stats.num_swaps_out == 0
     assert all(s.status == S.WAITING for s in b.get_seqs())
 
 

@@ -316,9 +316,9 @@ def run_sim(cfg: SimConfig) -> dict:
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
     assert bm.get_num_free_cpu_blocks() == cfg.num_cpu_blocks
     assert all(bm.gpu_allocator.get_ref_count(b) == 0 for b in range(1, num_gpu))
-    stats["swaps_out"] = sched.num_swaps_out
-    stats["swaps_in"] = sched.num_swaps_in
-    stats["recomputes"] = sched.num_preemptions - sched.num_swaps_out
+    stats["swaps_out"] = sched.stats.num_swaps_out
+    stats["swaps_in"] = sched.stats.num_swaps_in
+    stats["recomputes"] = sched.stats.num_preemptions - sched.stats.num_swaps_out
     return stats
 
 

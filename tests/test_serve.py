@@ -20,6 +20,7 @@ import models
 from jpaged import LLM, SamplingParams
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.serve import OpenAIServer, ServerConfig, ServerThread, parse_args
+from jpaged.stats import EngineStats
 from tiny import ENGINE, ENGINE_FLAGS, LLAMA, tiny_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -116,9 +117,9 @@ def slow_engine(llm, monkeypatch):
     def step():
         if state["gate"] is not None:
             state["gate"].wait(30)
-        before = eng.stats["num_generated_tokens"]
+        before = eng.stats.num_generated_tokens
         outputs = real_step()
-        time.sleep(state["per_token"] * (eng.stats["num_generated_tokens"] - before))
+        time.sleep(state["per_token"] * (eng.stats.num_generated_tokens - before))
         return outputs
     monkeypatch.setattr(eng, "step", step)
     return state
@@ -163,7 +164,7 @@ def test_cli_flags_take_the_config_defaults():
 def test_server_modules_import_without_jax():
     """The server's modules and the benchmark's client process start no jax
     (nor transformers): the engine is built by the caller."""
-    code = ("import sys, jpaged.serve, jpaged.bench_client\n"
+    code = ("import sys, jpaged.serve, jpaged.bench.client\n"
             "heavy = [m for m in sys.modules if m.split('.')[0] in "
             "('jax', 'jaxlib', 'flax', 'transformers')]\n"
             "assert not heavy, heavy\n")
@@ -439,12 +440,12 @@ class FakeEngine:
         ns = types.SimpleNamespace
         self.config = ns(model="fake", max_model_len=64, max_num_seqs=8)
         self.model = ns(config=ns(vocab_size=320))
-        self.scheduler = ns(running=[], waiting=[], swapped=[], num_preemptions=0)
+        self.scheduler = ns(running=[], waiting=[], swapped=[])
         self.block_manager = ns(get_num_free_gpu_blocks=lambda: 9,
                                 get_num_total_gpu_blocks=lambda: 9,
                                 get_num_free_cpu_blocks=lambda: 4,
                                 gpu_allocator=ns(get_num_cached_blocks=lambda: 0))
-        self.stats = dict(num_generated_tokens=0, num_steps=0)
+        self.stats = EngineStats()
         self.requests = {}
 
     def add_request(self, rid, prompt, sp, prompt_token_ids):

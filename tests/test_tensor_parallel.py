@@ -169,7 +169,7 @@ def _llm_case(model, tp) -> dict:
     sched = llm.engine.scheduler
     res = dict(tokens=[o.outputs[0].token_ids for o in outs],
                beams=[c.token_ids for c in beams.outputs],
-               num_preemptions=sched.num_preemptions, num_swaps_out=sched.num_swaps_out,
+               num_preemptions=sched.stats.num_preemptions, num_swaps_out=sched.stats.num_swaps_out,
                pool=_pool_heads(runner).tolist())
     # Helpers on the sharded pool: copy block 1 -> 2, swap 3 out and back into 4.
     runner.copy_blocks([(1, 2)])
@@ -242,7 +242,7 @@ def _multihost_worker() -> dict:
     eng, tokens = _engine_generate(llama, 4, _prompts(128), greedy, **SWAPPING)
     return dict(process=jax.process_index(), num_devices=len(jax.devices()),
                 num_local_devices=len(jax.local_devices()), tokens=tokens,
-                num_swaps_out=eng.scheduler.num_swaps_out,
+                num_swaps_out=eng.stats.num_swaps_out,
                 pool_devices=len(eng.runner.kv_caches[0].sharding.device_set))
 
 

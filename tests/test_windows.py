@@ -83,12 +83,12 @@ def test_every_window_gives_the_same_outputs(engines):
     want = None
     for k in WINDOWS:
         llm = engines(k)
-        steps = dict(llm.engine.stats)
+        steps = llm.engine.stats.snapshot()
         got = summary(llm.generate(prompt_token_ids=ps, sampling_params=sps, use_tqdm=False))
         if want is None:
             want = got
         assert got == want, f"window {k} changed the outputs"
-        st = llm.engine.stats
+        st = llm.engine.stats.snapshot()
         decode_calls = st["num_steps"] - steps["num_steps"]
         decode_steps = st["num_decode_steps"] - steps["num_decode_steps"]
         if k > 1:  # windows did run
@@ -146,13 +146,13 @@ def test_preemption_and_abort_inside_windows(engines, mode):
     want = summary(engines(1).generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False))
     llm = engines(8, num_gpu_blocks=24, swap_space=0.01, preemption_mode=mode)
     eng = llm.engine
-    before = eng.scheduler.num_preemptions
+    before = eng.stats.num_preemptions
     assert summary(llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)) == want
-    assert eng.scheduler.num_preemptions > before
+    assert eng.stats.num_preemptions > before
     # an abort while a window is in flight
     for i, p in enumerate(ps):
         eng.add_request(f"a{i}", None, sp, prompt_token_ids=p)
-    while not (eng._inflight is not None and eng.stats["num_decode_steps"] > 0
+    while not (eng._inflight is not None and eng.stats.num_decode_steps > 0
                and eng._inflight.step.num_tokens == 0):
         eng.step()
     eng.abort_request("a2")
@@ -176,19 +176,19 @@ def test_windows_wait_while_requests_arrive_into_room(engines):
     sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     few = prompts(5, [4, 6, 5])
     # an offline batch added to an idle engine: windows at once
-    before = dict(eng.stats)
+    before = eng.stats.snapshot()
     outs = llm.generate(prompt_token_ids=few, sampling_params=sp, use_tqdm=False)
-    assert eng.stats["num_steps"] - before["num_steps"] <= 3  # a prefill, two windows
+    assert eng.stats.num_steps - before["num_steps"] <= 3  # a prefill, two windows
     # requests arriving while others run: single steps until the arrivals stop
     eng.add_request("first", None, sp, prompt_token_ids=few[0])
     eng.step()  # its prefill: it runs now
-    before = dict(eng.stats)
+    before = eng.stats.snapshot()
     eng.add_request("second", None, sp, prompt_token_ids=few[1])
     done = {}
     while eng.has_unfinished_requests():
         done.update((o.request_id, o) for o in eng.step())
-    calls = eng.stats["num_steps"] - before["num_steps"]
-    decode = eng.stats["num_decode_steps"] - before["num_decode_steps"]
+    calls = eng.stats.num_steps - before["num_steps"]
+    decode = eng.stats.num_decode_steps - before["num_decode_steps"]
     assert decode == calls - 1  # one prefill (the second), then one token a call
     assert [done[r].outputs[0].token_ids for r in ("first", "second")] == \
         [o.outputs[0].token_ids for o in outs[:2]]
@@ -201,8 +201,8 @@ def test_windows_wait_while_requests_arrive_into_room(engines):
         eng.add_request(f"m{i}", None, sp, prompt_token_ids=p)
     windows = []
     while eng.has_unfinished_requests():
-        steps = eng.stats["num_decode_steps"]
+        steps = eng.stats.num_decode_steps
         eng.step()
         if eng.scheduler.waiting:
-            windows.append(eng.stats["num_decode_steps"] - steps)
+            windows.append(eng.stats.num_decode_steps - steps)
     assert max(windows) > 1

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from jpaged import workloads as wl
+from jpaged.bench import workloads as wl
 
 
 class WordTokenizer:

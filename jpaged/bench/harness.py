@@ -3,7 +3,7 @@ the offline and Poisson run loops, per-step probes, result metadata.
 
 Systems: "jpaged" (the paged block manager, default settings), the
 contiguous-reservation baselines "orca-max", "orca-pow2", "orca-oracle"
-(jpaged.reservation), and "jpaged-sync" (jpaged with async scheduling off,
+(jpaged.bench.reservation), and "jpaged-sync" (jpaged with async scheduling off,
 for the host/device overlap's share). All run on the same engine object, so the same
 compiled steps, model, kernels and KV pool: ``use_system`` swaps the block
 manager and scheduler between runs (compiling once keeps a multi-system run
@@ -12,7 +12,6 @@ within one GPU call).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import math
@@ -26,8 +25,7 @@ import time
 import numpy as np
 
 from jpaged.block_manager import BlockSpaceManager
-from jpaged.reservation import ReservationBlockManager, kv_slot_usage
-from jpaged.scheduler import Scheduler
+from jpaged.bench.reservation import ReservationBlockManager, kv_slot_usage
 from jpaged.sequence import SequenceStatus
 
 SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync", "jpaged-window1")
@@ -52,19 +50,6 @@ def parse_list(text: str, allowed=None, kind=str) -> list:
         except ValueError:
             raise ValueError(f"{s!r} is not a valid {kind.__name__}") from None
     return out
-
-
-def load_hf_config(spec: str) -> dict:
-    """A models.random_model preset's HF config, or one read from a JSON file."""
-    import os
-    import models
-    if spec in models.PRESETS:
-        return dict(models.PRESETS[spec])
-    if os.path.isfile(spec):
-        with open(spec) as f:
-            return json.load(f)
-    raise ValueError(f"model {spec!r} is neither a preset {sorted(models.PRESETS)} "
-                     "nor a JSON file with an HF config")
 
 
 def build_engine(model, *, block_size=16, max_num_seqs=256, max_model_len=2048,
@@ -212,26 +197,13 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     block included), as a smaller pool would, with the compiled steps of
     the full one; default the whole pool.
     """
-    if engine.has_unfinished_requests():
-        raise RuntimeError("use_system() needs an idle engine")
-    pool = engine.runner.num_gpu_blocks
-    if num_blocks is None:
-        num_blocks = pool
-    if not 2 <= num_blocks <= pool:
-        raise ValueError(f"num_blocks must be in [2, {pool}] (the pool), got {num_blocks}")
-    cfg = engine.config
-    factory = block_manager_factory(system, cfg.max_model_len, enable_prefix_caching)
-    engine.block_manager = factory(cfg.block_size, num_blocks,
-                                   engine.runner.num_cpu_blocks, watermark=cfg.watermark,
-                                   enable_prefix_caching=enable_prefix_caching)
-    engine.scheduler = Scheduler(engine.scheduler.config, engine.block_manager)
+    factory = block_manager_factory(system, engine.config.max_model_len, enable_prefix_caching)
     # "jpaged-sync": jpaged waiting for each step's tokens (no host/device overlap);
     # "jpaged-window1": decode windows off (one decode step per jitted call)
-    engine.config = dataclasses.replace(
-        engine.config, async_scheduling=system != "jpaged-sync",
+    engine.use_block_manager(
+        factory, num_blocks, enable_prefix_caching=enable_prefix_caching,
+        async_scheduling=system != "jpaged-sync",
         max_decode_window=1 if system == "jpaged-window1" else max(engine.runner.window_sizes))
-    for k, v in engine.stats.items():
-        engine.stats[k] = type(v)(0)
 
 
 class Probe:
@@ -285,12 +257,12 @@ class Probe:
 
 def engine_counters(engine) -> dict:
     """Step, preemption and timing counters of the engine's current system."""
-    st, sch = engine.stats, engine.scheduler
+    st = engine.stats.snapshot()
     steps = max(1, st["num_steps"])
     return dict(num_steps=st["num_steps"], decode_steps=st["num_decode_steps"],
                 steps_dispatched_ahead=st["num_steps_ahead"],
-                preemptions=sch.num_preemptions,
-                swaps_out=sch.num_swaps_out, swaps_in=sch.num_swaps_in,
+                preemptions=st["num_preemptions"],
+                swaps_out=st["num_swaps_out"], swaps_in=st["num_swaps_in"],
                 host_ms_per_step=1e3 * st["host_seconds"] / steps,
                 device_ms_per_step=1e3 * st["device_seconds"] / steps,
                 dispatch_ms_per_step=1e3 * st["dispatch_seconds"] / steps,

@@ -19,7 +19,7 @@ seam (models.base.sharded_attention), so the model's own code runs as it is:
 
 In the same process as an engine bench::
 
-    from jpaged.step_ceiling import run_point
+    from jpaged.bench.step_ceiling import run_point
     res = run_point(model, num_seqs=256, context=512, steps=16)
     res["ms_per_step"], res["tok_per_s"], res["roofline_ms"]
 

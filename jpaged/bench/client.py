@@ -63,6 +63,6 @@ def poisson_load(url: str, model: str, prompts: list[list[int]], output_lens: li
     perf_counter of each chunk with tokens, "ids": the token ids, "error":
     None or the message}, "seconds": first send to last answer}.
     """
-    from jpaged.workloads import poisson_arrivals
+    from jpaged.bench.workloads import poisson_arrivals
     arrivals = poisson_arrivals(len(prompts), rate, seed)
     return asyncio.run(_load(url, model, prompts, output_lens, arrivals))
