@@ -169,10 +169,17 @@ class BlockSpaceManager:
                 num_hit_blocks += in_prefix
                 table.append(block)
             if commit:
-                self._gpu_tables[seq.seq_id] = table
-                self._num_cached_tokens[seq.seq_id] = num_hit_blocks * bs
-                self._num_marked[seq.seq_id] = num_hit_blocks
+                self.install_table(seq, table, num_hit_blocks)
         return num_unique, num_taken
+
+    def install_table(self, seq: Sequence, table: list[int], num_cached_blocks: int = 0) -> None:
+        """Makes `table` (device block ids, each already allocated for seq)
+        seq's block table; its first num_cached_blocks blocks hold cached
+        K/V. The one way a table comes to be (allocate, or a subclass's own
+        allocation policy: the reservation baseline's contiguous runs)."""
+        self._gpu_tables[seq.seq_id] = table
+        self._num_cached_tokens[seq.seq_id] = num_cached_blocks * self.block_size
+        self._num_marked[seq.seq_id] = num_cached_blocks
 
     def _seq_hashes(self, seq: Sequence) -> list[int]:
         """Chained hashes of seq's full blocks (extended as the sequence grows)."""

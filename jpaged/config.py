@@ -47,26 +47,29 @@ class SchedulerConfig:
       preemption_mode: None (recompute a single-sequence group, swap a
         multi-sequence one), "recompute" or "swap".
     """
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    preemption_mode: str | None = None
+    # (no defaults: EngineConfig.get_scheduler_config resolves every field)
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    preemption_mode: str | None
 
     def __post_init__(self):
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_model_len", self.max_model_len, 1)
         _check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
-        # NOTE: without chunked prefill a prompt is computed in one step, so the
-        # step budget must hold the longest sequence and a full decode batch.
-        if self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                f"max_model_len ({self.max_model_len}): a prompt is prefilled in one step")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                f"max_num_seqs ({self.max_num_seqs}): a decode step runs one token per sequence")
+        _check_budget(self.max_num_batched_tokens, self.max_model_len, self.max_num_seqs)
+
+
+def _check_budget(budget: int, max_model_len: int, max_num_seqs: int) -> None:
+    # NOTE: without chunked prefill a prompt is computed in one step, so the
+    # step budget must hold the longest sequence and a full decode batch.
+    if budget < max_model_len:
+        raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_model_len "
+                         f"({max_model_len}): a prompt is prefilled in one step")
+    if budget < max_num_seqs:
+        raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_num_seqs "
+                         f"({max_num_seqs}): a decode step runs one token per sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +81,7 @@ class EngineConfig:
       dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
       block_size: tokens per KV block; a power of two in [1, 256].
       max_num_seqs: sequences per step, at most.
-      max_num_batched_tokens: tokens per step; None -> max(max_model_len, 2048).
+      max_num_batched_tokens: tokens per step; None -> max(max_model_len, 2048, max_num_seqs).
       max_model_len: prompt + output tokens per sequence; None -> the model's.
       num_gpu_blocks: device KV blocks (block 0, the null block, included);
         None -> sized from gpu_memory_utilization.
@@ -157,19 +160,8 @@ class EngineConfig:
         if not _is_number(self.decode_window_idle_s) or not self.decode_window_idle_s >= 0:
             raise ValueError(f"decode_window_idle_s must be a number of seconds >= 0, got "
                              f"{self.decode_window_idle_s!r}")
-        if self.max_model_len is not None:
-            self._check_budget(self.max_model_len)
-
-    def _check_budget(self, max_model_len: int) -> None:
-        budget = self.max_num_batched_tokens
-        if budget is None:
-            return
-        if budget < max_model_len:
-            raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_model_len "
-                             f"({max_model_len}): a prompt is prefilled in one step")
-        if budget < self.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_num_seqs "
-                             f"({self.max_num_seqs}): a decode step runs one token per sequence")
+        if self.max_model_len is not None and self.max_num_batched_tokens is not None:
+            _check_budget(self.max_num_batched_tokens, self.max_model_len, self.max_num_seqs)
 
     def get_max_model_len(self, model_max_len: int) -> int:
         """The resolved max_model_len, given the model's own limit."""
@@ -184,7 +176,6 @@ class EngineConfig:
     def get_scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         """The scheduler's config once the model's context length is known."""
         max_model_len = self.get_max_model_len(model_max_len)
-        self._check_budget(max_model_len)
         budget = self.max_num_batched_tokens
         if budget is None:
             budget = max(max_model_len, DEFAULT_MIN_BATCHED_TOKENS, self.max_num_seqs)

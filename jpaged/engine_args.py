@@ -15,15 +15,17 @@ def add_engine_args(parser: argparse.ArgumentParser, *,
 
     Returns: (model_group, tp_group), so a script can add its own flags to them.
     """
+    from jpaged.config import EngineConfig
+    d = EngineConfig()  # every engine default below is EngineConfig's
     m = parser.add_argument_group("model and engine")
-    m.add_argument("--model", default="smollm2-135m",
+    m.add_argument("--model", default=d.model,
                    help="registered name, HF directory, converted directory or .gguf file")
     m.add_argument("--random-weights", action="store_true",
                    help="use random weights of --model's shape (a models.random_model "
                         "preset or HF config); such a model has no tokenizer, so prompts "
                         "must be token ids")
-    m.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    m.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    m.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 or auto")
+    m.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     m.add_argument("--max-num-seqs", type=int, default=None, help=max_num_seqs_help)
     m.add_argument("--max-model-len", type=int, default=2048,
                    help="longest prompt + output; every prefill bucket up to it is "
@@ -32,24 +34,23 @@ def add_engine_args(parser: argparse.ArgumentParser, *,
                    help="most tokens in one prefill step")
     m.add_argument("--num-gpu-blocks", type=int, default=None,
                    help="KV pool size in blocks (default: from --gpu-memory-utilization)")
-    m.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    m.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                    help="fraction of device memory for weights + KV pool")
-    m.add_argument("--swap-space", type=float, default=4.0,
+    m.add_argument("--swap-space", type=float, default=d.swap_space,
                    help="host swap pool in GiB")
     m.add_argument("--preemption-mode", choices=["recompute", "swap"], default=None,
                    help="how to preempt (default: recompute single sequences, swap groups)")
     m.add_argument("--enable-prefix-caching", action="store_true",
                    help="reuse cached KV blocks of shared prompt prefixes")
-    m.add_argument("--seed", type=int, default=0, help="engine seed")
+    m.add_argument("--seed", type=int, default=d.seed, help="engine seed")
     m.add_argument("--no-async-scheduling", action="store_true",
                    help="wait for each step's tokens before scheduling the next (by default "
                         "the host schedules the next step while the device runs)")
-    from jpaged.config import EngineConfig
-    m.add_argument("--max-decode-window", type=int, default=EngineConfig.max_decode_window,
+    m.add_argument("--max-decode-window", type=int, default=d.max_decode_window,
                    help="decode steps one jitted call may run, a power of two (1: off); "
                         "windows wait while requests arrive into a batch with room")
     t = parser.add_argument_group("tensor parallelism (README, \"Tensor parallelism\")")
-    t.add_argument("--tensor-parallel-size", type=int, default=1,
+    t.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
                    help="devices the model and KV pool are split over (heads, MLP columns, "
                         "vocabulary); must divide the MLP width; query heads that don't "
                         "split evenly are padded with zero heads")

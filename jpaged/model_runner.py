@@ -162,13 +162,13 @@ def mode_level(sp) -> int:
 class ModelRunner:
     """Owns the KV pool, the slot state and the jitted steps of one model."""
 
+    # NOTE: no defaults: the engine passes every argument from its EngineConfig,
+    # the one home of the defaults.
     def __init__(self, model, *, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
-                 num_gpu_blocks: int | None = None,
-                 gpu_memory_utilization: float = 0.9,
-                 swap_space_gib: float = 0.0, kv_dtype=None,
-                 attention_backend: str = "auto", tensor_parallel_size: int = 1,
-                 max_decode_window: int = 1, eos_token_ids=()):
+                 num_gpu_blocks: int | None, gpu_memory_utilization: float,
+                 swap_space_gib: float, attention_backend: str, tensor_parallel_size: int,
+                 max_decode_window: int, eos_token_ids, kv_dtype=None):
         self.tensor_parallel_size = tensor_parallel_size
         self.mesh = None
         if tensor_parallel_size > 1:  # params and pool sharded over a "tp" mesh

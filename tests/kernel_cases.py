@@ -1,6 +1,6 @@
 """Shared kernel test cases: random paged pools with NaN-filled stale blocks.
 
-Used by tests/test_kernels_gpu.py (CPU, interpret mode) and by
+Used by tests/kernels/test_kernels_gpu.py (CPU, interpret mode) and by
 scripts/bench_kernels.py (the same cases on the GPU before it benchmarks);
 the TPU tests may import it read-only. Pure numpy + jnp, no pytest.
 """

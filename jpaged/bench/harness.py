@@ -12,6 +12,7 @@ within one GPU call).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -52,32 +53,23 @@ def parse_list(text: str, allowed=None, kind=str) -> list:
     return out
 
 
-def build_engine(model, *, block_size=16, max_num_seqs=256, max_model_len=2048,
-                 max_num_batched_tokens=None, num_gpu_blocks=None, kv_cache_gib=None,
-                 gpu_memory_utilization=0.9, swap_space=4.0, seed=0, progress=True,
-                 tensor_parallel_size=1, max_decode_window=None):
+def build_engine(model, *, kv_cache_gib=None, progress=True, **config):
     """An LLMEngine on a loaded model, warmed up (every bucket compiled).
 
+    config: EngineConfig fields (its defaults for the others; None leaves a
+    field at its default).
     kv_cache_gib: size the KV pool in GiB (all layers, all devices together)
     instead of from gpu_memory_utilization; num_gpu_blocks overrides both.
-    tensor_parallel_size: devices the params and KV pool are split over (the
-    model is loaded on the first device and sharded by the ModelRunner).
     """
     from jpaged.config import EngineConfig
     from jpaged.engine import LLMEngine
-    if num_gpu_blocks is None and kv_cache_gib is not None:
+    config = EngineConfig(model="random",
+                          **{k: v for k, v in config.items() if v is not None})
+    if config.num_gpu_blocks is None and kv_cache_gib is not None:
         if not kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib}")
-        num_gpu_blocks = 1 + int(kv_cache_gib * (1 << 30) // model.kv_bytes_per_block(block_size))
-    config = EngineConfig(model="random", block_size=block_size, max_num_seqs=max_num_seqs,
-                          max_model_len=max_model_len,
-                          max_num_batched_tokens=max_num_batched_tokens,
-                          num_gpu_blocks=num_gpu_blocks,
-                          gpu_memory_utilization=gpu_memory_utilization,
-                          swap_space=swap_space, seed=seed,
-                          tensor_parallel_size=tensor_parallel_size,
-                          **({} if max_decode_window is None
-                             else dict(max_decode_window=max_decode_window)))
+        config = dataclasses.replace(config, num_gpu_blocks=1 + int(
+            kv_cache_gib * (1 << 30) // model.kv_bytes_per_block(config.block_size)))
     return LLMEngine(config, model=model, progress=progress)
 
 
@@ -111,23 +103,27 @@ def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: s
     kv_cache_gib_note: the script's reason for its pool size, put into the
     --kv-cache-gib help (e.g. "; sharing pays off when ...").
     """
-    p = parser
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--max-num-seqs", type=int, default=256, help=max_num_seqs_help)
+    from jpaged.config import EngineConfig
+    d, p = EngineConfig(), parser
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help=max_num_seqs_help)
+    # (the benchmarks' context limit, not EngineConfig's "the model's own")
     p.add_argument("--max-model-len", type=int, default=2048, help=max_model_len_help)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="prefill token budget per step (default max(max-model-len, 2048))")
+                   help="prefill token budget per step (default: EngineConfig's, "
+                        "max(max-model-len, 2048, max-num-seqs))")
     p.add_argument("--kv-cache-gib", type=float, default=kv_cache_gib_default,
                    help=f"KV pool size in GiB over all layers{kv_cache_gib_note} (0: size it "
                         "from --gpu-memory-utilization)")
     p.add_argument("--num-gpu-blocks", type=int, default=None,
                    help="KV pool size in blocks (null block included); overrides --kv-cache-gib")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                    help="fraction of device memory for the engine when the pool is not sized")
-    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
+    p.add_argument("--swap-space", type=float, default=d.swap_space,
+                   help="GiB of host swap space")
     p.add_argument("--max-decode-window", type=positive_int, default=None,
                    help="decode steps per jitted call, a power of two (default: EngineConfig's)")
-    p.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+    p.add_argument("--tensor-parallel-size", type=positive_int, default=d.tensor_parallel_size,
                    help="devices the model and KV pool are split over (the first N devices; "
                         "--kv-cache-gib is the pool over all of them)")
 

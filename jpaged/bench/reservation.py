@@ -156,9 +156,7 @@ class ReservationBlockManager(BlockSpaceManager):
         table = self.gpu_allocator.allocate_range(self.num_reserved_blocks(seq, seq_group))
         if table is None:
             raise RuntimeError("no contiguous run free in allocate(); call can_allocate() first")
-        self._gpu_tables[seq.seq_id] = table
-        self._num_cached_tokens[seq.seq_id] = 0
-        self._num_marked[seq.seq_id] = 0
+        self.install_table(seq, table)
 
     def can_append_slots(self, seq_group: SequenceGroup, num_lookahead: int = 0,
                          max_len: int | None = None) -> bool:
@@ -191,7 +189,7 @@ class ReservationBlockManager(BlockSpaceManager):
         raise ValueError("the reservation baseline does not fork sequences (no sharing)")
 
     def _covers(self, seq: Sequence, num_lookahead: int = 0, max_len: int | None = None) -> bool:
-        return len(self._gpu_tables[seq.seq_id]) * self.block_size >= tokens_to_cover(
+        return len(self.block_table(seq)) * self.block_size >= tokens_to_cover(
             seq, num_lookahead, max_len)
 
 

@@ -23,7 +23,7 @@ from jpaged.serve import OpenAIServer, ServerConfig, ServerThread, parse_args
 from jpaged.stats import EngineStats
 from tiny import ENGINE, ENGINE_FLAGS, LLAMA, tiny_tokenizer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 MODEL, KEY = "tiny", "test-key"
 MAX_QUEUED = 64  # beyond ENGINE's max_num_seqs (8): 72 requests at once, then 503
 PROMPTS = [f"q{i}: " + "abcdefghij"[: i % 10] + " paging" * (i % 3) for i in range(64)]

@@ -20,7 +20,7 @@ import models
 from jpaged.bench import step_ceiling, step_profile
 from tiny import LLAMA
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 BS = 4
 ONE_LAYER = dict(LLAMA, num_hidden_layers=1)  # the script runs: compile time
 

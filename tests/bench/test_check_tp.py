@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 # 6 query / 3 KV heads: at tp 2 the KV heads are replicated to lcm(3, 2) = 6.
 LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 48, "intermediate_size": 96,
          "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 3,

@@ -17,8 +17,8 @@ from models import checkpoint, convert
 from models.convert import Rule
 from models.llama import LlamaConfig
 
-GOLDEN = pathlib.Path(__file__).parent / "golden"
-REPO = pathlib.Path(__file__).parent.parent
+GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden"
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _assert_same_params(a, b):

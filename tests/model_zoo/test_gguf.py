@@ -16,7 +16,7 @@ import pytest
 
 from models.gguf import DEFAULT_MODELS, find_default_model, load_gguf
 
-GOLDEN = pathlib.Path(__file__).parent / "golden" / "smollm2"
+GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden" / "smollm2"
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from models.gguf import find_default_model
 from models.tokenizer import load_tokenizer, tokenizer_from_gguf
 
-GOLDEN = json.loads((pathlib.Path(__file__).parent / "golden" / "smollm2" / "tokenizer_ids.json").read_text())
+GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "smollm2" / "tokenizer_ids.json").read_text())
 
 
 def _has_non_ascii_numeral(text: str) -> bool:

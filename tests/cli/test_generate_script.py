@@ -18,7 +18,7 @@ import pytest
 
 from tiny import ENGINE_FLAGS as ENGINE, LLAMA, tiny_tokenizer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _generate_module():

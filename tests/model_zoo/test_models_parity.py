@@ -21,7 +21,7 @@ import pytest
 import models
 from models.base import single_sequence_metadata
 
-GOLDEN = pathlib.Path(__file__).parent / "golden"
+GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden"
 BLOCK_SIZE = 4
 RTOL_SCALE = 1e-5
 

@@ -11,7 +11,7 @@ import pytest
 from jpaged.bench.workloads import Workload, save_workload, synthetic_alpaca
 from tiny import ENGINE_FLAGS as ENGINE_ARGS, LLAMA
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 ORCA = ("orca-max", "orca-pow2", "orca-oracle")
 
 

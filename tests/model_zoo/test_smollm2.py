@@ -21,7 +21,7 @@ import pytest
 import models
 from models.base import single_sequence_metadata
 
-GOLDEN = pathlib.Path(__file__).parent / "golden" / "smollm2" / "logits.npz"
+GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden" / "smollm2" / "logits.npz"
 ATOL, RTOL = 5e-4, 1e-5
 
 

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 import models
 from models import checkpoint
 
-GOLDEN = pathlib.Path(__file__).parent / "golden"
+GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden"
 
 
 def _copy_fixture(tmp_path, name="tiny_llama_gqa") -> pathlib.Path:

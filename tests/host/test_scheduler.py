@@ -16,6 +16,7 @@ class Harness:
         cfg.setdefault("max_model_len", 32)
         cfg.setdefault("max_num_batched_tokens", 64)
         cfg.setdefault("max_num_seqs", 8)
+        cfg.setdefault("preemption_mode", None)
         self.bm = BlockSpaceManager(BS, num_gpu_blocks, num_cpu_blocks, watermark=watermark,
                                     enable_prefix_caching=prefix_caching)
         self.sched = Scheduler(SchedulerConfig(**cfg), self.bm)
@@ -244,11 +245,12 @@ def test_prefix_cache_hits_reduce_prefill_tokens():
 
 def test_scheduler_config_validation():
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be >= max_model_len \(16\)"):
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=16)
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=16, preemption_mode=None)
     with pytest.raises(ValueError, match=r"must be >= max_num_seqs \(64\)"):
-        SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=32, max_model_len=16)
+        SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=32, max_model_len=16, preemption_mode=None)
     with pytest.raises(ValueError, match="preemption_mode must be one of"):
-        SchedulerConfig(preemption_mode="drop")
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=16,
+                        preemption_mode="drop")
 
 
 def test_engine_config_defaults_and_resolution():

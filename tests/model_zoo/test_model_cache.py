@@ -303,7 +303,7 @@ def test_no_torch_advisory_when_jpaged_imports_transformers():
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY")}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=pathlib.Path(__file__).parent.parent, check=True)
+                         cwd=pathlib.Path(__file__).resolve().parents[2], check=True)
     assert "PyTorch was not found" not in run.stderr
     assert "another transformers warning" in run.stderr
     plain = subprocess.run([sys.executable, "-c", "import transformers"], capture_output=True,

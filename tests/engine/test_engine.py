@@ -108,6 +108,24 @@ def test_tiny_pool_preempts_and_gives_same_tokens(llama, mode):
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
 
 
+def test_invariants_checked_after_every_schedule_when_asked(llama, monkeypatch):
+    """JPAGED_CHECK_INVARIANTS=1: the block manager's refcounts and tables
+    are checked after every schedule, through preemption and swapping."""
+    from jpaged.block_manager import BlockSpaceManager
+    calls = []
+    real = BlockSpaceManager.check_invariants
+    monkeypatch.setattr(BlockSpaceManager, "check_invariants",
+                        lambda self: (calls.append(1), real(self))[1])
+    monkeypatch.setenv("JPAGED_CHECK_INVARIANTS", "1")
+    llm = make_llm(llama, num_gpu_blocks=22, preemption_mode="swap")
+    ps = prompts(np.random.default_rng(1), [10, 12, 14, 9, 11, 13])
+    sps = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+           SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=20, ignore_eos=True)] * 3
+    outs = llm.generate(prompt_token_ids=ps, sampling_params=sps, use_tqdm=False)
+    assert all(o.error is None for o in outs) and llm.engine.stats.num_swaps_out > 0
+    assert len(calls) >= llm.engine.stats.num_steps > 0
+
+
 def reference_beam_search(model, prompt, width, max_tokens):
     """Plain beam search on full-recompute logits (no EOS in play)."""
     beams = [(0.0, [])]
