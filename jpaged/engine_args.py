@@ -6,54 +6,90 @@ Host only: nothing here starts jax until ``load_model`` is called.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from jpaged import config as config_lib
+from jpaged.config import EngineConfig
+
+
+# Per field: what the scripts' flag does differently from the bare field
+# (a default of their own, a help of their own, the group it sits in).
+_FLAG_DEFAULTS = {
+    # generate.py caps the batch at the number of prompts; serve.py at 256
+    "max_num_seqs": None,
+    # the scripts' context limit (0: the model's own); EngineConfig's is the model's
+    "max_model_len": 2048,
+}
+_FLAG_HELP = {
+    "model": "registered name, HF directory, converted directory or .gguf file",
+    "max_model_len": "longest prompt + output; every prefill bucket up to it is "
+                     "compiled at start-up (0: the model's own limit)",
+    "num_gpu_blocks": "KV pool size in blocks (default: from --gpu-memory-utilization)",
+    "tensor_parallel_size": "devices the model and KV pool are split over (heads, MLP "
+                            "columns, vocabulary); must divide the MLP width; query heads "
+                            "that don't split evenly are padded with zero heads",
+}
+_CHOICES = {"dtype": config_lib.DTYPES, "attention_backend": config_lib.ATTENTION_BACKENDS,
+            "preemption_mode": [m for m in config_lib.PREEMPTION_MODES if m is not None]}
+_TP_GROUP = {"tensor_parallel_size"}
+
+
+def field_docs() -> dict[str, str]:
+    """EngineConfig's field docs, from its docstring's "Attributes:" section
+    (one flag help per field, written once, beside the field)."""
+    docs, name = {}, None
+    lines = EngineConfig.__doc__.split("Attributes:", 1)[1].splitlines()
+    for line in lines:
+        head = line[6:] if line.startswith("      ") and not line.startswith("       ") else None
+        if head and ":" in head and head.split(":", 1)[0].isidentifier():
+            name, text = head.split(":", 1)
+            docs[name] = text.strip()
+        elif name is not None and line.strip():
+            docs[name] += " " + line.strip()
+    return docs
+
+
+def _flag_type(f: dataclasses.Field):
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    return int if kind.startswith("int") else float if kind.startswith("float") else str
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *,
                     max_num_seqs_help: str = "most sequences in one step (every batch-size "
                                              "bucket up to it is compiled at start-up)"):
-    """Adds the "model and engine" and "tensor parallelism" groups.
+    """Adds the "model and engine" and "tensor parallelism" groups: a flag per
+    EngineConfig field (--field-name; a field that is on by default gets
+    --no-field-name), its help from the field's doc, its default the
+    field's unless _FLAG_DEFAULTS says otherwise; and --random-weights.
 
     Returns: (model_group, tp_group), so a script can add its own flags to them.
     """
-    from jpaged.config import EngineConfig
-    d = EngineConfig()  # every engine default below is EngineConfig's
+    defaults = EngineConfig()
+    docs = field_docs()
+    helps = dict(_FLAG_HELP, max_num_seqs=max_num_seqs_help)
     m = parser.add_argument_group("model and engine")
-    m.add_argument("--model", default=d.model,
-                   help="registered name, HF directory, converted directory or .gguf file")
-    m.add_argument("--random-weights", action="store_true",
-                   help="use random weights of --model's shape (a models.random_model "
-                        "preset or HF config); such a model has no tokenizer, so prompts "
-                        "must be token ids")
-    m.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 or auto")
-    m.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
-    m.add_argument("--max-num-seqs", type=int, default=None, help=max_num_seqs_help)
-    m.add_argument("--max-model-len", type=int, default=2048,
-                   help="longest prompt + output; every prefill bucket up to it is "
-                        "compiled at start-up (0: the model's own limit)")
-    m.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="most tokens in one prefill step")
-    m.add_argument("--num-gpu-blocks", type=int, default=None,
-                   help="KV pool size in blocks (default: from --gpu-memory-utilization)")
-    m.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
-                   help="fraction of device memory for weights + KV pool")
-    m.add_argument("--swap-space", type=float, default=d.swap_space,
-                   help="host swap pool in GiB")
-    m.add_argument("--preemption-mode", choices=["recompute", "swap"], default=None,
-                   help="how to preempt (default: recompute single sequences, swap groups)")
-    m.add_argument("--enable-prefix-caching", action="store_true",
-                   help="reuse cached KV blocks of shared prompt prefixes")
-    m.add_argument("--seed", type=int, default=d.seed, help="engine seed")
-    m.add_argument("--no-async-scheduling", action="store_true",
-                   help="wait for each step's tokens before scheduling the next (by default "
-                        "the host schedules the next step while the device runs)")
-    m.add_argument("--max-decode-window", type=int, default=d.max_decode_window,
-                   help="decode steps one jitted call may run, a power of two (1: off); "
-                        "windows wait while requests arrive into a batch with room")
     t = parser.add_argument_group("tensor parallelism (README, \"Tensor parallelism\")")
-    t.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
-                   help="devices the model and KV pool are split over (heads, MLP columns, "
-                        "vocabulary); must divide the MLP width; query heads that don't "
-                        "split evenly are padded with zero heads")
+    for f in dataclasses.fields(EngineConfig):
+        group = t if f.name in _TP_GROUP else m
+        flag = "--" + f.name.replace("_", "-")
+        default = _FLAG_DEFAULTS.get(f.name, getattr(defaults, f.name))
+        doc = helps.get(f.name, docs[f.name]).rstrip(".")
+        if isinstance(default, bool):
+            if default:
+                group.add_argument("--no-" + flag[2:], action="store_true",
+                                   help=f"turns {f.name} off ({f.name}: {doc})")
+            else:
+                group.add_argument(flag, action="store_true", help=doc)
+            continue
+        if default is not None:
+            doc += f" (default: {default})"
+        group.add_argument(flag, type=_flag_type(f), default=default,
+                           choices=_CHOICES.get(f.name), help=doc)
+        if f.name == "model":
+            m.add_argument("--random-weights", action="store_true",
+                           help="use random weights of --model's shape (a models.random_model "
+                                "preset or HF config); such a model has no tokenizer, so "
+                                "prompts must be token ids")
     return m, t
 
 
@@ -71,18 +107,17 @@ def load_model(args):
 
 
 def llm_kwargs(args) -> dict:
-    """The EngineConfig fields the flags set (max_num_seqs only when given,
-    so EngineConfig's default stands otherwise)."""
-    kwargs = dict(dtype=args.dtype, block_size=args.block_size,
-                  max_model_len=args.max_model_len or None,
-                  max_num_batched_tokens=args.max_num_batched_tokens,
-                  num_gpu_blocks=args.num_gpu_blocks,
-                  gpu_memory_utilization=args.gpu_memory_utilization,
-                  swap_space=args.swap_space, preemption_mode=args.preemption_mode,
-                  enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-                  async_scheduling=not args.no_async_scheduling,
-                  max_decode_window=args.max_decode_window,
-                  tensor_parallel_size=args.tensor_parallel_size)
-    if args.max_num_seqs is not None:
-        kwargs["max_num_seqs"] = args.max_num_seqs
+    """The EngineConfig fields the flags set, --model aside (LLM's first
+    argument, load_model's); a flag left at None, and --max-model-len 0,
+    keep EngineConfig's default."""
+    kwargs = {}
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "model":
+            continue
+        if isinstance(f.default, bool) and f.default:
+            kwargs[f.name] = not getattr(args, "no_" + f.name)
+            continue
+        value = getattr(args, f.name)
+        if value is not None and not (f.name == "max_model_len" and value == 0):
+            kwargs[f.name] = value
     return kwargs

@@ -4,7 +4,7 @@ import sys
 
 HOST_MODULES = ["jpaged", "jpaged.config", "jpaged.sampling_params", "jpaged.sequence",
                 "jpaged.block_allocator", "jpaged.block_manager", "jpaged.scheduler",
-                "jpaged.inputs", "jpaged.interrupts",
+                "jpaged.inputs", "jpaged.interrupts", "jpaged.stats", "jpaged.engine_args",
                 # the harness's host side: the Orca baseline and the workloads
                 "jpaged.bench", "jpaged.bench.reservation", "jpaged.bench.workloads"]
 
