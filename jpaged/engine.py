@@ -65,7 +65,6 @@ from jpaged.sequence import SequenceGroup, SequenceStatus
 from jpaged.slots import MAX_STOP, SlotAllocator, SlotDiff, sampling_row
 from jpaged.stats import EngineStats
 
-CPU_DEFAULT_KV_BYTES = 1 << 30  # KV pool size on a device that reports no memory
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +109,10 @@ class LLMEngine:
         self.config = config = dataclasses.replace(
             config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
         self.eos_token_ids = _eos_ids(model)  # every id that ends a sequence (Llama 3: several)
-        num_gpu_blocks = config.num_gpu_blocks
-        if num_gpu_blocks is None and not _device_reports_memory():
-            num_gpu_blocks = max(2, CPU_DEFAULT_KV_BYTES // model.kv_bytes_per_block(config.block_size))
         self.runner = ModelRunner(
             model, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max_batched, max_model_len=max_model_len,
-            num_gpu_blocks=num_gpu_blocks,
+            num_gpu_blocks=config.num_gpu_blocks,
             gpu_memory_utilization=config.gpu_memory_utilization,
             swap_space_gib=config.swap_space,
             attention_backend=config.attention_backend,
@@ -684,8 +680,3 @@ def enable_compilation_cache() -> None:
         return
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def _device_reports_memory() -> bool:
-    import jax
-    return bool((jax.local_devices()[0].memory_stats() or {}).get("bytes_limit"))

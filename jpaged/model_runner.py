@@ -42,6 +42,7 @@ from kernels_pallas import AttentionMetadata
 # asks for 2 * beam_width of them, so beam widths up to 10 fit).
 MAX_LOGPROBS = sampler_lib.MAX_LOGPROBS  # (20)
 MIN_PREFILL_BUCKET = 16
+NO_STATS_KV_BYTES = 1 << 30  # the KV pool on a device that reports no memory (CPU)
 # The sampler's static modes, the host picking the least one that covers
 # every row of a step (mode_level): greedy only; sampling (temperature,
 # top-k / top-p, min-p); everything (penalties and top logprobs too). Off
@@ -231,8 +232,8 @@ class ModelRunner:
         the weights, keeping room for the largest step's activations."""
         stats = jax.local_devices()[0].memory_stats() or {}
         limit = stats.get("bytes_limit")
-        if not limit:  # CPU: no memory statistics; size for the workload instead
-            return 1 + self.max_num_seqs * self.max_blocks_per_seq
+        if not limit:  # no memory statistics (CPU): a pool of NO_STATS_KV_BYTES
+            return max(2, NO_STATS_KV_BYTES // self.bytes_per_block)
         cfg = self.model.config
         activations = self.max_num_batched_tokens * (
             4 * cfg.hidden_size * 4 + 2 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size) * 4)
