@@ -61,6 +61,24 @@ class SchedulerConfig:
         _check_budget(self.max_num_batched_tokens, self.max_model_len, self.max_num_seqs)
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """What the KV pool and the block manager need (EngineConfig.cache_config;
+    the fields' docs are EngineConfig's)."""
+    block_size: int
+    num_gpu_blocks: int | None
+    gpu_memory_utilization: float
+    swap_space: float
+    enable_prefix_caching: bool
+    watermark: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split over devices (EngineConfig.parallel_config)."""
+    tensor_parallel_size: int
+
+
 def _check_budget(budget: int, max_model_len: int, max_num_seqs: int) -> None:
     # NOTE: without chunked prefill a prompt is computed in one step, so the
     # step budget must hold the longest sequence and a full decode batch.
@@ -172,6 +190,14 @@ class EngineConfig:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
                              f"maximum context length ({model_max_len})")
         return self.max_model_len
+
+    def cache_config(self) -> CacheConfig:
+        """The KV pool's and block manager's part of this config."""
+        return CacheConfig(**{f.name: getattr(self, f.name)
+                              for f in dataclasses.fields(CacheConfig)})
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size)
 
     def get_scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         """The scheduler's config once the model's context length is known."""

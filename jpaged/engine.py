@@ -110,18 +110,11 @@ class LLMEngine:
             config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
         self.eos_token_ids = _eos_ids(model)  # every id that ends a sequence (Llama 3: several)
         self.runner = ModelRunner(
-            model, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max_batched, max_model_len=max_model_len,
-            num_gpu_blocks=config.num_gpu_blocks,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            swap_space_gib=config.swap_space,
+            model, config.cache_config(), sched_config, config.parallel_config(),
             attention_backend=config.attention_backend,
-            tensor_parallel_size=config.tensor_parallel_size,
             max_decode_window=config.max_decode_window, eos_token_ids=self.eos_token_ids)
-        self.block_manager = (block_manager_factory or BlockSpaceManager)(
-            config.block_size, self.runner.num_gpu_blocks, self.runner.num_cpu_blocks,
-            watermark=config.watermark,
-            enable_prefix_caching=config.enable_prefix_caching)
+        self.block_manager = self._new_block_manager(block_manager_factory,
+                                                     self.runner.num_gpu_blocks)
         self.stats = EngineStats()  # every counter (jpaged.stats)
         self.scheduler = Scheduler(sched_config, self.block_manager, self.stats)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
@@ -279,12 +272,16 @@ class LLMEngine:
         if not 1 <= window <= max(self.runner.window_sizes):
             raise ValueError(f"max_decode_window must be in [1, {max(self.runner.window_sizes)}] "
                              f"(the compiled windows), got {window!r}")
-        self.config = config = dataclasses.replace(self.config, **config_changes)
-        self.block_manager = (block_manager_factory or BlockSpaceManager)(
-            config.block_size, num_blocks, self.runner.num_cpu_blocks,
-            watermark=config.watermark, enable_prefix_caching=config.enable_prefix_caching)
+        self.config = dataclasses.replace(self.config, **config_changes)
+        self.block_manager = self._new_block_manager(block_manager_factory, num_blocks)
         self.scheduler = Scheduler(self.scheduler.config, self.block_manager, self.stats)
         self.stats.reset()
+
+    def _new_block_manager(self, factory, num_gpu_blocks: int):
+        cache = self.config.cache_config()
+        return (factory or BlockSpaceManager)(
+            cache.block_size, num_gpu_blocks, self.runner.num_cpu_blocks,
+            watermark=cache.watermark, enable_prefix_caching=cache.enable_prefix_caching)
 
     def has_unfinished_requests(self) -> bool:
         """Whether step() has more to do or to return."""

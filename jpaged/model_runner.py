@@ -35,6 +35,7 @@ import numpy as np
 
 from jpaged import device_batch, slots as slots_lib
 from jpaged import sampler as sampler_lib
+from jpaged.config import CacheConfig, ParallelConfig, SchedulerConfig
 from jpaged.kv_pool import KVPool, bucket, pow2_buckets
 from kernels_pallas import AttentionMetadata
 
@@ -163,13 +164,15 @@ def mode_level(sp) -> int:
 class ModelRunner:
     """Owns the KV pool, the slot state and the jitted steps of one model."""
 
-    # NOTE: no defaults: the engine passes every argument from its EngineConfig,
-    # the one home of the defaults.
-    def __init__(self, model, *, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int,
-                 num_gpu_blocks: int | None, gpu_memory_utilization: float,
-                 swap_space_gib: float, attention_backend: str, tensor_parallel_size: int,
+    def __init__(self, model, cache: CacheConfig, scheduler: SchedulerConfig,
+                 parallel_config: ParallelConfig, *, attention_backend: str,
                  max_decode_window: int, eos_token_ids, kv_dtype=None):
+        """cache, scheduler, parallel_config: the engine's sub-configs, each
+        whole (jpaged.config; every default is EngineConfig's)."""
+        tensor_parallel_size = parallel_config.tensor_parallel_size
+        block_size, max_model_len = cache.block_size, scheduler.max_model_len
+        max_num_seqs = scheduler.max_num_seqs
+        max_num_batched_tokens = scheduler.max_num_batched_tokens
         self.tensor_parallel_size = tensor_parallel_size
         self.mesh = None
         if tensor_parallel_size > 1:  # params and pool sharded over a "tp" mesh
@@ -186,14 +189,14 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = tuple(sorted(eos_token_ids))
         self.bytes_per_block = model.kv_bytes_per_block(block_size)
-        self.num_gpu_blocks = num_gpu_blocks or self._profile_num_blocks(
-            gpu_memory_utilization)
+        self.num_gpu_blocks = cache.num_gpu_blocks or self._profile_num_blocks(
+            cache.gpu_memory_utilization)
         if self.num_gpu_blocks < 2:
             raise ValueError(
                 f"the KV pool has room for {self.num_gpu_blocks} blocks; it needs "
                 "at least 2 (block 0 is the null block): raise num_gpu_blocks or "
                 "gpu_memory_utilization")
-        self.num_cpu_blocks = int(swap_space_gib * (1 << 30) // self.bytes_per_block)
+        self.num_cpu_blocks = int(cache.swap_space * (1 << 30) // self.bytes_per_block)
         self.pool = KVPool(model, self.num_gpu_blocks, block_size, self.num_cpu_blocks,
                            max_copies=max_num_seqs, dtype=jnp.dtype(kv_dtype or model.dtype),
                            mesh=self.mesh, backend=attention_backend)

@@ -3,7 +3,7 @@ import itertools
 import pytest
 
 from jpaged.block_manager import BlockSpaceManager
-from jpaged.config import EngineConfig, SchedulerConfig
+from jpaged.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus as S
@@ -264,6 +264,13 @@ def test_engine_config_defaults_and_resolution():
         EngineConfig(max_model_len=9000).get_scheduler_config(8192)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         EngineConfig(max_num_batched_tokens=1024).get_scheduler_config(2048)
+    # The sub-configs the components take whole carry the engine's values.
+    c = EngineConfig(block_size=8, swap_space=1.5, enable_prefix_caching=True, watermark=0.1,
+                     num_gpu_blocks=40, gpu_memory_utilization=0.5, tensor_parallel_size=2)
+    assert c.cache_config() == CacheConfig(block_size=8, num_gpu_blocks=40,
+                                           gpu_memory_utilization=0.5, swap_space=1.5,
+                                           enable_prefix_caching=True, watermark=0.1)
+    assert c.parallel_config() == ParallelConfig(tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("kwargs, match", [
