@@ -421,6 +421,7 @@ class LLMEngine:
         with self._guard.allowed():
             result = self.runner.fetch(inflight.step)
         self._wait += time.perf_counter() - t
+        now = time.monotonic()  # when the step's tokens reached the host
         proc = self.output_processor
         for i in range(inflight.num_committed, len(inflight.scheduled)):
             scheduled = inflight.scheduled[i]
@@ -430,7 +431,7 @@ class LLMEngine:
             if not g.is_finished():
                 self._updating = g
                 self.scheduler.mark_computed(scheduled)
-                proc.update(g, inflight.group_rows[i], result)
+                proc.update(g, inflight.group_rows[i], result, now)
                 if result.prompt_logprobs is not None:
                     proc.record_prompt_logprobs(g, inflight.spans, result)
                 if g.is_finished():

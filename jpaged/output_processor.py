@@ -61,12 +61,12 @@ class OutputProcessor:
         self.finished_beams: dict[str, list] = {}  # request_id -> ended beams, best first
 
     # ------------------------------------------------------------ a step's tokens
-    def update(self, g: SequenceGroup, entries, result) -> None:
+    def update(self, g: SequenceGroup, entries, result, now: float) -> None:
         """Applies one group's results. entries: (seq, column, num_tokens)
         per row of the step: the sequence's tokens are
         result.token_ids[:num_tokens, column], arriving where it holds that
-        many placeholders."""
-        g.last_token_time = now = time.monotonic()
+        many placeholders. now: time.monotonic() of the results' arrival."""
+        g.last_token_time = now
         if g.first_token_time is None:
             g.first_token_time = now
         live = [e for e in entries if e[0].status == SequenceStatus.RUNNING]  # not stopped since

@@ -125,7 +125,7 @@ class Scheduler:
         self.stats = stats if stats is not None else EngineStats()
         # JPAGED_CHECK_INVARIANTS=1: the block manager checks its refcounts and
         # tables after every schedule (slow; for debugging the host core)
-        self.check_invariants = os.environ.get("JPAGED_CHECK_INVARIANTS") == "1"
+        self._check_invariants = os.environ.get("JPAGED_CHECK_INVARIANTS") == "1"
 
     # -- requests ------------------------------------------------------------
 
@@ -205,7 +205,7 @@ class Scheduler:
             scheduled.num_computed_tokens = {s.seq_id: s.get_len()
                                              for s in group.get_seqs(SequenceStatus.RUNNING)}
         out.num_batched_tokens = sum(s.token_chunk_size for s in out.scheduled_seq_groups)
-        if self.check_invariants:
+        if self._check_invariants:
             self.block_manager.check_invariants()
         return out
 
