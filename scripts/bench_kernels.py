@@ -165,7 +165,8 @@ def bench_decode(shape, reps, quick, log, sweep=True):
     group = hq // hkv
     tunings = [{}]
     if not quick:
-        tunings += OURS_TUNINGS.get(name, []) if not sweep else SWEEP_OURS
+        tunings += OURS_TUNINGS.get(name, []) if not sweep else (
+            SWEEP_HD64 if d == 64 else SWEEP_OURS)
     for tune in tqdm(tunings, desc=f"{name} ours"):
         try:
             fn = lambda pool, lens, q, bt, tune=tune: kgpu.paged_attention(
@@ -281,6 +282,9 @@ TINY = False  # --tiny: CPU smoke test of the script itself
 # of JAX's settings per main shape) so a run fits the device budget.
 SWEEP_OURS = [dict(chunk_tokens=ct, num_warps=nw, num_stages=st)
               for ct in (32, 64, 128) for nw in (4, 8) for st in (2, 3)]
+# head_dim 64 (issue 15 item 5): wider chunks, fewer or more warps, deeper pipelines
+SWEEP_HD64 = [dict(chunk_tokens=ct, num_warps=nw, num_stages=st)
+              for ct in (64, 128, 256) for nw in (2, 4, 8) for st in (2, 3, 4)]
 OURS_TUNINGS = {
     "gqa_b64_c2048": [dict(chunk_tokens=128, num_warps=4), dict(num_stages=2), dict(num_splits=2)],
     "gqa_b1_c32768": [dict(num_stages=2), dict(num_splits=32, num_stages=2),
@@ -291,6 +295,8 @@ OURS_TUNINGS = {
     "smollm2_b64_c2048": [dict(chunk_tokens=128), dict(chunk_tokens=32)],
     "opt_hd64_b64_c2048": [dict(chunk_tokens=128), dict(chunk_tokens=32)],
     "opt_hd80_b64_c2048": [dict(chunk_tokens=128), dict(chunk_tokens=32)],
+    "llama1b_b256_c512": [dict(chunk_tokens=128), dict(chunk_tokens=128, num_warps=8)],
+    "smollm2_b256_c512": [dict(chunk_tokens=128), dict(chunk_tokens=128, num_warps=8)],
 }
 _J = lambda p, k, w: dict(pages_per_compute_block=p, k_splits=k, num_warps=w)
 JAX_TUNINGS = {
@@ -302,6 +308,8 @@ JAX_TUNINGS = {
     "smollm2_b64_c2048": [_J(8, 4, 4), _J(8, 1, 8)],
     "opt_hd64_b64_c2048": [_J(8, 1, 4), _J(8, 4, 4), _J(8, 1, 8)],
     "opt_hd80_b64_c2048": [],  # its kernel needs power-of-two head_dim
+    "llama1b_b256_c512": [_J(8, 1, 4), _J(8, 1, 8), _J(4, 1, 4)],
+    "smollm2_b256_c512": [_J(8, 1, 4), _J(8, 1, 8)],
 }
 RAGGED_TUNINGS = [
     dict(block_q=32, chunk_tokens=32, num_warps=8, num_stages=2),
@@ -322,6 +330,8 @@ DECODE_SHAPES = [  # name, num_seqs, context, Hq, Hkv, head_dim
     ("smollm2_b64_c2048", 64, 2048, 9, 3, 64),
     ("opt_hd64_b64_c2048", 64, 2048, 32, 32, 64),   # OPT-1.3B-like heads
     ("opt_hd80_b64_c2048", 64, 2048, 32, 32, 80),   # OPT-2.7B-like heads
+    ("llama1b_b256_c512", 256, 512, 32, 4, 64),     # the step of bench_step.py
+    ("smollm2_b256_c512", 256, 512, 9, 3, 64),
 ]
 
 

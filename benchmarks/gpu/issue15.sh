@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU steps of issue 15 (one H200), any subset in one device call:
+#   JPAGED_COMMIT=<hash> BUDGET=500 bash benchmarks/gpu/issue15.sh profile kernels step
+# Steps:
+#   profile         profile_step.py, 1.1B shape: 256 x 512 decode (K=4), one 2048-token prefill
+#   profile-nocb    the same with XLA's command buffers off (every kernel its own trace event)
+#   profile-cublas  the same, command buffers off and cuBLAS only (no Triton GEMM fusions)
+#   kernels         bench_kernels.py: checks, then the head_dim 64 decode shapes with a sweep
+#   step            bench_step.py: 1.1B and SmolLM2 shapes, 256 x 512, K=16, three variants
+set -uo pipefail
+OUT=${OUT:-/tmp/jpaged-out}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export JPAGED_XLA_CACHE=${JPAGED_XLA_CACHE:-/tmp/jpaged-xla}
+START=$SECONDS
+RUN_TAIL=${RUN_TAIL:-40}
+. "$(dirname "$0")/run_step.sh"
+PROFILE="python3 scripts/profile_step.py --model llama-1.1b --num-seqs 256 --context 512 --steps 4 --prefill-seqs 1 --prefill-len 2048 --top 30"
+nvidia-smi -L
+for s in "$@"; do
+    case $s in
+    profile) run profile 150 $PROFILE --out "$OUT/profile.json" ;;
+    profile-nocb) XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
+        run profile-nocb 150 $PROFILE --out "$OUT/profile-nocb.json" ;;
+    profile-cublas) XLA_FLAGS="--xla_gpu_enable_command_buffer= --xla_gpu_enable_triton_gemm=false" \
+        run profile-cublas 150 $PROFILE --out "$OUT/profile-cublas.json" ;;
+    kernels) run kernels 200 python3 scripts/bench_kernels.py --commit "${JPAGED_COMMIT:-unknown}" \
+        --shapes llama1b_b256_c512,smollm2_b256_c512 --sweep llama1b_b256_c512,smollm2_b256_c512 \
+        --no-ragged --reps 9 --out "$OUT/kernels.json" ;;
+    step) run step 200 python3 scripts/bench_step.py --point llama-1.1b:256:512:16 \
+        --point smollm2-135m-shape:256:512:16 --variant full,no-attention,no-attention-no-kv-write \
+        --out "$OUT/step.json" ;;
+    *) echo "unknown step $s" ;;
+    esac
+done
+echo "== done $(date +%T)"
