@@ -46,19 +46,27 @@ class SchedulerConfig:
       max_model_len: tokens a sequence may hold, prompt + output.
       preemption_mode: None (recompute a single-sequence group, swap a
         multi-sequence one), "recompute" or "swap".
+      enable_chunked_prefill: a step holds every decoding sequence's token
+        and prompt chunks up to max_num_batched_tokens (else it is all
+        prefill, whole prompts, or all decode).
     """
     # (no defaults: EngineConfig.get_scheduler_config resolves every field)
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
     preemption_mode: str | None
+    enable_chunked_prefill: bool
 
     def __post_init__(self):
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_model_len", self.max_model_len, 1)
         _check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
-        _check_budget(self.max_num_batched_tokens, self.max_model_len, self.max_num_seqs)
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"enable_chunked_prefill must be a bool, got "
+                             f"{self.enable_chunked_prefill!r}")
+        _check_budget(self.max_num_batched_tokens, self.max_model_len, self.max_num_seqs,
+                      self.enable_chunked_prefill)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +87,10 @@ class ParallelConfig:
     tensor_parallel_size: int
 
 
-def _check_budget(budget: int, max_model_len: int, max_num_seqs: int) -> None:
+def _check_budget(budget: int, max_model_len: int, max_num_seqs: int, chunked: bool) -> None:
     # NOTE: without chunked prefill a prompt is computed in one step, so the
-    # step budget must hold the longest sequence and a full decode batch.
-    if budget < max_model_len:
+    # step budget must hold the longest sequence; and a full decode batch.
+    if not chunked and budget < max_model_len:
         raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_model_len "
                          f"({max_model_len}): a prompt is prefilled in one step")
     if budget < max_num_seqs:
@@ -99,7 +107,9 @@ class EngineConfig:
       dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
       block_size: tokens per KV block; a power of two in [1, 256].
       max_num_seqs: sequences per step, at most.
-      max_num_batched_tokens: tokens per step; None -> max(max_model_len, 2048, max_num_seqs).
+      max_num_batched_tokens: tokens per step (the largest prefill bucket); None ->
+        max(2048, max_num_seqs) with chunked prefill, else max(max_model_len,
+        2048, max_num_seqs).
       max_model_len: prompt + output tokens per sequence; None -> the model's.
       num_gpu_blocks: device KV blocks (block 0, the null block, included);
         None -> sized from gpu_memory_utilization.
@@ -127,6 +137,13 @@ class EngineConfig:
         batch with room) a step decodes one token, so an arrival is
         prefilled at the next step.
       decode_window_idle_s: see max_decode_window, >= 0.
+      enable_chunked_prefill: fill each step up to max_num_batched_tokens:
+        every decoding sequence's next token first, then prompt chunks
+        (oldest first; a long prompt runs over several steps), all in one
+        ragged step, so a long prompt neither stalls the running sequences
+        nor needs a bucket of its length. While no prompt work is
+        schedulable, decode windows run as without it. False: a step is
+        all prefill (whole prompts) or all decode.
     """
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -146,6 +163,7 @@ class EngineConfig:
     async_scheduling: bool = True
     max_decode_window: int = 16
     decode_window_idle_s: float = 1.0
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -178,8 +196,12 @@ class EngineConfig:
         if not _is_number(self.decode_window_idle_s) or not self.decode_window_idle_s >= 0:
             raise ValueError(f"decode_window_idle_s must be a number of seconds >= 0, got "
                              f"{self.decode_window_idle_s!r}")
-        if self.max_model_len is not None and self.max_num_batched_tokens is not None:
-            _check_budget(self.max_num_batched_tokens, self.max_model_len, self.max_num_seqs)
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"enable_chunked_prefill must be a bool, got "
+                             f"{self.enable_chunked_prefill!r}")
+        if self.max_num_batched_tokens is not None:  # (max_model_len: checked once resolved)
+            _check_budget(self.max_num_batched_tokens, self.max_model_len or 1,
+                          self.max_num_seqs, self.enable_chunked_prefill)
 
     def get_max_model_len(self, model_max_len: int) -> int:
         """The resolved max_model_len, given the model's own limit."""
@@ -204,7 +226,10 @@ class EngineConfig:
         max_model_len = self.get_max_model_len(model_max_len)
         budget = self.max_num_batched_tokens
         if budget is None:
-            budget = max(max_model_len, DEFAULT_MIN_BATCHED_TOKENS, self.max_num_seqs)
+            budget = max(DEFAULT_MIN_BATCHED_TOKENS, self.max_num_seqs)
+            if not self.enable_chunked_prefill:
+                budget = max(budget, max_model_len)
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
-                               max_model_len=max_model_len, preemption_mode=self.preemption_mode)
+                               max_model_len=max_model_len, preemption_mode=self.preemption_mode,
+                               enable_chunked_prefill=self.enable_chunked_prefill)
 

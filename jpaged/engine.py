@@ -1,15 +1,18 @@
 """LLMEngine: continuous batching over a paged KV cache.
 
 One engine step:
-  1. schedule: ``Scheduler.schedule()`` picks the groups that run (all
-     prefill or all decode; a decode step runs a window of up to
-     max_decode_window tokens per sequence, its blocks reserved ahead),
+  1. schedule: ``Scheduler.schedule()`` picks the groups that run (with
+     chunked prefill, decodes and prompt chunks in one ragged step up to
+     the token budget, else all prefill or all decode; a decode-only step
+     runs a window of up to max_decode_window tokens per sequence, its
+     blocks reserved ahead),
      preempting the latest arrivals when the pool runs dry, and lists block
      swaps and copy-on-write copies.
   2. execute: the runner moves blocks (swaps, copies), applies the step's
      changes to the persistent batch on the device (jpaged.slots: one packed
-     transfer), and dispatches one jitted call: a prefill, or a decode
-     window whose steps, sampling and stop rules all run on the device.
+     transfer), and dispatches one jitted call: a ragged step (prompts,
+     chunks, and decode rows that read their token from the device), or a
+     decode window whose steps, sampling and stop rules all run on the device.
   3. update (commit): once the step's results are on the host, each group
      records its computed tokens (with prefix caching, publishing the blocks
      now written), then jpaged.output_processor appends its tokens, checks
@@ -61,7 +64,7 @@ from jpaged.outputs import RequestOutput
 from jpaged.sampler import MAX_BANNED, derive_seed
 from jpaged.sampling_params import RequestOutputKind, SamplingParams, SamplingType
 from jpaged.scheduler import ScheduledSequenceGroup, Scheduler, SchedulerOutput
-from jpaged.sequence import SequenceGroup, SequenceStatus
+from jpaged.sequence import PLACEHOLDER_TOKEN_ID, SequenceGroup, SequenceStatus
 from jpaged.slots import MAX_STOP, SlotAllocator, SlotDiff, sampling_row
 from jpaged.stats import EngineStats
 
@@ -77,7 +80,8 @@ class _InFlight:
       them have been updated with its results.
     group_rows: per scheduled group, (seq, column of the step's output,
       tokens it may produce) per sequence it runs.
-    spans: seq_id -> (first token row, count) of a prefill (prompt logprobs).
+    spans: seq_id -> (first token row, count, first position) of a prompt
+      chunk (prompt logprobs).
     """
     scheduled: list[ScheduledSequenceGroup]
     group_rows: list[list]
@@ -386,7 +390,7 @@ class LLMEngine:
         self.stats.num_steps += 1
         self.stats.num_steps_ahead += self._inflight is not None
         return _InFlight(out.scheduled_seq_groups, group_rows, spans, step,
-                         ahead=self._may_run_ahead(groups, out.is_prefill, step))
+                         ahead=self._may_run_ahead(out.scheduled_seq_groups, step))
 
     def _must_finish_inflight(self) -> bool:
         """Whether the in-flight step's results are needed before the next
@@ -401,14 +405,15 @@ class LLMEngine:
                     return False
         return True
 
-    def _may_run_ahead(self, groups, is_prefill, step) -> bool:
+    def _may_run_ahead(self, scheduled, step) -> bool:
         """Whether the next step may be scheduled before this one's results
-        are on the host: nothing in it needs a host decision first."""
+        are on the host: nothing in it needs a host decision first (beam
+        search, a prompt's logprobs)."""
         if not self.config.async_scheduling or step.result is not None:
             return False
-        for g in groups:
-            sp = g.sampling_params
-            if sp.sampling_type == SamplingType.BEAM or (is_prefill and
+        for s in scheduled:
+            sp = s.seq_group.sampling_params
+            if sp.sampling_type == SamplingType.BEAM or (not s.decode and
                                                         sp.prompt_logprobs is not None):
                 return False
         return True
@@ -431,12 +436,14 @@ class LLMEngine:
             if not g.is_finished():
                 self._updating = g
                 self.scheduler.mark_computed(scheduled)
-                proc.update(g, inflight.group_rows[i], result, now)
+                entries = inflight.group_rows[i]  # none: a prompt chunk that samples nothing
+                if entries:
+                    proc.update(g, entries, result, now)
                 if result.prompt_logprobs is not None:
                     proc.record_prompt_logprobs(g, inflight.spans, result)
                 if g.is_finished():
                     self._emit(proc.final_output(g))
-                elif g.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+                elif entries and g.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
                     self._outputs.append(proc.stream_output(g))
                 self._updating = None
             inflight.num_committed = i + 1
@@ -444,43 +451,69 @@ class LLMEngine:
 
     # ------------------------------------------------------------ step inputs
     def _prefill_inputs(self, scheduled):
-        """The prefill's sequences and rows. A fresh group with best_of > 1
-        forks its samples now: they share its prompt blocks, each gets a
-        slot and its own sampler row, and its next steps can run ahead."""
+        """The ragged step's sequences and rows: prompt work (whole prompts
+        or chunks) and, with chunked prefill, one decode token for each
+        sequence of a ``decode`` group (read from its slot on the device).
+
+        A sequence gets its slot at its first chunk, inactive; the chunk
+        that ends its prefill activates it, and samples its first token
+        when the prefill ends at its last token (a single-sequence group).
+        A fresh group with best_of > 1 forks its samples then: they share
+        its prompt blocks, each gets a slot and its own sampler row, and its
+        next steps can run ahead."""
         bm = self.block_manager
         seqs, group_rows, spans = [], [], {}
         num_tokens = num_rows = 0
+        vocab = self.model.config.vocab_size
         for sched in scheduled:
             g = sched.seq_group
             sp = g.sampling_params
             running = g.get_seqs(SequenceStatus.RUNNING)
-            children = []
-            if (sp.actual_best_of > 1 and sp.sampling_type != SamplingType.BEAM
-                    and g.num_seqs() == 1 and running[0].get_output_len() == 0):
-                children = self._fork_samples(sched, running[0])
             entries = []
+            if sched.decode:
+                for seq in running:
+                    slot = self._decode_slot(seq, g, bm.block_table(seq))
+                    seqs.append(PrefillSeq([], seq.get_len() - 1, slot, [], seq.get_prompt_len(),
+                                           [(slot, -1)], decode=True))
+                    entries.append((seq, num_rows, 1))
+                    num_tokens += 1
+                    num_rows += 1
+                group_rows.append(entries)
+                continue
             for seq in running:
+                n = sched.num_new_tokens.get(seq.seq_id, 0)
+                if n == 0:
+                    continue
                 table = bm.get_block_table(seq)
-                start = seq.get_len() - sched.num_new_tokens[seq.seq_id]
-                tokens = seq.get_token_ids()[start:]
-                if seq.ends_with_placeholder():
+                end = sched.num_computed_tokens[seq.seq_id]
+                start = end - n
+                all_ids = seq.get_token_ids()
+                tokens = all_ids[start:end]
+                if PLACEHOLDER_TOKEN_ID in tokens:
                     raise RuntimeError(f"sequence {seq.seq_id} is prefilled with an unknown token")
-                self.stats.num_prefill_tokens += len(tokens)
-                self.stats.num_cached_prompt_tokens += start
-                slot = self._fill_slot(seq, g, table)
-                rows = [(slot, -1)]
-                entries.append((seq, num_rows, 1))
-                for child in (children if seq is running[0] else ()):
-                    rows.append((self._fill_slot(child, g, table), slot))
-                    entries.append((child, num_rows + len(rows) - 1, 1))
+                self.stats.num_prefill_tokens += n
+                state = self._states[seq.seq_id]
+                slot = state.slot
+                if slot < 0 or state.refill:  # the prefill's first chunk
+                    slot = self._fill_slot(seq, g, table, active=False)
+                    self.stats.num_cached_prompt_tokens += start
+                samples = end == seq.get_len()
+                rows = [(slot, -1)] if samples else []
+                if rows:
+                    entries.append((seq, num_rows, 1))
+                if (samples and sp.actual_best_of > 1 and sp.sampling_type != SamplingType.BEAM
+                        and g.num_seqs() == 1 and seq.get_output_len() == 0):
+                    for child in self._fork_samples(sched, seq):
+                        rows.append((self._fill_slot(child, g, table), slot))
+                        entries.append((child, num_rows + len(rows) - 1, 1))
                 next_ids = None
                 if sp.prompt_logprobs is not None and seq.get_output_len() == 0:
-                    next_ids = seq.get_token_ids()[start + 1:] + [self.model.config.vocab_size]
-                spans[seq.seq_id] = (num_tokens, len(tokens))
-                num_tokens += len(tokens)
+                    next_ids = all_ids[start + 1:end + 1] + [vocab] * (end == len(all_ids))
+                spans[seq.seq_id] = (num_tokens, n, start)
+                num_tokens += n
                 num_rows += len(rows)
                 seqs.append(PrefillSeq(tokens, start, slot, table, seq.get_prompt_len(), rows,
-                                       next_ids))
+                                       next_ids, activate=end == seq.prefill_end))
             group_rows.append(entries)
         return seqs, group_rows, spans
 
@@ -499,33 +532,39 @@ class LLMEngine:
         """The decode window's rows (one per slot), and the slot changes:
         whole rows for sequences new to the device (swapped in, forked
         beams), block-table entries for the tables that changed."""
-        bm, bs = self.block_manager, self.config.block_size
+        bm = self.block_manager
         group_rows = []
         for sched in scheduled:
             max_len = self.scheduler.max_len(sched.seq_group)
             entries = []
             for seq in sched.seq_group.get_seqs(SequenceStatus.RUNNING):
-                state = self._states[seq.seq_id]
-                table = bm.block_table(seq)
-                if state.slot < 0 or state.refill:
-                    self._fill_slot(seq, sched.seq_group, table)
-                else:
-                    # NOTE: a table only grows, or a copy-on-write replaces the
-                    # block of the sequence's last token: compare from there.
-                    sent = state.sent_table
-                    first = min(len(sent), (seq.get_len() - 1) // bs)
-                    if len(table) != len(sent) or (first < len(sent)
-                                                   and table[first] != sent[first]):
-                        for i in range(first, len(table)):
-                            if i >= len(sent) or sent[i] != table[i]:
-                                self._diff.set_block(state.slot, i, table[i])
-                        state.sent_table = list(table)
-                entries.append((seq, state.slot, min(num_steps, max_len - seq.get_len())))
+                slot = self._decode_slot(seq, sched.seq_group, bm.block_table(seq))
+                entries.append((seq, slot, min(num_steps, max_len - seq.get_len())))
             group_rows.append(entries)
         return group_rows
 
-    def _fill_slot(self, seq, g, table) -> int:
-        """Gives seq a slot (its own, or a free one) and sends its whole row."""
+    def _decode_slot(self, seq, g, table) -> int:
+        """A decoding sequence's slot: its whole row for a sequence new to
+        the device (swapped in, forked beams, or a multi-sequence group's
+        prefill just ended: its penalty counts kept), else the block-table
+        entries that changed."""
+        state = self._states[seq.seq_id]
+        if state.slot < 0 or state.refill:
+            return self._fill_slot(seq, g, table)
+        # NOTE: a table only grows, or a copy-on-write replaces the block of
+        # the sequence's last token: compare from there.
+        sent = state.sent_table
+        first = min(len(sent), (seq.get_len() - 1) // self.config.block_size)
+        if len(table) != len(sent) or (first < len(sent) and table[first] != sent[first]):
+            for i in range(first, len(table)):
+                if i >= len(sent) or sent[i] != table[i]:
+                    self._diff.set_block(state.slot, i, table[i])
+            state.sent_table = list(table)
+        return state.slot
+
+    def _fill_slot(self, seq, g, table, active: bool = True) -> int:
+        """Gives seq a slot (its own, or a free one) and sends its whole row
+        (inactive for a prefill: the step that ends it activates it)."""
         state = self._states[seq.seq_id]
         if state.slot < 0:
             state.slot = self._slots.allocate()
@@ -535,7 +574,7 @@ class LLMEngine:
                                                  max_len=self.scheduler.max_len(g)),
                         token=seq.get_last_token_id(), position=seq.get_len() - 1,
                         num_generated=seq.get_output_len(), table=table,
-                        counts_from=state.counts_from)
+                        counts_from=state.counts_from, active=active)
         state.sent_table, state.counts_from, state.refill = list(table), -1, False
         return state.slot
 
@@ -620,6 +659,8 @@ class LLMEngine:
         self.runner.reset_slots()
         if in_schedule:
             self.block_manager.reset()
+        # groups that finished in the step (their outputs are out) leave now
+        self.scheduler.free_finished_seq_groups()
 
     def _fail(self, g: SequenceGroup, reason: str) -> None:
         """Ends a group with an error output; its blocks are freed."""

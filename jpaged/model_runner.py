@@ -70,6 +70,10 @@ class PrefillSeq:
                  starts from its prompt.
     prompt_next_ids: for prompt logprobs, the token after each of
                  token_ids (None: not wanted).
+    activate:    its prefill ends with this step: the slot goes active.
+    decode:      a decode row of a mixed step (chunked prefill): one token,
+                 read from the slot on the device with its position, block
+                 table and activity (token_ids and block_table unused).
     """
     token_ids: list[int]
     start_pos: int
@@ -78,6 +82,12 @@ class PrefillSeq:
     prompt_len: int
     rows: list[tuple[int, int]]
     prompt_next_ids: list[int] | None = None
+    activate: bool = True
+    decode: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return 1 if self.decode else len(self.token_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +100,9 @@ class PrefillLayout:
     # once for every bucket.
     FIELDS = (("row_index", "R"), ("row_slot", "R"), ("row_counts_from", "R"),
               ("input_ids", "T"), ("positions", "T"), ("slot_mapping", "T"),
-              ("token_slot", "T"), ("token_is_output", "T"), ("seq_slots", "P"),
-              ("context_lens", "P"), ("query_start_loc", "P1"))
+              ("token_slot", "T"), ("token_is_output", "T"), ("token_decode", "T"),
+              ("seq_slots", "P"), ("context_lens", "P"), ("seq_decode", "P"),
+              ("seq_activate", "P"), ("query_start_loc", "P1"))
 
     @property
     def rows_size(self) -> int:
@@ -259,29 +270,49 @@ class ModelRunner:
         return self._pin(device_batch.apply_diff(state, buf, layout))
 
     def _prefill_forward(self, params, kv_caches, state, buf, prompt_next_ids, layout):
-        """The model over a prefill's tokens: its rows' logits (and prompt
-        logprobs); the prefilled slots' penalty counts restart from the
-        step's tokens."""
+        """The model over a ragged step's tokens (prompts, chunks, and decode
+        rows that read their token from the slot): its rows' logits (and
+        prompt logprobs). The step's prompt tokens enter their slots'
+        penalty counts (a slot's counts start at 0 when the prefill's first
+        chunk fills it); slots whose prefill ends go active."""
         self.num_traces += 1
         v = layout.split(buf)
-        S = self.max_num_seqs
-        tables = state.block_tables[jnp.minimum(v["seq_slots"], S - 1)]
-        metadata = AttentionMetadata(v["slot_mapping"], tables, v["context_lens"],
+        S, bs = self.max_num_seqs, self.block_size
+        seq_slot = jnp.minimum(v["seq_slots"], S - 1)
+        tables = state.block_tables[seq_slot]
+        # decode rows: token, position, slot and context from the slot state
+        tok_slot = jnp.minimum(v["token_slot"], S - 1)
+        from_slot = v["token_decode"] != 0
+        live = from_slot & state.active[tok_slot]
+        positions = jnp.where(from_slot, state.positions[tok_slot], v["positions"])
+        input_ids = jnp.where(from_slot, state.tokens[tok_slot], v["input_ids"])
+        page = jnp.take_along_axis(state.block_tables[tok_slot],
+                                   (positions // bs)[:, None], axis=1)[:, 0]
+        slot_mapping = jnp.where(from_slot, jnp.where(live, page * bs + positions % bs,
+                                                      self.pool.num_slots), v["slot_mapping"])
+        seq_live = state.active[seq_slot] & (v["seq_slots"] < S)
+        context_lens = jnp.where(v["seq_decode"] != 0,
+                                 jnp.where(seq_live, state.positions[seq_slot] + 1, 0),
+                                 v["context_lens"])
+        metadata = AttentionMetadata(slot_mapping, tables, context_lens,
                                      v["query_start_loc"], is_decode=False)
-        counts = state.counts.at[v["seq_slots"]].set(0, mode="drop")
-        in_prompt = state.in_prompt.at[v["seq_slots"]].set(False, mode="drop")
+        # NOTE: a decode row's token is counted already (when it was sampled)
+        counted = jnp.where(from_slot, S, v["token_slot"])
         is_output = v["token_is_output"]
-        counts = counts.at[v["token_slot"], v["input_ids"]].add(is_output, mode="drop")
-        prompt_slot = jnp.where(is_output == 0, v["token_slot"], S)
-        in_prompt = in_prompt.at[prompt_slot, v["input_ids"]].set(True, mode="drop")
-        state = self._pin(dataclasses.replace(state, counts=counts, in_prompt=in_prompt))
+        counts = state.counts.at[counted, input_ids].add(is_output, mode="drop")
+        prompt_slot = jnp.where(is_output == 0, counted, S)
+        in_prompt = state.in_prompt.at[prompt_slot, input_ids].set(True, mode="drop")
+        activate = jnp.where(v["seq_activate"] != 0, v["seq_slots"], S)
+        active = state.active.at[activate].set(True, mode="drop")
+        state = self._pin(dataclasses.replace(state, counts=counts, in_prompt=in_prompt,
+                                              active=active))
         if prompt_next_ids is None:
-            logits, kv_caches = self.model.apply(params, v["input_ids"], v["positions"],
+            logits, kv_caches = self.model.apply(params, input_ids, positions,
                                                  kv_caches, metadata, v["row_index"])
             return kv_caches, state, logits, None
         # NOTE: a None vs array argument is a separate jit entry: prompt
         # logprobs need the logits of every token, the usual step only a few.
-        logits, kv_caches = self.model.apply(params, v["input_ids"], v["positions"],
+        logits, kv_caches = self.model.apply(params, input_ids, positions,
                                              kv_caches, metadata, None)
         plp = sampler_lib.prompt_logprobs(logits, prompt_next_ids, MAX_LOGPROBS)
         return kv_caches, state, logits[v["row_index"]], plp
@@ -298,8 +329,10 @@ class ModelRunner:
         state = dataclasses.replace(
             state, counts=state.counts.at[dst].set(state.counts[src], mode="drop"),
             in_prompt=state.in_prompt.at[dst].set(state.in_prompt[src], mode="drop"))
-        live = row_slot < S
-        state, out = self._sample_slots(logits, state, jnp.minimum(row_slot, S - 1), live, mode)
+        slots = jnp.minimum(row_slot, S - 1)
+        # (a decode row's slot may have ended in the step before: it samples nothing)
+        live = (row_slot < S) & state.active[slots]
+        state, out = self._sample_slots(logits, state, slots, live, mode)
         return self._pin(state), out[None]  # one step
 
     def _sample_slots(self, logits, state, slots, live, mode):
@@ -419,11 +452,11 @@ class ModelRunner:
         level = 2 if want_prompt else level
         parts, part, tokens = [], [], 0
         for s in seqs:
-            if part and tokens + len(s.token_ids) > self.max_num_batched_tokens:
+            if part and tokens + s.num_tokens > self.max_num_batched_tokens:
                 parts.append(part)
                 part, tokens = [], 0
             part.append(s)
-            tokens += len(s.token_ids)
+            tokens += s.num_tokens
         parts.append(part)
         if len(parts) == 1:
             return self._prefill(seqs, level, want_prompt)
@@ -433,12 +466,12 @@ class ModelRunner:
                               np.concatenate([getattr(o, f) for o in outs], axis=1 if i < 4 else 0)
                               for i, f in enumerate(fields)))
         step = PendingStep(None, None, sum(len(s.rows) for s in seqs),
-                           sum(len(s.token_ids) for s in seqs), SAMPLER_MODES[level].num_logprobs)
+                           sum(s.num_tokens for s in seqs), SAMPLER_MODES[level].num_logprobs)
         step.result = result
         return step
 
     def _prefill(self, seqs, level, want_prompt) -> PendingStep:
-        total = sum(len(s.token_ids) for s in seqs)
+        total = sum(s.num_tokens for s in seqs)
         layout = self._prefill_layout(bucket(self.prefill_buckets, total))
         buf, prompt_next = self._pack_prefill(seqs, layout, want_prompt)
         mode = SAMPLER_MODES[level]
@@ -464,25 +497,31 @@ class ModelRunner:
                        if want_prompt else None)
         t = row = 0
         for i, s in enumerate(seqs):
-            n = len(s.token_ids)
-            pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
-            table = np.asarray(s.block_table, np.int32)
-            v["input_ids"][t:t + n] = s.token_ids
-            v["positions"][t:t + n] = pos
-            v["slot_mapping"][t:t + n] = table[pos // bs] * bs + pos % bs
-            v["token_slot"][t:t + n] = s.slot
-            v["token_is_output"][t:t + n] = pos >= s.prompt_len
             v["seq_slots"][i] = s.slot
-            v["context_lens"][i] = s.start_pos + n
-            v["query_start_loc"][i + 1] = t + n
+            if s.decode:
+                v["token_slot"][t] = s.slot
+                v["token_decode"][t] = v["seq_decode"][i] = 1
+                t += 1
+            else:
+                n = s.num_tokens
+                pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
+                table = np.asarray(s.block_table, np.int32)
+                v["input_ids"][t:t + n] = s.token_ids
+                v["positions"][t:t + n] = pos
+                v["slot_mapping"][t:t + n] = table[pos // bs] * bs + pos % bs
+                v["token_slot"][t:t + n] = s.slot
+                v["token_is_output"][t:t + n] = pos >= s.prompt_len
+                v["context_lens"][i] = s.start_pos + n
+                v["seq_activate"][i] = s.activate
+                if prompt_next is not None and s.prompt_next_ids is not None:
+                    prompt_next[t:t + n] = s.prompt_next_ids
+                t += n
             for target, counts_from in s.rows:
-                v["row_index"][row] = t + n - 1
+                v["row_index"][row] = t - 1
                 v["row_slot"][row] = target
                 v["row_counts_from"][row] = counts_from
                 row += 1
-            if prompt_next is not None and s.prompt_next_ids is not None:
-                prompt_next[t:t + n] = s.prompt_next_ids
-            t += n
+            v["query_start_loc"][i + 1] = t
         v["query_start_loc"][len(seqs) + 1:] = t
         return buf, prompt_next
 

@@ -168,20 +168,31 @@ class OutputProcessor:
 
     def record_prompt_logprobs(self, g, spans, result) -> None:
         """vLLM's layout: None for the first prompt token, then for each
-        later one {token_id: logprob} of that token and the top-k."""
+        later one {token_id: logprob} of that token and the top-k; a
+        chunked prompt adds its chunks' entries in order (the row of the
+        token before each prompt token holds that token's logprob)."""
         k = g.sampling_params.prompt_logprobs
         seq = g.get_seqs()[0]
-        if k is None or g.prompt_logprobs is not None or seq.seq_id not in spans:
+        if k is None or seq.seq_id not in spans:
             return
-        t0, n = spans[seq.seq_id]
         prompt = seq.prompt_token_ids
-        entries = [None]
-        for i in range(n - 1):
+        entries = g.prompt_logprobs
+        if entries is not None and len(entries) == len(prompt):
+            return  # complete (a recompute does not redo it)
+        t0, n, start = spans[seq.seq_id]
+        if entries is None or start == 0:
+            entries = [None]
+        for i in range(n):
+            pos = start + i + 1  # the prompt token this row predicts
+            if pos >= len(prompt):
+                break
+            if pos != len(entries):  # a chunk seen before (not in order): skip
+                continue
             row = t0 + i
             entry = {int(tid): float(lp) for tid, lp in
                      zip(result.prompt_topk_token_ids[row][:k],
                          result.prompt_topk_logprobs[row][:k])}
-            entry[prompt[i + 1]] = float(result.prompt_logprobs[row])
+            entry[prompt[pos]] = float(result.prompt_logprobs[row])
             entries.append(entry)
         g.prompt_logprobs = entries
 

@@ -1,8 +1,22 @@
-"""Scheduler: which sequence groups run in the next step (vLLM V0 style).
+"""Scheduler: which sequence groups run in the next step.
 
 Three queues: ``waiting`` (FCFS by arrival; new requests and groups preempted
-by recomputation), ``running`` and ``swapped``. A step is all-prefill or
-all-decode, prefills first. One ``schedule()`` call:
+by recomputation), ``running`` and ``swapped``.
+
+With chunked prefill (``SchedulerConfig.enable_chunked_prefill``, vLLM V1's
+rule) a step is filled up to ``max_num_batched_tokens``: while prompt work
+can run, every decoding group gets one token (step 3 below, window 1; it may
+preempt), then prompt chunks take the rest of the budget: the prefills under
+way oldest first, then new groups from ``waiting`` (admitted as in step 2,
+none once this step preempted or while a group is swapped out). A group's
+blocks are all allocated at admission; each sequence's prefill runs to
+``Sequence.prefill_end`` over as many steps as it needs
+(``num_scheduled_tokens`` counts what is dispatched, ahead of
+``num_computed_tokens``). A prefill under way is preempted by recompute,
+never swapped. When no prompt work can run, the step decodes (a window).
+
+Without it (vLLM V0's rule) a step is all-prefill or all-decode, prefills
+first. One ``schedule()`` call:
 
 1. Drop finished groups from ``running`` and free their blocks.
 2. Prefill, only while no group is swapped out: take groups from the head of
@@ -61,13 +75,17 @@ class ScheduledSequenceGroup:
         positions ``[seq.get_len() - k, seq.get_len())`` (decode: k = 1). The
         keys are the group's RUNNING sequences, in order.
       num_computed_tokens: seq_id -> tokens whose K/V are in the pool once
-        the step has run (``seq.get_len()`` when it was scheduled);
-        ``Scheduler.mark_computed`` applies it.
+        the step has run (``seq.get_len()`` when it was scheduled; a prompt
+        chunk's end); ``Scheduler.mark_computed`` applies it.
+      decode: its rows decode one token each from their slots on the device
+        (else they compute prompt tokens: a whole prefill or a chunk, listed
+        in num_new_tokens, with 0-token sequences left out).
     """
     seq_group: SequenceGroup
     token_chunk_size: int
     num_new_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
     num_computed_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
+    decode: bool = False
 
 
 @dataclasses.dataclass
@@ -76,7 +94,9 @@ class SchedulerOutput:
 
     Attributes:
       scheduled_seq_groups: groups to run, in order.
-      is_prefill: the step computes prompts (all groups), else one token per sequence.
+      is_prefill: the step computes prompt tokens (its groups that are not
+        ``decode``; with chunked prefill, decode groups ride along in the
+        same ragged step), else it decodes one token (or a window) per sequence.
       num_batched_tokens: sum of token_chunk_size; at most max_num_batched_tokens,
         except when a single recomputed multi-sequence group alone needs more
         (then it is the only group; each of its rows is <= max_model_len).
@@ -192,18 +212,25 @@ class Scheduler:
         arrived lately); else one, so the next arrival is not held up."""
         self.free_finished_seq_groups()
         out = SchedulerOutput()
-        if not self.swapped:
-            self._schedule_prefills(out)
-        if not out.scheduled_seq_groups:
-            # NOTE: prefills were tried first: a group still waiting cannot be admitted now
-            self._schedule_decodes(out, max_window if idle or self.waiting else 1)
+        if self.config.enable_chunked_prefill:
+            if self._has_prompt_work(out):
+                self._schedule_mixed(out)
+            else:  # a waiting group cannot be admitted now
+                self._schedule_decodes(out, max_window if idle or self.waiting else 1)
+        else:
+            if not self.swapped:
+                self._schedule_prefills(out)
+            if not out.scheduled_seq_groups:
+                # NOTE: prefills were tried first: a group still waiting cannot be admitted now
+                self._schedule_decodes(out, max_window if idle or self.waiting else 1)
         now = time.monotonic()
         for scheduled in out.scheduled_seq_groups:
             group = scheduled.seq_group
             if group.first_scheduled_time is None:
                 group.first_scheduled_time = now
-            scheduled.num_computed_tokens = {s.seq_id: s.get_len()
-                                             for s in group.get_seqs(SequenceStatus.RUNNING)}
+            if not scheduled.num_computed_tokens:
+                scheduled.num_computed_tokens = {s.seq_id: s.get_len()
+                                                 for s in group.get_seqs(SequenceStatus.RUNNING)}
         out.num_batched_tokens = sum(s.token_chunk_size for s in out.scheduled_seq_groups)
         if self._check_invariants:
             self.block_manager.check_invariants()
@@ -233,19 +260,18 @@ class Scheduler:
             self.block_manager.free(seq)
             if not seq.is_finished():
                 seq.status = SequenceStatus.WAITING
-                seq.num_computed_tokens = 0
+                seq.reset_computed()
         if group.request_id not in self._order:  # lost mid-schedule: it goes last
             self._order[group.request_id] = next(self._counter)
         bisect.insort(self.waiting, group, key=self._key)
 
-    def _schedule_prefills(self, out: SchedulerOutput) -> None:
+    def _head_admissible(self, out: SchedulerOutput, num_seqs: int) -> bool:
+        """Whether the head of ``waiting`` can be admitted now (beside
+        num_seqs running sequences); rejects the heads that never can."""
         cfg, bm = self.config, self.block_manager
-        num_seqs = sum(g.get_max_num_running_seqs() for g in self.running)
-        num_tokens = 0
         while self.waiting:
             group = self.waiting[0]
-            seqs = group.get_seqs(SequenceStatus.WAITING)
-            max_len = max(s.get_len() for s in seqs)
+            max_len = max(s.get_len() for s in group.get_seqs(SequenceStatus.WAITING))
             if max_len > cfg.max_model_len:
                 self._ignore(out, self.waiting.pop(0),
                              f"the sequence holds {max_len} tokens, more than max_model_len "
@@ -262,27 +288,114 @@ class Scheduler:
                              f"the request needs more KV cache blocks than the pool holds "
                              f"({bm.get_num_total_gpu_blocks()} blocks of {bm.block_size} tokens)")
                 continue
-            if status == AllocStatus.LATER:
-                break
+            return (status != AllocStatus.LATER
+                    and num_seqs + group.get_max_num_running_seqs() <= cfg.max_num_seqs)
+        return False
+
+    def _admit_head(self) -> SequenceGroup:
+        """Moves the head of ``waiting`` to ``running`` with its block tables;
+        its sequences' prefills start after their cached prefix."""
+        group = self.waiting.pop(0)
+        bm = self.block_manager
+        bm.allocate(group)
+        seqs = group.get_seqs(SequenceStatus.WAITING)
+        # NOTE: a sequence of a multi-sequence group leaves its last token to
+        # the group's decode step, so its rows start decoding together.
+        last = 1 if len(seqs) > 1 and self.config.enable_chunked_prefill else 0
+        for seq in seqs:
+            seq.status = SequenceStatus.RUNNING
+            seq.num_computed_tokens = seq.num_scheduled_tokens = bm.get_num_cached_tokens(seq)
+            seq.prefill_end = max(seq.num_scheduled_tokens, seq.get_len() - last)
+        self.running.append(group)
+        return group
+
+    def _schedule_prefills(self, out: SchedulerOutput) -> None:
+        """Without chunked prefill: whole prompts, while they fit the budget."""
+        cfg = self.config
+        num_seqs = sum(g.get_max_num_running_seqs() for g in self.running)
+        num_tokens = 0
+        while self._head_admissible(out, num_seqs):
+            seqs = self.waiting[0].get_seqs(SequenceStatus.WAITING)
             # Budget with the full length (cache hits are known only at allocate).
             if out.scheduled_seq_groups and num_tokens + sum(s.get_len() for s in seqs) > \
                     cfg.max_num_batched_tokens:
                 break
-            if num_seqs + group.get_max_num_running_seqs() > cfg.max_num_seqs:
-                break
-            self.waiting.pop(0)
-            bm.allocate(group)
+            group = self._admit_head()
             new_tokens = {}
             for seq in seqs:
-                seq.status = SequenceStatus.RUNNING
-                seq.num_computed_tokens = bm.get_num_cached_tokens(seq)
                 new_tokens[seq.seq_id] = seq.get_len() - seq.num_computed_tokens
+                seq.num_scheduled_tokens = seq.prefill_end
             chunk = sum(new_tokens.values())
             num_tokens += chunk
             num_seqs += group.get_max_num_running_seqs()
-            self.running.append(group)
             out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, chunk, new_tokens))
         out.is_prefill = bool(out.scheduled_seq_groups)
+
+    # -- chunked prefill -------------------------------------------------------
+
+    def _prefilling(self, group: SequenceGroup) -> bool:
+        return any(s.is_prefilling() for s in group.seqs_dict.values()
+                   if s.status == SequenceStatus.RUNNING)
+
+    def _has_prompt_work(self, out: SchedulerOutput) -> bool:
+        """Whether a prompt chunk can run now: a prefill under way, or a
+        waiting group that can be admitted (heads that never can are
+        rejected into `out` on the way)."""
+        if any(self._prefilling(g) for g in self.running):
+            return True
+        if not self.waiting or self.swapped:
+            return False
+        return self._head_admissible(out, sum(g.get_max_num_running_seqs()
+                                              for g in self.running))
+
+    def _schedule_mixed(self, out: SchedulerOutput) -> None:
+        """With chunked prefill: one token for every decoding sequence first,
+        then prompt chunks in the rest of the token budget, the prefills
+        under way oldest first, then new groups (none once this step
+        preempted; a new group that would not end in this step only as
+        the step's first prompt work). Every chunk's sequences hold all their blocks already
+        (allocated at admission)."""
+        cfg = self.config
+        self._schedule_decodes(out, 1, skip=self._prefilling)
+        budget = cfg.max_num_batched_tokens - sum(s.token_chunk_size
+                                                  for s in out.scheduled_seq_groups)
+        for group in sorted([g for g in self.running if self._prefilling(g)], key=self._key):
+            budget -= self._schedule_chunk(out, group, budget)
+        if out.preempted == 0 and not self.swapped:
+            num_seqs = sum(g.get_max_num_running_seqs() for g in self.running)
+            while budget > 0 and self._head_admissible(out, num_seqs):
+                # NOTE: a new prompt starts only if it ends in this step,
+                # unless it is the step's first prompt work: one admitted
+                # beside another's first chunk would miss the prefix-cache
+                # hits that chunk's blocks give once they are written.
+                seqs = self.waiting[0].get_seqs(SequenceStatus.WAITING)
+                if (any(not s.decode for s in out.scheduled_seq_groups)
+                        and sum(s.get_len() for s in seqs) > budget):
+                    break
+                group = self._admit_head()
+                num_seqs += group.get_max_num_running_seqs()
+                budget -= self._schedule_chunk(out, group, budget)
+        # NOTE: a ragged step even when no chunk fit: a decode window would
+        # run every active slot, a multi-sequence group's finished prefills too.
+        out.is_prefill = bool(out.scheduled_seq_groups)
+
+    def _schedule_chunk(self, out: SchedulerOutput, group: SequenceGroup, budget: int) -> int:
+        """The next chunk of a prefilling group, within budget tokens: its
+        sequences in order, each up to its prefill's end. Returns its tokens."""
+        new_tokens, computed = {}, {}
+        used = 0
+        for seq in group.get_seqs(SequenceStatus.RUNNING):
+            n = min(seq.prefill_end - seq.num_scheduled_tokens, budget - used)
+            if n <= 0:
+                continue
+            seq.num_scheduled_tokens += n
+            new_tokens[seq.seq_id] = n
+            computed[seq.seq_id] = seq.num_scheduled_tokens
+            used += n
+        if used:
+            out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, used, new_tokens,
+                                                                   computed))
+        return used
 
     def max_len(self, group: SequenceGroup) -> int:
         """Tokens a sequence of the group may hold at most (prompt + max_tokens,
@@ -320,18 +433,26 @@ class Scheduler:
                 return window
         return 0
 
-    def _schedule_decodes(self, out: SchedulerOutput, max_window: int = 1) -> None:
+    def _schedule_decodes(self, out: SchedulerOutput, max_window: int = 1,
+                          skip=None) -> None:
+        """Decode steps of the running groups (`skip(group)`: a group that
+        stays running but decodes nothing now, a prefill under way)."""
         bm = self.block_manager
         queue = sorted(self.running, key=self._key)
+        grows = (lambda g: True) if skip is None else (lambda g: not skip(g))
         running: list[SequenceGroup] = []
-        window = self._window(queue, max_window) if queue else 1
+        decoding = [g for g in queue if grows(g)]
+        window = self._window(decoding, max_window) if decoding else 1
         out.num_steps = max(1, window)
         if window:  # nobody is preempted
-            for group in queue:
+            for group in decoding:
                 self._append_slots(out, group, out.num_steps - 1)
             running, queue = queue, []
         while queue:
             group = queue.pop(0)
+            if not grows(group):
+                running.append(group)
+                continue
             while not bm.can_append_slots(group):
                 if queue:
                     self._preempt(out, queue.pop())
@@ -375,9 +496,10 @@ class Scheduler:
                 self.running.append(group)
 
         for group in self.running:
-            seqs = group.get_seqs(SequenceStatus.RUNNING)
-            out.scheduled_seq_groups.append(
-                ScheduledSequenceGroup(group, len(seqs), {s.seq_id: 1 for s in seqs}))
+            if grows(group):
+                seqs = group.get_seqs(SequenceStatus.RUNNING)
+                out.scheduled_seq_groups.append(ScheduledSequenceGroup(
+                    group, len(seqs), {s.seq_id: 1 for s in seqs}, decode=True))
         out.is_prefill = False
 
     def _append_slots(self, out: SchedulerOutput, group: SequenceGroup,
@@ -392,8 +514,11 @@ class Scheduler:
         mode = self.config.preemption_mode
         if mode is None:
             mode = "recompute" if group.get_max_num_running_seqs() == 1 else "swap"
-        if mode == "swap" and (not bm.can_swap_out(group) or group.has_penalties()):
-            mode = "recompute"  # (the device's penalty counts stay with the slot)
+        if mode == "swap" and (not bm.can_swap_out(group) or group.has_penalties()
+                               or self._prefilling(group)):
+            # (the device's penalty counts stay with the slot; a prompt half
+            # prefilled has no slot state worth keeping)
+            mode = "recompute"
         if mode == "swap":
             out.blocks_to_swap_out.extend(bm.swap_out(group))
             for seq in group.get_seqs(SequenceStatus.RUNNING):
@@ -405,7 +530,7 @@ class Scheduler:
             for seq in group.get_seqs(SequenceStatus.RUNNING):
                 bm.free(seq)
                 seq.status = SequenceStatus.WAITING
-                seq.num_computed_tokens = 0
+                seq.reset_computed()
             # Back in the waiting queue at its arrival rank (ahead of every newer request).
             bisect.insort(self.waiting, group, key=self._key)
             out.recomputed.append(group)

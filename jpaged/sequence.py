@@ -62,6 +62,14 @@ class Sequence:
       num_computed_tokens: leading tokens whose K/V are in the KV pool. The
         next step computes tokens ``[num_computed_tokens, get_len())``; reset
         to 0 by recompute preemption.
+      num_scheduled_tokens: leading tokens whose K/V are computed or being
+        computed by a dispatched step (the scheduler's count: it runs ahead
+        of num_computed_tokens while a step is in flight).
+      prefill_end: the prefill under way computes tokens up to here (the
+        sequence's length when it was admitted; one less for a sequence of
+        a multi-sequence group, whose last token is its group's decode
+        step's). The sequence is prefilling while num_scheduled_tokens <
+        prefill_end, and decodes one token a step after that.
       stop_reason: the stop string or stop token id that finished it, if any.
       output_text: detokenized output, filled by the engine (with ``tokens``,
         ``prefix_offset``, ``read_offset`` for incremental detokenization).
@@ -86,6 +94,16 @@ class Sequence:
         self.prefix_offset = 0
         self.read_offset = 0
         self.num_computed_tokens = 0
+        self.num_scheduled_tokens = 0
+        self.prefill_end = 0
+
+    def is_prefilling(self) -> bool:
+        """Whether prompt work of the current prefill is still unscheduled."""
+        return self.num_scheduled_tokens < self.prefill_end
+
+    def reset_computed(self) -> None:
+        """Nothing computed (recompute preemption, a rolled-back step)."""
+        self.num_computed_tokens = self.num_scheduled_tokens = self.prefill_end = 0
 
     def append_token_id(self, token_id: int, logprob: float, logprobs_entry=None) -> None:
         """Appends a generated token; its K/V are computed by the next step."""

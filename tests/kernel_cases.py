@@ -65,7 +65,8 @@ def ragged_case(seed, *, q_lens, ctx_lens, num_tokens, num_heads, num_kv_heads,
     """Inputs of ragged_paged_attention. Sequences with 0 new tokens must come
     last (padding: context 0); tokens past sum(q_lens) are padding."""
     assert num_tokens >= sum(q_lens)
-    assert all(c >= q for q, c in zip(q_lens, ctx_lens))
+    # (context 0 under new tokens: rows that attend to nothing, output 0)
+    assert all(c >= q or c == 0 for q, c in zip(q_lens, ctx_lens))
     rng = np.random.default_rng(seed)
     max_blocks = max(1, max(-(-n // block_size) for n in ctx_lens))
     num_blocks = 1 + sum(-(-n // block_size) for n in ctx_lens) + extra_blocks
@@ -120,6 +121,13 @@ RAGGED_CASES = [
     ("mha_hd64_bs16_bf16", dict(q_lens=[17, 2], ctx_lens=[50, 2],
                                 num_tokens=24, num_heads=4, num_kv_heads=4,
                                 head_dim=64, block_size=16, dtype="bfloat16")),
+    # a chunked-prefill step: decode rows beside prompt chunks (a first chunk,
+    # a middle one over cached tokens), and a decode row of a slot that ended
+    # on the device (context 0: attends to nothing)
+    ("mixed_chunks_decodes_gqa3_hd64_bs8_f32", dict(
+        q_lens=[1, 12, 1, 1, 9, 1], ctx_lens=[23, 12, 1, 0, 41, 64],
+        num_tokens=32, num_heads=6, num_kv_heads=2, head_dim=64, block_size=8,
+        dtype="float32")),
 ]
 
 # Kernel tuning knobs that change the code path (splits, chunk sizes, the

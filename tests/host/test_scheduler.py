@@ -17,6 +17,7 @@ class Harness:
         cfg.setdefault("max_num_batched_tokens", 64)
         cfg.setdefault("max_num_seqs", 8)
         cfg.setdefault("preemption_mode", None)
+        cfg.setdefault("enable_chunked_prefill", False)
         self.bm = BlockSpaceManager(BS, num_gpu_blocks, num_cpu_blocks, watermark=watermark,
                                     enable_prefix_caching=prefix_caching)
         self.sched = Scheduler(SchedulerConfig(**cfg), self.bm)
@@ -102,7 +103,8 @@ def test_impossible_requests_are_ignored_and_do_not_block():
 
 
 def test_recompute_preemption_of_the_newest_group():
-    h = Harness(5, preemption_mode=None)   # 4 usable blocks
+    h = Harness(5, preemption_mode=None,
+                        enable_chunked_prefill=False)   # 4 usable blocks
     a = h.add("a", 4)
     b = h.add("b", 4)
     h.step()                                # prefill a, b: 2 blocks
@@ -245,12 +247,14 @@ def test_prefix_cache_hits_reduce_prefill_tokens():
 
 def test_scheduler_config_validation():
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be >= max_model_len \(16\)"):
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=16, preemption_mode=None)
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=16, preemption_mode=None,
+                        enable_chunked_prefill=False)
     with pytest.raises(ValueError, match=r"must be >= max_num_seqs \(64\)"):
-        SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=32, max_model_len=16, preemption_mode=None)
+        SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=32, max_model_len=16, preemption_mode=None,
+                        enable_chunked_prefill=False)
     with pytest.raises(ValueError, match="preemption_mode must be one of"):
         SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=16,
-                        preemption_mode="drop")
+                        preemption_mode="drop", enable_chunked_prefill=False)
 
 
 def test_engine_config_defaults_and_resolution():
@@ -258,12 +262,21 @@ def test_engine_config_defaults_and_resolution():
     assert (c.model, c.dtype, c.block_size, c.max_num_seqs, c.preemption_mode) == ("smollm2-135m", "auto", 16,
                                                                                  256, None)
     s = c.get_scheduler_config(8192)
-    assert (s.max_model_len, s.max_num_batched_tokens, s.max_num_seqs) == (8192, 8192, 256)
+    # chunked prefill (the default): the budget need not hold a whole prompt
+    assert c.enable_chunked_prefill and s.enable_chunked_prefill
+    assert (s.max_model_len, s.max_num_batched_tokens, s.max_num_seqs) == (8192, 2048, 256)
+    assert EngineConfig(max_num_batched_tokens=1024).get_scheduler_config(2048) \
+        .max_num_batched_tokens == 1024
+    s = EngineConfig(enable_chunked_prefill=False).get_scheduler_config(8192)
+    assert (s.max_model_len, s.max_num_batched_tokens, s.enable_chunked_prefill) == (8192, 8192, False)
     assert EngineConfig(max_model_len=512).get_scheduler_config(8192).max_num_batched_tokens == 2048
     with pytest.raises(ValueError, match="exceeds the model's maximum context length"):
         EngineConfig(max_model_len=9000).get_scheduler_config(8192)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        EngineConfig(max_num_batched_tokens=1024).get_scheduler_config(2048)
+        EngineConfig(max_num_batched_tokens=1024,
+                     enable_chunked_prefill=False).get_scheduler_config(2048)
+    with pytest.raises(ValueError, match="must be >= max_num_seqs"):
+        EngineConfig(max_num_batched_tokens=128).get_scheduler_config(2048)
     # The sub-configs the components take whole carry the engine's values.
     c = EngineConfig(block_size=8, swap_space=1.5, enable_prefix_caching=True, watermark=0.1,
                      num_gpu_blocks=40, gpu_memory_utilization=0.5, tensor_parallel_size=2)
@@ -291,7 +304,10 @@ def test_engine_config_defaults_and_resolution():
     (dict(seed=-3), "seed must be an int >= 0"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1"),
     (dict(attention_backend="cuda"), "attention_backend must be one of"),
-    (dict(max_model_len=4096, max_num_batched_tokens=2048), r"max_num_batched_tokens \(2048\) must be >="),
+    (dict(max_model_len=4096, max_num_batched_tokens=2048, enable_chunked_prefill=False),
+     r"max_num_batched_tokens \(2048\) must be >="),
+    (dict(max_num_seqs=256, max_num_batched_tokens=128), r"must be >= max_num_seqs \(256\)"),
+    (dict(enable_chunked_prefill=1), "enable_chunked_prefill must be a bool"),
 ])
 def test_engine_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

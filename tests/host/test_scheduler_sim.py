@@ -135,7 +135,8 @@ def run_sim(cfg: SimConfig) -> dict:
                            enable_prefix_caching=cfg.prefix_caching)
     sched_cfg = SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
                                 max_num_batched_tokens=max(cfg.max_model_len, cfg.max_num_seqs) + 4,
-                                max_model_len=cfg.max_model_len, preemption_mode=cfg.preemption_mode)
+                                max_model_len=cfg.max_model_len, preemption_mode=cfg.preemption_mode,
+                                enable_chunked_prefill=False)
     sched = Scheduler(sched_cfg, bm)
     pool = FakePool(num_gpu, cfg.num_cpu_blocks, bs)
     seq_ids = iter(range(10**9))

@@ -1,0 +1,173 @@
+"""The scheduler with chunked prefill: one token budget per step, decodes
+first, then prompt chunks (the prefills under way oldest first, then new
+groups), a long prompt over several steps (host core only)."""
+import itertools
+
+import pytest
+
+from jpaged.block_manager import BlockSpaceManager
+from jpaged.config import SchedulerConfig
+from jpaged.sampling_params import SamplingParams
+from jpaged.scheduler import Scheduler
+from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus as S
+
+BS = 4
+
+
+class Chunked:
+    """A scheduler with chunked prefill and a step that applies what the
+    engine would: a row that ends its prefill (or decodes) gets a token."""
+
+    def __init__(self, num_gpu_blocks=64, budget=8, max_num_seqs=4, max_model_len=64, **kw):
+        self.bm = BlockSpaceManager(BS, num_gpu_blocks, 16, watermark=0.0, **kw)
+        self.sched = Scheduler(SchedulerConfig(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
+            preemption_mode=None, enable_chunked_prefill=True), self.bm)
+        self.ids = itertools.count()
+
+    def add(self, rid, prompt_len, params=None):
+        seq = Sequence(next(self.ids), None, list(range(3, 3 + prompt_len)), BS)
+        g = SequenceGroup(rid, [seq], params or SamplingParams(max_tokens=50), 0.0)
+        self.sched.add_seq_group(g)
+        return g
+
+    def step(self):
+        out = self.sched.schedule()
+        self.bm.check_invariants()
+        assert out.num_batched_tokens <= self.sched.config.max_num_batched_tokens
+        for sg in out.scheduled_seq_groups:
+            self.sched.mark_computed(sg)
+            for seq in sg.seq_group.get_seqs(S.RUNNING):
+                if sg.decode or sg.num_computed_tokens.get(seq.seq_id) == seq.get_len():
+                    seq.append_token_id(1, 0.0)
+        return out
+
+    @staticmethod
+    def chunks(out):
+        return [(sg.seq_group.request_id, "decode" if sg.decode else sg.token_chunk_size)
+                for sg in out.scheduled_seq_groups]
+
+
+def test_a_prompt_longer_than_the_budget_runs_in_chunks_then_decodes():
+    h = Chunked(budget=8)
+    g = h.add("a", 20)  # > budget, <= max_model_len: accepted
+    seq = g.get_seqs()[0]
+    sizes = []
+    for _ in range(3):
+        out = h.step()
+        assert out.is_prefill
+        sizes.append(h.chunks(out))
+    assert sizes == [[("a", 8)], [("a", 8)], [("a", 4)]]
+    assert seq.num_computed_tokens == 20 and seq.get_output_len() == 1  # sampled at the end
+    out = h.step()  # nothing else waits: a plain decode step
+    assert not out.is_prefill and h.chunks(out) == [("a", "decode")]
+
+
+def test_decodes_first_then_chunks_oldest_first_within_the_budget():
+    """A new prompt may start beside other prompt work only if it ends in
+    the step (else it would miss the prefix-cache hits of their blocks)."""
+    h = Chunked(budget=8)
+    h.add("a", 3)
+    h.step()  # a prefilled, sampled
+    h.add("b", 10)
+    h.add("c", 6)
+    out = h.step()
+    assert h.chunks(out) == [("a", "decode"), ("b", 7)]
+    out = h.step()
+    # b's rest; c (6 tokens) would not end in the 4 left: it waits for the next step
+    assert h.chunks(out) == [("a", "decode"), ("b", 3)]
+    out = h.step()
+    assert h.chunks(out) == [("a", "decode"), ("b", "decode"), ("c", 6)]
+    out = h.step()
+    assert not out.is_prefill
+    assert h.chunks(out) == [("a", "decode"), ("b", "decode"), ("c", "decode")]
+
+
+def test_a_chunk_boundary_that_does_not_divide_the_prompt():
+    h = Chunked(budget=6)
+    g = h.add("a", 17)
+    computed = []
+    while g.get_seqs()[0].get_output_len() == 0:
+        h.step()
+        computed.append(g.get_seqs()[0].num_computed_tokens)
+    assert computed == [6, 12, 17]
+
+
+def test_preempting_a_chunked_prompt_recomputes_it_from_the_start():
+    # 6 blocks of 4 tokens: a (8 tokens) and b (12) fill them; a's growth
+    # preempts b, the youngest, in the middle of its chunks.
+    h = Chunked(num_gpu_blocks=7, budget=4, max_num_seqs=4)
+    a = h.add("a", 7)
+    h.step()
+    h.step()  # a: 4 + 3, sampled
+    b = h.add("b", 16)
+    h.step()
+    bseq = b.get_seqs()[0]
+    assert bseq.num_scheduled_tokens == 3 and bseq.is_prefilling()
+    for _ in range(12):
+        out = h.step()
+        if out.recomputed:
+            break
+    assert out.recomputed == [b] and bseq.status == S.WAITING
+    assert (bseq.num_computed_tokens, bseq.num_scheduled_tokens, bseq.prefill_end) == (0, 0, 0)
+    h.sched.abort_seq_group("a")
+    for _ in range(8):
+        h.step()
+    assert bseq.get_output_len() >= 1 and bseq.num_computed_tokens >= 16  # prefilled again
+    assert a.is_finished()
+
+
+def test_a_multi_sequence_group_prefills_all_but_its_last_tokens_then_decodes_together():
+    h = Chunked(budget=8, max_num_seqs=4)
+    seqs = [Sequence(next(h.ids), None, list(range(3, 13)), BS) for _ in range(2)]
+    g = SequenceGroup("m", seqs, SamplingParams(n=2, temperature=1.0, max_tokens=20), 0.0)
+    h.sched.add_seq_group(g)  # as after a recompute preemption: two 10-token sequences
+    out = h.step()
+    assert h.chunks(out) == [("m", 8)]  # 8 of the 2 x 9 prompt tokens
+    out = h.step()
+    assert h.chunks(out) == [("m", 8)]
+    out = h.step()
+    assert h.chunks(out) == [("m", 2)]
+    assert [s.num_computed_tokens for s in seqs] == [9, 9]
+    assert all(s.get_output_len() == 0 for s in seqs)  # no row sampled yet
+    out = h.step()  # both rows decode their last prompt token together
+    assert h.chunks(out) == [("m", "decode")] and out.scheduled_seq_groups[0].token_chunk_size == 2
+
+
+def test_a_request_too_long_for_the_model_is_still_rejected():
+    h = Chunked(budget=8, max_model_len=32)
+    h.add("long", 33)
+    h.add("ok", 5)
+    out = h.step()
+    assert [g.request_id for g, _ in out.ignored_seq_groups] == ["long"]
+    assert h.chunks(out) == [("ok", 5)]
+
+
+def test_prefix_cache_hits_count_before_the_first_chunk():
+    h = Chunked(budget=8, enable_prefix_caching=True)
+    a = h.add("a", 13)
+    while a.get_seqs()[0].get_output_len() == 0:
+        h.step()
+    b = h.add("b", 13)  # the same tokens: 3 full blocks cached
+    out = h.step()
+    assert [c for c in h.chunks(out) if c[0] == "b"] == [("b", 1)]
+    assert b.get_seqs()[0].num_computed_tokens == 13
+
+
+@pytest.mark.parametrize("budget", [4, 7, 64])
+def test_every_block_is_free_at_the_end(budget):
+    h = Chunked(num_gpu_blocks=24, budget=max(budget, 4), max_num_seqs=4)
+    groups = [h.add(str(i), n, SamplingParams(max_tokens=m))
+              for i, (n, m) in enumerate([(20, 5), (3, 9), (33, 2), (9, 12), (16, 1), (40, 3)])]
+    for _ in range(200):
+        h.step()
+        for g in groups:
+            for seq in g.get_seqs(S.RUNNING):
+                if seq.get_output_len() >= g.sampling_params.max_tokens:
+                    seq.status = S.FINISHED_LENGTH_CAPPED
+                    h.sched.free_seq(seq)
+        if not h.sched.has_unfinished_seqs():
+            break
+    assert not h.sched.has_unfinished_seqs()
+    assert all(g.get_seqs()[0].get_output_len() == g.sampling_params.max_tokens for g in groups)
+    assert h.bm.get_num_free_gpu_blocks() == h.bm.get_num_total_gpu_blocks()
