@@ -58,6 +58,8 @@ class SimConfig:
     abort_prob: float = 0.02
     fail_prob: float = 0.0
     max_window: int = 1
+    # chunked prefill with this token budget (None: off, whole prompts)
+    chunk_budget: int | None = None
 
 
 def prefix_hashes(token_ids):
@@ -133,10 +135,12 @@ def run_sim(cfg: SimConfig) -> dict:
     num_gpu = max(2, 1 + max(worst) + cfg.extra_gpu_blocks)
     bm = BlockSpaceManager(bs, num_gpu, cfg.num_cpu_blocks, watermark=cfg.watermark,
                            enable_prefix_caching=cfg.prefix_caching)
-    sched_cfg = SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
-                                max_num_batched_tokens=max(cfg.max_model_len, cfg.max_num_seqs) + 4,
+    chunked = cfg.chunk_budget is not None
+    budget = (max(cfg.chunk_budget, cfg.max_num_seqs) if chunked
+              else max(cfg.max_model_len, cfg.max_num_seqs) + 4)
+    sched_cfg = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=cfg.max_model_len, preemption_mode=cfg.preemption_mode,
-                                enable_chunked_prefill=False)
+                                enable_chunked_prefill=chunked)
     sched = Scheduler(sched_cfg, bm)
     pool = FakePool(num_gpu, cfg.num_cpu_blocks, bs)
     seq_ids = iter(range(10**9))
@@ -190,11 +194,16 @@ def run_sim(cfg: SimConfig) -> dict:
         assert out.num_batched_tokens == sum(s.token_chunk_size for s in out.scheduled_seq_groups)
         assert (out.num_batched_tokens <= sched_cfg.max_num_batched_tokens
                 or len(out.scheduled_seq_groups) == 1)
+        fresh = set()
         if out.is_prefill:
-            assert not had_swapped, "admitted a request while a group was swapped out"
             for sg in out.scheduled_seq_groups:
+                if sg.decode:  # (a chunked step's decode rows)
+                    continue
+                assert not had_swapped or int(sg.seq_group.request_id) in admitted, \
+                    "admitted a request while a group was swapped out"
                 if int(sg.seq_group.request_id) not in admitted:
                     admitted.append(int(sg.seq_group.request_id))
+                    fresh.add(int(sg.seq_group.request_id))
         else:
             assert sum(len(sg.num_new_tokens) for sg in out.scheduled_seq_groups) <= cfg.max_num_seqs
 
@@ -210,33 +219,42 @@ def run_sim(cfg: SimConfig) -> dict:
         for sg in out.scheduled_seq_groups:
             group = sg.seq_group
             running = group.get_seqs(SequenceStatus.RUNNING)
-            assert list(sg.num_new_tokens) == [s.seq_id for s in running]
+            chunk = chunked and not sg.decode  # a prompt chunk: tokens [end - k, end)
+            if chunk:
+                assert list(sg.num_new_tokens) == [s.seq_id for s in running
+                                                   if s.seq_id in sg.num_new_tokens]
+            else:
+                assert list(sg.num_new_tokens) == [s.seq_id for s in running]
             assert sg.token_chunk_size == sum(sg.num_new_tokens.values())
             for seq in running:
+                if seq.seq_id not in sg.num_new_tokens:
+                    continue
                 k = sg.num_new_tokens[seq.seq_id]
                 n = seq.get_len()
-                assert 1 <= k <= n and (out.is_prefill or k == 1)
+                end = sg.num_computed_tokens[seq.seq_id] if chunk else n
+                assert 1 <= k <= end <= n and (not sg.decode or k == 1)
                 # (after a window, the tokens it generated count once the next step ran)
-                assert sg.num_computed_tokens[seq.seq_id] == n
-                assert seq.num_computed_tokens == n - k or (
-                    not out.is_prefill and seq.num_computed_tokens < n - k)
+                assert sg.num_computed_tokens[seq.seq_id] == end
+                assert seq.num_computed_tokens == end - k or (
+                    sg.decode and seq.num_computed_tokens < n - k)
                 table = bm.get_block_table(seq)
-                cover = min(n + out.num_steps - 1, max(n, sched.max_len(group)))
+                cover = n if chunk else min(n + out.num_steps - 1, max(n, sched.max_len(group)))
                 assert len(table) == math.ceil(cover / bs) and 0 not in table
                 ph = prefix_hashes(seq.get_token_ids())
-                for p in range(n - k):
+                for p in range(end - k):
                     assert pool.gpu[table[p // bs]][p % bs] == ph[p], "read a stale or foreign slot"
-                stats["cached_tokens"] += (n - k) if out.is_prefill else 0
-                rows.append((seq, table, ph, k))
+                if int(group.request_id) in fresh:  # admitted now: its cache hits
+                    stats["cached_tokens"] += end - k
+                stats["chunks"] += chunk and (k < n or end < n)
+                rows.append((seq, table, ph, end - k, end))
         if fail_at == 1:
             roll_back(sched, out)
             continue
-        for seq, table, ph, k in rows:
-            n = len(ph)
-            for p in range(n - k, n):
+        for seq, table, ph, start, end in rows:
+            for p in range(start, end):
                 pool.gpu[table[p // bs]][p % bs] = ph[p]
-        for seq, table, ph, k in rows:
-            for p in range(len(ph)):
+        for seq, table, ph, start, end in rows:
+            for p in range(end):
                 assert pool.gpu[table[p // bs]][p % bs] == ph[p], "two sequences wrote one slot"
 
         if fail_at == 2:
@@ -248,9 +266,18 @@ def run_sim(cfg: SimConfig) -> dict:
             sched.mark_computed(sg)
             group = sg.seq_group
             assert all(seq.num_computed_tokens == sg.num_computed_tokens[seq.seq_id]
-                       for seq in group.get_seqs(SequenceStatus.RUNNING))
+                       for seq in group.get_seqs(SequenceStatus.RUNNING)
+                       if seq.seq_id in sg.num_computed_tokens)
             params = group.sampling_params
             running = group.get_seqs(SequenceStatus.RUNNING)
+            if not sg.decode and any(sg.num_computed_tokens.get(s.seq_id) != s.get_len()
+                                     for s in running):
+                # a chunk that does not end a prompt samples nothing (with
+                # chunking a multi-sequence group's rows sample together when
+                # it decodes next)
+                assert chunked and all(sg.num_computed_tokens.get(s.seq_id, 0) < s.get_len()
+                                       for s in running)
+                continue
             if params.use_beam_search:
                 width = params.actual_best_of - sum(s.is_finished() for s in group.get_seqs())
                 parents = collections.Counter(rng.choice(running).seq_id for _ in range(width))
@@ -348,6 +375,7 @@ sim_st = st.builds(
     stop_prob=st.sampled_from([0.0, 0.02, 0.1]),
     fail_prob=st.sampled_from([0.0, 0.0, 0.15]),
     max_window=st.sampled_from([1, 4]),
+    chunk_budget=st.sampled_from([None, None, 1, 3, 7]),
 )
 
 
@@ -415,3 +443,19 @@ def test_recompute_when_host_pool_is_full():
     cfg.num_cpu_blocks = 0
     stats = run_sim(cfg)
     assert stats["swaps_out"] == 0 and stats["recomputes"] > 0
+
+
+@pytest.mark.parametrize("mode", [None, "recompute", "swap"])
+@pytest.mark.parametrize("budget", [1, 5])
+def test_chunked_prefill_keeps_every_read_exact(mode, budget):
+    """Chunked prefill on the busy workload (prompts of 6-10 tokens, steps
+    of max(budget, max_num_seqs) = 8 tokens, decodes first): prompts
+    split over steps, preemption in the middle of them, prefix caching and
+    failed steps; every read stays exact and the pools end empty."""
+    totals = collections.Counter()
+    for seed in range(3):
+        cfg = _busy(mode, True, seed)
+        cfg.chunk_budget = budget
+        cfg.fail_prob = 0.1
+        totals.update(run_sim(cfg))
+    assert totals["chunks"] > 0 and totals["preempted"] > 0 and totals["forks"] > 0
