@@ -30,7 +30,8 @@ def parse_args(argv):
                    help="sharegpt, synthetic, alpaca, or a workload .json (see bench_throughput)")
     p.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
     p.add_argument("--systems", default="jpaged,orca-max,orca-pow2,orca-oracle",
-                   help="comma-separated: jpaged, orca-max, orca-pow2, orca-oracle")
+                   help="comma-separated: jpaged, orca-max, orca-pow2, orca-oracle, "
+                        "jpaged-sync, jpaged-window1, jpaged-nochunk (chunked prefill off)")
     p.add_argument("--rates", default="4,8,16,32,48,64",
                    help="comma-separated request rates (requests/s), ascending")
     p.add_argument("--duration", type=float, default=10.0,

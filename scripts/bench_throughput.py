@@ -63,8 +63,9 @@ def parse_args(argv):
     p.add_argument("--systems", default="jpaged,orca-max,orca-pow2,orca-oracle,jpaged-sync,"
                    "hf-generate,hf-generate-batch",
                    help="comma-separated systems to run: jpaged, orca-max, orca-pow2, "
-                        "orca-oracle, jpaged-sync (async scheduling off), hf-generate, "
-                        "hf-generate-batch")
+                        "orca-oracle, jpaged-sync (async scheduling off), jpaged-window1 "
+                        "(one decode step per call), jpaged-nochunk (chunked prefill off), "
+                        "hf-generate, hf-generate-batch")
     add_engine_args(p, kv_cache_gib_default=2.0,
                     max_num_seqs_help="sequences per step, at most (every system)",
                     max_model_len_help="context limit; Orca-Max reserves this many tokens "
@@ -169,8 +170,7 @@ def main(argv=None):
     result["engine"] = dict(
         startup_seconds=time.perf_counter() - t0, **info, block_size=args.block_size,
         kv_pool_gib=engine.runner.num_gpu_blocks
-        * model.kv_bytes_per_block(args.block_size) / (1 << 30),
-        max_num_batched_tokens=engine.config.max_num_batched_tokens)
+        * model.kv_bytes_per_block(args.block_size) / (1 << 30))
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
               for r in requests]
     tp = args.tensor_parallel_size  # tp > 1 gets its own file: tp1 and tp2 runs stay side by side

@@ -29,10 +29,12 @@ from jpaged.block_manager import BlockSpaceManager
 from jpaged.bench.reservation import ReservationBlockManager, kv_slot_usage
 from jpaged.sequence import SequenceStatus
 
-SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync", "jpaged-window1")
+SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync", "jpaged-window1",
+           "jpaged-nochunk")
 LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "orca-oracle": "Orca-Oracle", "jpaged-sync": "jpaged, async scheduling off",
           "jpaged-window1": "jpaged, one decode step per call",
+          "jpaged-nochunk": "jpaged, chunked prefill off",
           "hf-generate": "HF generate (static)",
           "hf-generate-batch": "HF generate_batch (continuous)"}
 
@@ -126,6 +128,10 @@ def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: s
     p.add_argument("--tensor-parallel-size", type=positive_int, default=d.tensor_parallel_size,
                    help="devices the model and KV pool are split over (the first N devices; "
                         "--kv-cache-gib is the pool over all of them)")
+    p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill",
+                   action="store_false", default=d.enable_chunked_prefill,
+                   help="steps all prefill (whole prompts) or all decode; the system "
+                        "jpaged-nochunk does the same on the engine built with it on")
 
 
 def add_output_args(parser, kind: str) -> None:
@@ -159,7 +165,8 @@ def engine_from_args(args, hf_config: dict):
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           swap_space=args.swap_space, progress=not args.no_progress,
                           tensor_parallel_size=args.tensor_parallel_size,
-                          max_decode_window=args.max_decode_window)
+                          max_decode_window=args.max_decode_window,
+                          enable_chunked_prefill=getattr(args, "enable_chunked_prefill", None))
     print(f"[{time.strftime('%H:%M:%S')}] engine ready: warm-up "
           f"{engine.runner.warmup_seconds:.1f} s, {engine.runner.num_traces} compiles, "
           f"{engine.runner.num_gpu_blocks} blocks", flush=True)
@@ -168,13 +175,15 @@ def engine_from_args(args, hf_config: dict):
                 num_gpu_blocks=engine.runner.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
                 max_model_len=engine.config.max_model_len,
                 max_decode_window=engine.config.max_decode_window,
+                max_num_batched_tokens=engine.config.max_num_batched_tokens,
+                enable_chunked_prefill=engine.config.enable_chunked_prefill,
                 tensor_parallel_size=args.tensor_parallel_size)
     return model, engine, info
 
 
 def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):
     """A callable with BlockSpaceManager's signature for `system`."""
-    if system in ("jpaged", "jpaged-sync", "jpaged-window1"):
+    if system in ("jpaged", "jpaged-sync", "jpaged-window1", "jpaged-nochunk"):
         return BlockSpaceManager
     if system.startswith("orca-") and system[5:] in ("max", "pow2", "oracle"):
         if enable_prefix_caching:
@@ -195,11 +204,15 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     """
     factory = block_manager_factory(system, engine.config.max_model_len, enable_prefix_caching)
     # "jpaged-sync": jpaged waiting for each step's tokens (no host/device overlap);
-    # "jpaged-window1": decode windows off (one decode step per jitted call)
+    # "jpaged-window1": decode windows off (one decode step per jitted call);
+    # "jpaged-nochunk": chunked prefill off (steps all prefill or all decode;
+    # needs a budget >= max_model_len); the others: chunked as the engine was built
+    chunked = engine.config.enable_chunked_prefill and system != "jpaged-nochunk"
     engine.use_block_manager(
         factory, num_blocks, enable_prefix_caching=enable_prefix_caching,
         async_scheduling=system != "jpaged-sync",
-        max_decode_window=1 if system == "jpaged-window1" else max(engine.runner.window_sizes))
+        max_decode_window=1 if system == "jpaged-window1" else max(engine.runner.window_sizes),
+        enable_chunked_prefill=chunked)
 
 
 class Probe:

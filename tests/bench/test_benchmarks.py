@@ -73,6 +73,38 @@ def test_bench_throughput(files, capsys):
         assert "skipped" in systems[name] or "output_tokens_per_s" in systems[name]
 
 
+def test_chunked_prefill_off_as_a_system(files):
+    """jpaged-nochunk turns chunked prefill off on the same engine: the same
+    tokens; with it the steps were mixed, without it never."""
+    out = files / "throughput-chunk.json"
+    argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
+            "--num-requests", "16", "--systems", "jpaged,jpaged-nochunk", *ENGINE_ARGS,
+            "--max-num-batched-tokens", "64", "--out", str(out)]
+    script("bench_throughput").main(argv)
+    res = json.loads(out.read_text())
+    assert res["engine"]["enable_chunked_prefill"] is True
+    on, off = res["systems"]["jpaged"], res["systems"]["jpaged-nochunk"]
+    assert on["output_tokens"] == off["output_tokens"] > 0
+    assert off["num_steps"] > 0 and off["num_rejected"] == 0
+
+
+def test_bench_long_prompt(files):
+    out = files / "long.json"
+    argv = ["--model", str(files / "tiny.json"), "--dtype", "float32", "--block-size", "4",
+            "--max-num-seqs", "8", "--max-model-len", "128", "--max-num-batched-tokens", "16",
+            "--num-gpu-blocks", "200", "--max-decode-window", "8", "--no-progress",
+            "--num-seqs", "4", "--context", "6", "--long-prompt", "50",
+            "--base-seconds", "0.2", "--out", str(out)]
+    script("bench_long_prompt").main(argv)
+    res = json.loads(out.read_text())
+    header_ok(res, argv)
+    assert res["long_prompt"] == 50 and res["engine"]["max_num_batched_tokens"] == 16
+    assert res["steps_during"] >= 4  # 50 tokens in chunks of at most 16 - 4 decodes
+    assert res["tpot_alone_ms"] > 0 and res["tpot_during_ms"] > 0
+    assert res["tpot_ratio"] == pytest.approx(res["tpot_during_ms"] / res["tpot_alone_ms"])
+    assert res["long_prompt_ttft_s"] > 0 and res["long_prompt_prefill_tok_per_s"] > 0
+
+
 def test_bench_latency(files):
     out = files / "latency.json"
     argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# GPU steps of issue 17 (chunked prefill; one H200), any subset in one device call:
+#   JPAGED_COMMIT=<hash> BUDGET=560 bash benchmarks/gpu/issue17.sh latency throughput long
+# Steps:
+#   latency     bench_latency.py at 2-32 req/s, chunked prefill on and off (TTFT, TPOT)
+#   throughput  ShareGPT-1000, 2 GiB pool, chunked prefill on and off in the same run
+#   long        a 32k-token prompt beside 64 decoding sequences (a small-width random Llama
+#               with max_model_len 32768, chunks of 2048): their TPOT during its prefill
+#   long-off    the same with chunked prefill off (one 32k-token prefill step)
+set -uo pipefail
+OUT=${OUT:-/tmp/jpaged-out}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export JPAGED_XLA_CACHE=${JPAGED_XLA_CACHE:-/tmp/jpaged-xla}
+W=benchmarks/workloads/sharegpt-1000.json
+COMMON="--model llama-1.1b --no-progress"
+LONG="--model benchmarks/models/llama-small-32k.json --no-progress --max-model-len 32768 --kv-cache-gib 8 --num-seqs 64 --context 512 --long-prompt 32000"
+START=$SECONDS
+. "$(dirname "$0")/run_step.sh"
+nvidia-smi -L
+for s in "$@"; do
+    case $s in
+    latency) run latency 240 python3 scripts/bench_latency.py $COMMON --kv-cache-gib 2 \
+        --workload $W --rates 2,8,16,32 --duration 6 --min-requests 20 --time-limit 150 \
+        --systems jpaged,jpaged-nochunk --out "$OUT/latency.json" ;;
+    throughput) run throughput 240 python3 scripts/bench_throughput.py $COMMON --kv-cache-gib 2 \
+        --workload $W --num-requests 1000 --systems jpaged,jpaged-nochunk \
+        --out "$OUT/throughput.json" ;;
+    long) run long 200 python3 scripts/bench_long_prompt.py $LONG --out "$OUT/long.json" ;;
+    long-off) run long-off 200 python3 scripts/bench_long_prompt.py $LONG \
+        --no-enable-chunked-prefill --max-num-batched-tokens 32768 --out "$OUT/long-off.json" ;;
+    *) echo "unknown step $s" ;;
+    esac
+done
+echo "== done $(date +%T)"

@@ -1,0 +1,121 @@
+"""A long prompt beside running decodes (chunked prefill, issue 17).
+
+S requests (prompts of C random tokens) decode together; the script times
+their time per output token (TPOT: wall seconds over the tokens each
+generated, averaged over the S) for --base-seconds while nothing else runs,
+then adds one prompt of L tokens and times their TPOT again from then until
+the long prompt's first token (its TTFT). With chunked prefill (the
+default) the long prompt runs in chunks of the token budget beside one
+decode token per running sequence; with --no-enable-chunked-prefill (the
+budget then must hold L) its prefill is one step that stalls them. The
+ratio of the two TPOTs is the target (issue 17: within 2x at L = 32k and S
+= 64 on the H200). Prefill tokens/s of the long prompt are reported too.
+
+Writes benchmarks/results/long-prompt-<device>.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def _generated(engine, ids) -> list[int]:
+    """Tokens each request has generated (tokens still on the device count:
+    they were dispatched)."""
+    out = []
+    for rid in ids:
+        g = engine._requests.get(rid)
+        out.append(g.get_seqs()[0].get_output_len() if g is not None else -1)
+    return out
+
+
+def _tpot(engine, ids, until, min_seconds=0.0, max_tokens=None):
+    """Steps the engine until `until()` holds and min_seconds passed (or
+    each of ids generated max_tokens); returns (mean seconds per output
+    token of ids, seconds, steps)."""
+    before = _generated(engine, ids)
+    t0 = time.perf_counter()
+    steps = 0
+    while not until() or time.perf_counter() - t0 < min_seconds:
+        if max_tokens is not None and min(
+                a - b for a, b in zip(_generated(engine, ids), before)) >= max_tokens:
+            break
+        engine.step()
+        steps += 1
+    elapsed = time.perf_counter() - t0
+    after = _generated(engine, ids)
+    if min(after) < 0:
+        raise SystemExit("a decoding request finished during the measurement: raise "
+                         "--max-model-len or lower --context")
+    tokens = [a - b for a, b in zip(after, before)]
+    return elapsed / max(1e-9, sum(tokens) / len(tokens)), elapsed, steps
+
+
+def main(argv=None):
+    from jpaged.bench.harness import (add_engine_args, add_model_args, add_output_args,
+                                      default_out, engine_from_args, result_header, write_result)
+    from models import load_hf_config
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_engine_args(p, kv_cache_gib_default=0.0)
+    add_output_args(p, "long-prompt")
+    p.add_argument("--num-seqs", type=int, default=64, help="requests decoding (S)")
+    p.add_argument("--context", type=int, default=512, help="their prompt tokens (C)")
+    p.add_argument("--long-prompt", type=int, default=None,
+                   help="tokens of the long prompt (L; default max_model_len - 8)")
+    p.add_argument("--base-seconds", type=float, default=3.0,
+                   help="how long the decodes are timed alone")
+    args = p.parse_args(argv)
+    import numpy as np
+    from jpaged import SamplingParams
+    result = result_header("scripts/bench_long_prompt.py", argv)
+    model, engine, info = engine_from_args(args, load_hf_config(args.model))
+    max_len = engine.config.max_model_len
+    L = args.long_prompt or max_len - 8
+    if not 0 < L < max_len:
+        raise SystemExit(f"--long-prompt must be in [1, {max_len})")
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+    sp = SamplingParams(temperature=0.0, max_tokens=max_len - args.context, ignore_eos=True)
+    ids = [str(i) for i in range(args.num_seqs)]
+    for rid in ids:
+        engine.add_request(rid, None, sp, prompt_token_ids=rng.integers(
+            0, vocab, args.context).tolist())
+    while min(_generated(engine, ids)) < 1:
+        engine.step()
+    # (the alone part leaves the decodes room for the long prompt's prefill:
+    # at most a third of what they may still generate)
+    room = sp.max_tokens - max(_generated(engine, ids))
+    base, base_s, base_steps = _tpot(engine, ids, lambda: True, args.base_seconds, room // 3)
+    engine.add_request("long", None, SamplingParams(temperature=0.0, max_tokens=1),
+                       prompt_token_ids=rng.integers(0, vocab, L).tolist())
+    prefill_tokens = engine.stats.num_prefill_tokens
+
+    def long_done():
+        return "long" not in engine._requests or \
+            engine._requests["long"].get_seqs()[0].get_output_len() > 0
+    during, ttft, steps = _tpot(engine, ids, long_done)
+    prefilled = engine.stats.num_prefill_tokens - prefill_tokens
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    info["compiles_after_warmup"] = engine.runner.num_traces - info["compiles_at_warmup"]
+    result.update(model=args.model, dtype=args.dtype, random_weights=True, num_seqs=args.num_seqs,
+                  context=args.context, long_prompt=L, engine=info,
+                  tpot_alone_ms=1e3 * base, steps_alone=base_steps, seconds_alone=base_s,
+                  tpot_during_ms=1e3 * during, steps_during=steps, long_prompt_ttft_s=ttft,
+                  long_prompt_prefill_tok_per_s=prefilled / ttft,
+                  tpot_ratio=during / base)
+    out = args.out or default_out("long-prompt", result["device"])
+    write_result(result, out)
+    print(f"S={args.num_seqs} decoding at {args.context}, a {L}-token prompt, chunked prefill "
+          f"{'on' if engine.config.enable_chunked_prefill else 'off'} (budget "
+          f"{engine.config.max_num_batched_tokens}): TPOT {1e3 * base:.2f} ms alone, "
+          f"{1e3 * during:.2f} ms during its prefill ({during / base:.2f}x); its TTFT "
+          f"{ttft:.2f} s ({prefilled / ttft:,.0f} prefill tok/s); wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
