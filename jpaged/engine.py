@@ -259,8 +259,8 @@ class LLMEngine:
           (null block included), as a smaller pool would; default all.
         config_changes: EngineConfig fields that need no recompile
           (async_scheduling, max_decode_window up to the compiled one,
-          enable_prefix_caching, enable_chunked_prefill: off needs a token
-          budget that holds max_model_len).
+          enable_prefix_caching, preemption_mode, enable_chunked_prefill: off
+          needs a token budget that holds max_model_len).
         """
         if self.has_unfinished_requests():
             raise RuntimeError("use_block_manager() needs an idle engine")
@@ -269,7 +269,8 @@ class LLMEngine:
         if not 2 <= num_blocks <= pool:
             raise ValueError(f"num_blocks must be in [2, {pool}] (the pool), got {num_blocks}")
         unknown = set(config_changes) - {"async_scheduling", "max_decode_window",
-                                         "enable_prefix_caching", "enable_chunked_prefill"}
+                                         "enable_prefix_caching", "enable_chunked_prefill",
+                                         "preemption_mode"}
         if unknown:
             raise ValueError(f"use_block_manager() cannot change {sorted(unknown)} "
                              "(they need another model runner)")
@@ -277,10 +278,10 @@ class LLMEngine:
         if not 1 <= window <= max(self.runner.window_sizes):
             raise ValueError(f"max_decode_window must be in [1, {max(self.runner.window_sizes)}] "
                              f"(the compiled windows), got {window!r}")
-        sched_config = dataclasses.replace(  # (validated: the budget rule of the mode)
-            self.scheduler.config, enable_chunked_prefill=config_changes.get(
-                "enable_chunked_prefill", self.config.enable_chunked_prefill))
         self.config = dataclasses.replace(self.config, **config_changes)
+        sched_config = dataclasses.replace(  # (validated: the budget rule of the mode)
+            self.scheduler.config, enable_chunked_prefill=self.config.enable_chunked_prefill,
+            preemption_mode=self.config.preemption_mode)
         self.block_manager = self._new_block_manager(block_manager_factory, num_blocks)
         self.scheduler = Scheduler(sched_config, self.block_manager, self.stats)
         self.stats.reset()

@@ -43,15 +43,20 @@ def header_ok(res, argv):
 def test_bench_throughput(files, capsys):
     out = files / "throughput.json"
     argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
-            "--num-requests", "16", *ENGINE_ARGS, "--out", str(out)]
+            "--num-requests", "16", "--systems", "jpaged,orca-max,orca-pow2,orca-oracle,"
+            "jpaged-sync,jpaged-nochunk,hf-generate,hf-generate-batch", *ENGINE_ARGS,
+            "--out", str(out)]
     script("bench_throughput").main(argv)
     res = json.loads(out.read_text())
     header_ok(res, argv)
     assert "wrote" in capsys.readouterr().out
     expected = sum(r["output_len"] for r in json.loads((files / "w.json").read_text())["requests"])
     systems = res["systems"]
-    assert set(systems) == {"jpaged", *ORCA, "jpaged-sync", "hf-generate", "hf-generate-batch"}
-    assert systems["jpaged"]["output_tokens"] == systems["jpaged-sync"]["output_tokens"]
+    assert set(systems) == {"jpaged", *ORCA, "jpaged-sync", "jpaged-nochunk", "hf-generate",
+                            "hf-generate-batch"}
+    assert res["engine"]["enable_chunked_prefill"] is True  # the default; nochunk turns it off
+    for name in ("jpaged-sync", "jpaged-nochunk"):
+        assert systems["jpaged"]["output_tokens"] == systems[name]["output_tokens"]
     assert systems["jpaged"]["steps_dispatched_ahead"] > 0
     assert systems["jpaged-sync"]["steps_dispatched_ahead"] == 0
     for name in ("jpaged", *ORCA):
@@ -71,21 +76,6 @@ def test_bench_throughput(files, capsys):
     assert systems["orca-max"]["kv_waste_pct_at_peak"] > systems["jpaged"]["kv_waste_pct_at_peak"]
     for name in ("hf-generate", "hf-generate-batch"):  # CI has no torch / no CUDA
         assert "skipped" in systems[name] or "output_tokens_per_s" in systems[name]
-
-
-def test_chunked_prefill_off_as_a_system(files):
-    """jpaged-nochunk turns chunked prefill off on the same engine: the same
-    tokens; with it the steps were mixed, without it never."""
-    out = files / "throughput-chunk.json"
-    argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
-            "--num-requests", "16", "--systems", "jpaged,jpaged-nochunk", *ENGINE_ARGS,
-            "--max-num-batched-tokens", "64", "--out", str(out)]
-    script("bench_throughput").main(argv)
-    res = json.loads(out.read_text())
-    assert res["engine"]["enable_chunked_prefill"] is True
-    on, off = res["systems"]["jpaged"], res["systems"]["jpaged-nochunk"]
-    assert on["output_tokens"] == off["output_tokens"] > 0
-    assert off["num_steps"] > 0 and off["num_rejected"] == 0
 
 
 def test_bench_long_prompt(files):

@@ -90,7 +90,10 @@ def test_chunked_gives_the_same_outputs_as_whole_prompts(arch, llms, step_kinds)
     """(The other test modules run ENGINE's budget of 64 with chunking on.)"""
     ps = _prompts(0, LENGTHS)
     params = [PARAMS[i % len(PARAMS)] for i in range(len(ps))]
-    want = _run(llms(arch, enable_chunked_prefill=False), ps, params)
+    off = llms(arch)  # ENGINE's budget holds max_model_len: chunking can go off
+    off.engine.use_block_manager(enable_chunked_prefill=False)
+    want = _run(off, ps, params)
+    off.engine.use_block_manager(enable_chunked_prefill=True)
     budgets = (16, 24) if arch == "llama" else (16,)
     for budget in budgets:
         on = llms(arch, max_num_batched_tokens=budget)
@@ -112,8 +115,11 @@ def test_a_prompt_longer_than_the_budget(llms):
     small = llms(max_num_batched_tokens=16)
     assert small.engine.runner.prefill_buckets == [16]
     small.engine.stats.reset()
-    assert _run(small, ps, sp) == _run(llms(enable_chunked_prefill=False), ps, sp)
+    whole = llms()
+    whole.engine.use_block_manager(enable_chunked_prefill=False)
+    assert _run(small, ps, sp) == _run(whole, ps, sp)
     assert small.engine.stats.num_prefill_tokens == 60 + 2 + 45
+    whole.engine.use_block_manager(enable_chunked_prefill=True)
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
@@ -121,26 +127,31 @@ def test_preemption_in_the_middle_of_chunked_prompts(llms, mode, step_kinds):
     ps = _prompts(1, LENGTHS)
     params = [PARAMS[i % len(PARAMS)] for i in range(len(ps))]
     want = _run(llms(max_num_batched_tokens=16), ps, params)
-    small = llms(max_num_batched_tokens=16, preemption_mode=mode)
-    small.engine.use_block_manager(num_blocks=40)  # a pool too small for the batch
+    small = llms(max_num_batched_tokens=16)
+    # a pool too small for the batch
+    small.engine.use_block_manager(num_blocks=40, preemption_mode=mode)
     step_kinds.clear()
     assert _run(small, ps, params) == want
     assert small.engine.stats.num_preemptions > 0
+    if mode == "recompute":
+        assert small.engine.stats.num_swaps_out == 0
     assert step_kinds.get((True, True, True), 0) > 0
+    small.engine.use_block_manager(preemption_mode=None)
 
 
 def test_prefix_caching_with_chunks(llms):
     shared = _prompts(4, [37])[0]
     ps = [shared + p for p in _prompts(5, [5, 9, 3, 12, 7, 1])]
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    off = llms(enable_chunked_prefill=False)
-    off.engine.stats.reset()
+    off = llms()
+    off.engine.use_block_manager(enable_chunked_prefill=False)
     want = _run(off, ps, sp)
     cached = llms(max_num_batched_tokens=16)
     cached.engine.use_block_manager(enable_prefix_caching=True)
     assert _run(cached, ps, sp) == want
     assert cached.engine.stats.num_prefill_tokens < off.engine.stats.num_prefill_tokens
     cached.engine.use_block_manager(enable_prefix_caching=False)
+    off.engine.use_block_manager(enable_chunked_prefill=True)
 
 
 def test_arrivals_into_a_running_batch_join_its_steps(llms):
@@ -169,7 +180,9 @@ def test_arrivals_into_a_running_batch_join_its_steps(llms):
     # the later prompts were prefilled in chunks
     assert all(n >= 1 for n in tokens_per_step[:8])
     assert engine.runner.num_traces == traces
-    want = llms(enable_chunked_prefill=False).generate(prompt_token_ids=ps, sampling_params=sp,
-                                                       use_tqdm=False)
+    whole = llms()
+    whole.engine.use_block_manager(enable_chunked_prefill=False)
+    want = whole.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    whole.engine.use_block_manager(enable_chunked_prefill=True)
     assert [done[str(i)].outputs[0].token_ids for i in range(4)] == \
         [o.outputs[0].token_ids for o in want]
