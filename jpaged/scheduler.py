@@ -353,8 +353,8 @@ class Scheduler:
         then prompt chunks in the rest of the token budget, the prefills
         under way oldest first, then new groups (none once this step
         preempted; a new group that would not end in this step only as
-        the step's first prompt work). Every chunk's sequences hold all their blocks already
-        (allocated at admission)."""
+        the step's first prompt work). Every chunk's sequences hold all
+        their blocks already (allocated at admission)."""
         cfg = self.config
         self._schedule_decodes(out, 1, skip=self._prefilling)
         budget = cfg.max_num_batched_tokens - sum(s.token_chunk_size

@@ -527,7 +527,10 @@ def test_graceful_shutdown(srv, llm, ref, slow_engine):
     shutdown_timeout (3 s) finishes, a long stream is cut off and aborted,
     the engine loop stops, nothing hangs, and the engine is whole (every
     block free) and usable again."""
-    slow_engine["per_token"] = 0.1  # the long stream needs > 6 s, the short request ~0.6 s
+    # the long stream needs > 4 s; the short request ~1.9 s after the gate opens: its
+    # steps commit the long stream's window in flight (8 tokens), then the step of
+    # its prompt (2), then a window of 8 + its 5 (stop rules end it on the device)
+    slow_engine["per_token"] = 0.07
     c = srv.client()
     stream = c.completions.create(model=MODEL, prompt="go", max_tokens=60, temperature=0,
                                   stream=True, extra_body={"ignore_eos": True})
