@@ -16,13 +16,8 @@
 #   serving     bench_serving.py over HTTP (needs the .whl wheels: starlette, uvicorn, ...)
 # BUDGET=<seconds> caps the whole call: a step gets at most what is left.
 set -uo pipefail
-OUT=${OUT:-/tmp/jpaged-out}
-mkdir -p "$OUT"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export JPAGED_XLA_CACHE=${JPAGED_XLA_CACHE:-/tmp/jpaged-xla}
 W=benchmarks/workloads/sharegpt-1000.json
 COMMON="--model llama-1.1b --no-progress"
-START=$SECONDS
 RUN_TAIL=12
 . "$(dirname "$0")/run_step.sh"
 nvidia-smi -L

@@ -8,11 +8,6 @@
 #   kernels         bench_kernels.py: checks, then the head_dim 64 decode shapes with a sweep
 #   step            bench_step.py: 1.1B and SmolLM2 shapes, 256 x 512, K=16, three variants
 set -uo pipefail
-OUT=${OUT:-/tmp/jpaged-out}
-mkdir -p "$OUT"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export JPAGED_XLA_CACHE=${JPAGED_XLA_CACHE:-/tmp/jpaged-xla}
-START=$SECONDS
 RUN_TAIL=${RUN_TAIL:-40}
 . "$(dirname "$0")/run_step.sh"
 PROFILE="python3 scripts/profile_step.py --model llama-1.1b --num-seqs 256 --context 512 --steps 4 --prefill-seqs 1 --prefill-len 2048 --top 30"

@@ -8,14 +8,9 @@
 #               with max_model_len 32768, chunks of 2048): their TPOT during its prefill
 #   long-off    the same with chunked prefill off (one 32k-token prefill step)
 set -uo pipefail
-OUT=${OUT:-/tmp/jpaged-out}
-mkdir -p "$OUT"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export JPAGED_XLA_CACHE=${JPAGED_XLA_CACHE:-/tmp/jpaged-xla}
 W=benchmarks/workloads/sharegpt-1000.json
 COMMON="--model llama-1.1b --no-progress"
 LONG="--model benchmarks/models/llama-small-32k.json --no-progress --max-model-len 32768 --kv-cache-gib 8 --num-seqs 64 --context 512 --long-prompt 32000"
-START=$SECONDS
 . "$(dirname "$0")/run_step.sh"
 nvidia-smi -L
 for s in "$@"; do

@@ -1,6 +1,13 @@
-# Sourced by the GPU step scripts: run NAME LIMIT COMMAND... runs one step
+# Sourced by the GPU step scripts: the common settings (results under $OUT,
+# the repository on PYTHONPATH, unbuffered output, a persistent XLA cache,
+# START for the budget), then run NAME LIMIT COMMAND... runs one step
 # under a time limit (at most what is left of $BUDGET since $START), logs it
 # to $OUT/NAME.log and prints its tail.
+OUT=${OUT:-/tmp/jpaged-out}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export JPAGED_XLA_CACHE=${JPAGED_XLA_CACHE:-/tmp/jpaged-xla}
+START=$SECONDS
 run() {
     local name=$1 limit=$2; shift 2
     local left=$(( ${BUDGET:-100000} - (SECONDS - START) ))
