@@ -18,29 +18,40 @@ from __future__ import annotations
 import argparse
 import time
 
+from jpaged.sequence import PLACEHOLDER_TOKEN_ID
+
 
 def _generated(engine, ids) -> list[int]:
-    """Tokens each request has generated (tokens still on the device count:
-    they were dispatched)."""
+    """Tokens each request has generated and the host has seen (tokens of a
+    step still on the device, placeholders on the host, do not count)."""
     out = []
     for rid in ids:
         g = engine._requests.get(rid)
-        out.append(g.get_seqs()[0].get_output_len() if g is not None else -1)
+        if g is None:
+            out.append(-1)
+            continue
+        ids_ = g.get_seqs()[0].output_token_ids
+        n = len(ids_)
+        while n and ids_[n - 1] == PLACEHOLDER_TOKEN_ID:
+            n -= 1
+        out.append(n)
     return out
 
 
 def _tpot(engine, ids, until, min_seconds=0.0, max_tokens=None):
     """Steps the engine until `until()` holds and min_seconds passed (or
     each of ids generated max_tokens); returns (mean seconds per output
-    token of ids, seconds, steps)."""
+    token of ids, seconds, steps, the longest step's seconds)."""
     before = _generated(engine, ids)
     t0 = time.perf_counter()
-    steps = 0
+    steps, longest = 0, 0.0
     while not until() or time.perf_counter() - t0 < min_seconds:
         if max_tokens is not None and min(
                 a - b for a, b in zip(_generated(engine, ids), before)) >= max_tokens:
             break
+        t = time.perf_counter()
         engine.step()
+        longest = max(longest, time.perf_counter() - t)
         steps += 1
     elapsed = time.perf_counter() - t0
     after = _generated(engine, ids)
@@ -48,7 +59,9 @@ def _tpot(engine, ids, until, min_seconds=0.0, max_tokens=None):
         raise SystemExit("a decoding request finished during the measurement: raise "
                          "--max-model-len or lower --context")
     tokens = [a - b for a, b in zip(after, before)]
-    return elapsed / max(1e-9, sum(tokens) / len(tokens)), elapsed, steps
+    if min(tokens) < 1:
+        raise SystemExit("a decoding request generated no token during the measurement")
+    return elapsed / (sum(tokens) / len(tokens)), elapsed, steps, longest
 
 
 def main(argv=None):
@@ -87,15 +100,14 @@ def main(argv=None):
     # (the alone part leaves the decodes room for the long prompt's prefill:
     # at most a third of what they may still generate)
     room = sp.max_tokens - max(_generated(engine, ids))
-    base, base_s, base_steps = _tpot(engine, ids, lambda: True, args.base_seconds, room // 3)
+    base, base_s, base_steps, base_longest = _tpot(engine, ids, lambda: True, args.base_seconds, room // 3)
     engine.add_request("long", None, SamplingParams(temperature=0.0, max_tokens=1),
                        prompt_token_ids=rng.integers(0, vocab, L).tolist())
     prefill_tokens = engine.stats.num_prefill_tokens
 
-    def long_done():
-        return "long" not in engine._requests or \
-            engine._requests["long"].get_seqs()[0].get_output_len() > 0
-    during, ttft, steps = _tpot(engine, ids, long_done)
+    def long_done():  # its one token reached the host: it finished
+        return "long" not in engine._requests
+    during, ttft, steps, longest = _tpot(engine, ids, long_done)
     prefilled = engine.stats.num_prefill_tokens - prefill_tokens
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
@@ -104,7 +116,9 @@ def main(argv=None):
     result.update(model=args.model, dtype=args.dtype, random_weights=True, num_seqs=args.num_seqs,
                   context=args.context, long_prompt=L, engine=info,
                   tpot_alone_ms=1e3 * base, steps_alone=base_steps, seconds_alone=base_s,
+                  longest_step_ms_alone=1e3 * base_longest,
                   tpot_during_ms=1e3 * during, steps_during=steps, long_prompt_ttft_s=ttft,
+                  longest_step_ms_during=1e3 * longest,
                   long_prompt_prefill_tok_per_s=prefilled / ttft,
                   tpot_ratio=during / base)
     out = args.out or default_out("long-prompt", result["device"])
@@ -112,7 +126,8 @@ def main(argv=None):
     print(f"S={args.num_seqs} decoding at {args.context}, a {L}-token prompt, chunked prefill "
           f"{'on' if engine.config.enable_chunked_prefill else 'off'} (budget "
           f"{engine.config.max_num_batched_tokens}): TPOT {1e3 * base:.2f} ms alone, "
-          f"{1e3 * during:.2f} ms during its prefill ({during / base:.2f}x); its TTFT "
+          f"{1e3 * during:.2f} ms during its prefill ({during / base:.2f}x; longest "
+          f"step {1e3 * base_longest:.1f} ms alone, {1e3 * longest:.1f} during); its TTFT "
           f"{ttft:.2f} s ({prefilled / ttft:,.0f} prefill tok/s); wrote {out}")
     return result
 

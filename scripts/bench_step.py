@@ -40,7 +40,7 @@ import time
 
 def parse_args(argv):
     from jpaged.bench.harness import add_output_args, parse_list, positive_int
-    from jpaged.bench.step_ceiling import PEAK_BW, VARIANTS
+    from jpaged.bench.step_ceiling import PEAK_BW, VARIANTS, parse_decode_tuning
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-1.1b",
@@ -56,6 +56,10 @@ def parse_args(argv):
                         "--model/--num-seqs/--context/--steps")
     p.add_argument("--variant", default="full",
                    help=f"comma-separated variants, each run at every point: {', '.join(VARIANTS)}")
+    p.add_argument("--decode-tuning", action="append", default=[], metavar="CHUNK/WARPS/STAGES",
+                   help="launch settings of the GPU decode kernel (chunk_tokens/num_warps/"
+                        "num_stages, or 'default'); repeatable: each runs at every point "
+                        "(variant full), side by side in one run")
     p.add_argument("--dtype", default="bfloat16", help="params and KV cache dtype")
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
     p.add_argument("--repeats", type=positive_int, default=5,
@@ -75,6 +79,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     try:
         args.variant = parse_list(args.variant, VARIANTS)
+        args.tunings = [(t, parse_decode_tuning(t)) for t in args.decode_tuning or ["default"]]
+        if any(t for _, t in args.tunings) and args.variant != ["full"]:
+            raise ValueError("--decode-tuning needs --variant full")
         if args.point:
             args.points = [_parse_point(s) for s in args.point]
         else:
@@ -127,11 +134,12 @@ def main(argv=None):
                   attention_backend=args.attention_backend, interpret=args.interpret,
                   tensor_parallel_size=args.tensor_parallel_size, peak_bw=args.peak_bw,
                   repeats=args.repeats, warmup=args.warmup, results=[])
-    jobs = [(p, v) for p in args.points for v in args.variant]
+    jobs = [(p, v, t) for p in args.points for v in args.variant for t in args.tunings]
     bar = tqdm(jobs, desc="points", disable=args.no_progress)
     model, model_name = None, None
-    for (name, num_seqs, context, steps), variant in bar:
-        record = dict(model=name, num_seqs=num_seqs, context=context, K=steps, variant=variant)
+    for (name, num_seqs, context, steps), variant, (tuning_name, tuning) in bar:
+        record = dict(model=name, num_seqs=num_seqs, context=context, K=steps, variant=variant,
+                      tuning=tuning_name)
         try:
             if name != model_name:
                 model, model_name = None, None  # NOTE: frees the last model's weights first
@@ -141,7 +149,8 @@ def main(argv=None):
             record.update(run_point(model, num_seqs=num_seqs, context=context, steps=steps,
                                     variant=variant, block_size=args.block_size,
                                     repeats=args.repeats, warmup=args.warmup,
-                                    peak_bw=args.peak_bw, seed=args.seed))
+                                    peak_bw=args.peak_bw, seed=args.seed,
+                                    decode_tuning=tuning))
         except (ValueError, RuntimeError, jax.errors.JaxRuntimeError) as e:
             # NOTE: one point that cannot run (no memory, a bad shape) is
             # recorded and the others go on.
@@ -151,14 +160,15 @@ def main(argv=None):
         shown = {k: round(record[k], 3) for k in ("ms_per_step", "roofline_ms", "ratio")
                  if k in record}
         print(f"[{time.strftime('%H:%M:%S')}] {name} S={num_seqs} ctx={context} K={steps} "
-              f"{variant}: {shown or record.get('error')}", flush=True)
+              f"{variant} ({tuning_name}): {shown or record.get('error')}", flush=True)
     rows = [dict(r, weights_gb=r["bytes"]["weights"] / 1e9, kv_gb=r["bytes"]["kv_read"] / 1e9)
             if "bytes" in r else r for r in result["results"]]
     print(f"\n{header['device']} ({header['platform']}), commit {header['commit']}, "
           f"{args.dtype}, peak {args.peak_bw / 1e12:.2f} TB/s -> {out}")
     print(format_table(rows, [("model", "model", ""), ("num_seqs", "seqs", "d"),
                               ("context", "ctx", "d"), ("K", "K", "d"),
-                              ("variant", "variant", ""), ("ms_per_step", "ms/step", ".3f"),
+                              ("variant", "variant", ""), ("tuning", "decode tuning", ""),
+                              ("ms_per_step", "ms/step", ".3f"),
                               ("tok_per_s", "tok/s", ",.0f"), ("roofline_ms", "roofline ms", ".3f"),
                               ("ratio", "x roofline", ".2f"),
                               ("pipelined_ms_per_step", "piped ms", ".3f"),

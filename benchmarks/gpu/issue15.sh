@@ -7,6 +7,8 @@
 #   profile-cublas  the same, command buffers off and cuBLAS only (no Triton GEMM fusions)
 #   kernels         bench_kernels.py: checks, then the head_dim 64 decode shapes with a sweep
 #   step            bench_step.py: 1.1B and SmolLM2 shapes, 256 x 512, K=16, three variants
+#   tuning          bench_step.py, the same two points (variant full) with the decode kernel's
+#                   own launch settings and five others side by side (head_dim 64 item)
 set -uo pipefail
 RUN_TAIL=${RUN_TAIL:-40}
 . "$(dirname "$0")/run_step.sh"
@@ -25,6 +27,11 @@ for s in "$@"; do
     step) run step 200 python3 scripts/bench_step.py --point llama-1.1b:256:512:16 \
         --point smollm2-135m-shape:256:512:16 --variant full,no-attention,no-attention-no-kv-write \
         --out "$OUT/step.json" ;;
+    tuning) run tuning 200 python3 scripts/bench_step.py --point llama-1.1b:256:512:16 \
+        --point smollm2-135m-shape:256:512:16 --variant full --repeats 9 \
+        --decode-tuning default --decode-tuning 64/4/3 --decode-tuning 64/2/2 \
+        --decode-tuning 64/2/4 --decode-tuning 128/2/4 --decode-tuning 128/2/2 \
+        --decode-tuning 32/2/2 --no-progress --out "$OUT/tuning.json" ;;
     *) echo "unknown step $s" ;;
     esac
 done

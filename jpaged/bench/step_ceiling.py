@@ -67,6 +67,44 @@ def with_variant(model, variant: str):
                                _jit_apply=None)
 
 
+def parse_decode_tuning(text: str) -> dict:
+    """"default" (the kernel's own launch settings) or CHUNK/WARPS/STAGES,
+    e.g. "64/2/2": chunk_tokens, num_warps, num_stages of the GPU decode
+    kernel."""
+    if text == "default":
+        return {}
+    try:
+        chunk, warps, stages = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"decode tuning {text!r} is not 'default' or CHUNK/WARPS/STAGES "
+                         "(e.g. 64/2/2)") from None
+    return dict(chunk_tokens=chunk, num_warps=warps, num_stages=stages)
+
+
+def with_decode_tuning(model, tuning: dict):
+    """``model`` whose decode attention runs the kernel with these launch
+    settings (the KV write as the model's own attention does it)."""
+    if not tuning:
+        return model
+    backend, interpret = model.module.attention_backend, model.module.interpret
+    if callable(backend):
+        raise ValueError("decode tuning needs the model's own attention (variant full)")
+
+    def attend(q, k, v, kv_cache, metadata, *, scale):
+        if not metadata.is_decode:
+            raise ValueError("decode tuning applies to decode steps only")
+        kv_cache = kernels_pallas.write_kv(kv_cache, k.astype(kv_cache.dtype),
+                                           v.astype(kv_cache.dtype), metadata.slot_mapping,
+                                           backend=backend, interpret=interpret)
+        out = kernels_pallas.paged_attention(q, kv_cache, metadata.block_tables,
+                                             metadata.context_lens, scale=scale,
+                                             backend=backend, interpret=interpret, **tuning)
+        return out, kv_cache
+
+    return dataclasses.replace(model, module=model.module.clone(attention_backend=attend),
+                               _jit_apply=None)
+
+
 def random_pool(model, num_blocks: int, block_size: int, seed: int = 0) -> tuple:
     """Random K/V: one [2, num_blocks, num_kv_heads, block_size, head_dim]
     array per layer in the model's dtype, placed like model.init_kv_caches."""
@@ -197,7 +235,8 @@ def pool_bytes(model, num_seqs: int, context: int, steps: int, block_size: int =
 
 def run_point(model, *, num_seqs: int, context: int, steps: int = 16, variant: str = "full",
               block_size: int = 16, repeats: int = 5, warmup: int = 2,
-              peak_bw: float = PEAK_BW, seed: int = 0) -> dict:
+              peak_bw: float = PEAK_BW, seed: int = 0,
+              decode_tuning: dict | None = None) -> dict:
     """Times ``steps`` decode steps in one jitted loop (median of ``repeats``
     calls after a compile call and ``warmup`` calls, each waited for).
 
@@ -208,6 +247,8 @@ def run_point(model, *, num_seqs: int, context: int, steps: int = 16, variant: s
       steps:      K, decode steps per jitted call.
       variant:    one of VARIANTS.
       peak_bw:    B/s of the roofline.
+      decode_tuning: launch settings of the decode kernel (parse_decode_tuning;
+                  variant full only), None or {} for its own.
     Returns:
       dict: num_seqs, context, K, variant, block_size, ms_per_step (median
       call / K), tok_per_s, roofline_ms (this variant's bytes / peak_bw),
@@ -226,7 +267,9 @@ def run_point(model, *, num_seqs: int, context: int, steps: int = 16, variant: s
                          f"needs {need / 2**30:.1f} GiB, the device has {free / 2**30:.1f} GiB "
                          "free; lower num_seqs or context")
     inputs = decode_inputs(model, num_seqs, context, steps, block_size, seed)
-    variant_model = with_variant(model, variant)
+    if decode_tuning and variant != "full":
+        raise ValueError(f"decode tuning needs variant full, got {variant!r}")
+    variant_model = with_decode_tuning(with_variant(model, variant), decode_tuning or {})
     loop = decode_loop(variant_model, steps, block_size)
     kv_caches = inputs.kv_caches
     inputs.kv_caches = None  # NOTE: donated below; keep no handle on a deleted buffer
@@ -258,7 +301,7 @@ def run_point(model, *, num_seqs: int, context: int, steps: int = 16, variant: s
     moved = step_bytes(model, num_seqs, context, steps, variant)
     roofline_ms = 1e3 * moved["total"] / peak_bw
     return dict(num_seqs=num_seqs, context=context, K=steps, variant=variant,
-                block_size=block_size, ms_per_step=ms_per_step,
+                decode_tuning=decode_tuning or {}, block_size=block_size, ms_per_step=ms_per_step,
                 tok_per_s=num_seqs / ms_per_step * 1e3, roofline_ms=roofline_ms,
                 ratio=ms_per_step / roofline_ms, pipelined_ms_per_step=pipelined_ms,
                 peak_bw=peak_bw, bytes=moved,

@@ -111,21 +111,25 @@ def test_step_bytes_by_hand(model):
 
 def test_bench_step_script_on_the_gpu_kernels(tmp_path, capsys):
     """bench_step.py with the Pallas GPU kernels (interpret mode: write_kv and
-    the decode kernel): JSON per point, a point that cannot run recorded with
-    its error, table last."""
+    the decode kernel, its own launch settings and given ones side by side):
+    JSON per point, a point that cannot run recorded with its error, table
+    last."""
     out = tmp_path / "step.json"
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(ONE_LAYER))
     rc = script("bench_step").main([
         "--point", f"{config}:2:5:2", "--point", f"{config}:2:300:2",
         "--variant", "full", "--dtype", "float32", "--block-size", str(BS),
+        "--decode-tuning", "default", "--decode-tuning", "16/2/2",
         "--repeats", "2", "--warmup", "0", "--attention-backend", "gpu", "--interpret",
         "--out", str(out), "--no-progress"])
     assert rc == 1  # the context-300 points exceed max_position_embeddings
     res = json.loads(out.read_text())
     assert res["device"] and "commit" in res
     assert res["command"].startswith("python scripts/bench_step.py --point")
-    ok, bad = res["results"][:1], res["results"][1:]
+    ok, bad = res["results"][:2], res["results"][2:]
+    assert [(r["tuning"], r["decode_tuning"]) for r in ok] == [
+        ("default", {}), ("16/2/2", dict(chunk_tokens=16, num_warps=2, num_stages=2))]
     for r in ok:
         assert (r["model"], r["num_seqs"], r["context"], r["K"], r["variant"]) == \
             (str(config), 2, 5, 2, "full")
@@ -134,9 +138,9 @@ def test_bench_step_script_on_the_gpu_kernels(tmp_path, capsys):
         assert r["ratio"] == pytest.approx(r["ms_per_step"] / r["roofline_ms"])
         assert len(r["call_ms"]) == 2 and r["pipelined_ms_per_step"] > 0
     assert ok[0]["bytes"]["kv_read"] > 0 and res["attention_backend"] == "gpu"
-    assert len(bad) == 1 and "max_position_embeddings" in bad[0]["error"]
+    assert len(bad) == 2 and all("max_position_embeddings" in r["error"] for r in bad)
     table = capsys.readouterr().out.strip().splitlines()
-    assert "ms/step" in table[-4] and "x roofline" in table[-4]
+    assert "ms/step" in table[-6] and "x roofline" in table[-6] and "decode tuning" in table[-6]
 
 
 def test_bench_step_flags():
@@ -146,8 +150,12 @@ def test_bench_step_flags():
     assert args.variant == ["full"]
     args = parse(["--point", "c:/x:y.json:8:16:2", "--variant", "no-attention-no-kv-write"])
     assert args.points == [("c:/x:y.json", 8, 16, 2)]
+    args = parse(["--decode-tuning", "default", "--decode-tuning", "128/2/4"])
+    assert args.tunings == [("default", {}), ("128/2/4", dict(chunk_tokens=128, num_warps=2,
+                                                                num_stages=4))]
     for bad in (["--point", "llama-1.1b:256:512"], ["--variant", "fast"],
-                ["--num-seqs", "a"]):
+                ["--num-seqs", "a"], ["--decode-tuning", "64/2"],
+                ["--decode-tuning", "64/2/2", "--variant", "no-attention"]):
         with pytest.raises(SystemExit):
             parse(bad)
 
