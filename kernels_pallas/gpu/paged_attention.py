@@ -30,6 +30,16 @@ from kernels_pallas.gpu._util import (LOG2E, check_attention, compiler_params,
 NUM_SMS = 132  # H100 SXM; only steers the split heuristic.
 
 
+def default_launch(head_dim: int) -> tuple[int, int, int]:
+    """(chunk_tokens, num_warps, num_stages) for a head_dim. head_dim <= 64:
+    two warps (measured on the H200 with bench_step.py --decode-tuning, 256
+    sequences at context 512, K=16, commit 99189c0: the 1.1B shape, 32/4
+    heads, 2.792 -> 2.619 ms per step; the SmolLM2 shape, 9/3 heads, 2.192
+    -> 2.167; chunks of 128 were slower for both). Wider heads keep the
+    settings measured at head_dim 128 (4.0-4.2 TB/s on the H200)."""
+    return (64, 2, 2) if head_dim <= 64 else (64, 4, 3)
+
+
 def _decode_kernel(block_tables_ref,  # i32[num_seqs, max_blocks_per_seq]
                    context_lens_ref,  # i32[num_seqs]
                    q_ref,             # [num_seqs, num_heads, head_dim]
@@ -132,8 +142,9 @@ def paged_attention(q, kv_cache, block_tables, context_lens, *, scale,
       scale:        softmax scale.
       interpret:    run in Pallas interpret mode (CPU).
       num_splits:   static context splits per sequence (None: heuristic).
-      chunk_tokens: tokens per inner step, a power of two >= 16 (None: 64).
-      num_warps, num_stages: Triton launch settings (None: 4 and 3).
+      chunk_tokens: tokens per inner step, a power of two >= 16 (None:
+                    default_launch).
+      num_warps, num_stages: Triton launch settings (None: default_launch).
       use_dot:      tensor-core dots with the group padded to 16 rows (None:
                     yes; the CUDA-core path measured 1.8 vs 3.0 TB/s for MHA).
     Returns:
@@ -148,7 +159,8 @@ def paged_attention(q, kv_cache, block_tables, context_lens, *, scale,
     max_blocks = block_tables.shape[1]
     max_tokens = max_blocks * block_size
     group = num_heads // num_kv_heads
-    chunk_tokens = chunk_tokens or 64
+    launch = default_launch(head_dim)
+    chunk_tokens = chunk_tokens or launch[0]
     if chunk_tokens < 16 or chunk_tokens != next_pow2(chunk_tokens):
         raise ValueError(f"chunk_tokens must be a power of two >= 16, got {chunk_tokens}")
     if use_dot is None:
@@ -174,7 +186,7 @@ def paged_attention(q, kv_cache, block_tables, context_lens, *, scale,
             jax.ShapeDtypeStruct((num_seqs, num_splits, num_heads), jnp.float32))
     result = pl.pallas_call(
         kernel, grid=(num_seqs, num_kv_heads, num_splits), out_shape=out_shape,
-        compiler_params=compiler_params(num_warps or 4, num_stages or 3),
+        compiler_params=compiler_params(num_warps or launch[1], num_stages or launch[2]),
         interpret=interpret, name="jpaged_paged_attention",
     )(block_tables.astype(jnp.int32), context_lens.astype(jnp.int32), q, kv_cache)
     if num_splits == 1:
