@@ -15,8 +15,8 @@ blocks are all allocated at admission; each sequence's prefill runs to
 ``num_computed_tokens``). A prefill under way is preempted by recompute,
 never swapped. When no prompt work can run, the step decodes (a window).
 A step that ran all the prompt work it could (the budget was not what
-stopped it: every admissible prompt fitted) is followed by a decode step
-when no prefill is under way:
+stopped it: every admissible prompt fitted) while requests still wait for
+room is followed by a decode step when no prefill is under way:
 otherwise, with every slot taken, each step would free a sequence or two
 and admit just those, one token per decoding sequence a step, and the
 decode windows would never run (measured on the H200: 0.88x the
@@ -397,7 +397,10 @@ class Scheduler:
         # NOTE: a ragged step even when no chunk fit: a decode window would
         # run every active slot, a multi-sequence group's finished prefills too.
         out.is_prefill = bool(out.scheduled_seq_groups)
-        self._decode_turn = not full and out.preempted == 0
+        # the decodes' turn: every admissible prompt ran and the queue's head
+        # waits for room (a sequence that finishes); a head that arrived
+        # into room is admitted at once
+        self._decode_turn = not full and out.preempted == 0 and bool(self.waiting)
 
     def _schedule_chunk(self, out: SchedulerOutput, group: SequenceGroup, budget: int) -> int:
         """The next chunk of a prefilling group, within budget tokens: its

@@ -43,6 +43,12 @@ def _summary(outs):
     return rows
 
 
+def _prompt_logprobs(outs):
+    return [None if o.prompt_logprobs is None else [
+        None if e is None else {t: round(v, 4) for t, v in e.items()} for e in o.prompt_logprobs]
+        for o in outs]
+
+
 def _generate(llm, prompts, params):
     llm.engine.stats.reset()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
@@ -74,7 +80,9 @@ def test_mixed_requests_same_outputs_and_steps_run_ahead(pair):
     off, off_stats = _generate(pair[False], ps, params)
     assert all(o.error is None for o in on)
     assert _summary(on) == _summary(off)
-    assert [o.prompt_logprobs for o in on] == [o.prompt_logprobs for o in off]
+    # (the two runs may batch a prompt with different others: float sums
+    # in another order)
+    assert _prompt_logprobs(on) == _prompt_logprobs(off)
     assert off_stats["num_steps_ahead"] == 0
     assert on_stats["num_steps_ahead"] > on_stats["num_steps"] // 3
     # the capped request ends at max_model_len, whatever ran ahead of it

@@ -71,8 +71,6 @@ def test_decodes_first_then_chunks_oldest_first_within_the_budget():
     h.step()  # a prefilled, sampled
     h.add("b", 10)
     h.add("c", 6)
-    out = h.step()  # a's prompt step left budget unused: the decodes' turn
-    assert not out.is_prefill and h.chunks(out) == [("a", "decode")]
     out = h.step()
     assert h.chunks(out) == [("a", "decode"), ("b", 7)]
     out = h.step()
@@ -85,27 +83,33 @@ def test_decodes_first_then_chunks_oldest_first_within_the_budget():
     assert h.chunks(out) == [("a", "decode"), ("b", "decode"), ("c", "decode")]
 
 
-def test_prompt_work_the_budget_did_not_cut_short_is_followed_by_a_decode_step():
+def test_a_decode_step_when_every_admissible_prompt_ran_and_others_wait_for_room():
     """With every slot taken, admitting each step the one or two prompts
     the last step's finished sequences made room for would make every step
     a mixed one (one token per decoding sequence, no decode windows): after
-    a step that ran all the prompt work it could, the decodes get a step of
-    their own. A prompt the budget cuts into chunks goes on at once."""
-    h = Chunked(budget=8, max_num_seqs=4)
-    h.add("a", 3)
+    a step that ran all the prompt work it could while requests still wait
+    for room, the decodes get a step of their own. A prompt the budget cuts
+    into chunks goes on at once, and with nothing waiting a prompt that
+    arrives into room is admitted at once."""
+    h = Chunked(budget=8, max_num_seqs=2)
+    a = h.add("a", 3)
     h.add("b", 3)
-    assert h.chunks(h.step()) == [("a", 3), ("b", 3)]
+    h.add("c", 20)
+    assert h.chunks(h.step()) == [("a", 3), ("b", 3)]  # c waits for a slot
     out = h.step()
     assert not out.is_prefill and h.chunks(out) == [("a", "decode"), ("b", "decode")]
-    h.add("c", 20)
-    sizes = [h.chunks(h.step()) for _ in range(4)]
-    assert sizes == [[("a", "decode"), ("b", "decode"), ("c", 6)]] * 3 + [
-        [("a", "decode"), ("b", "decode"), ("c", 2)]]
-    out = h.step()  # c's last chunk left budget unused
-    assert not out.is_prefill
-    assert h.chunks(out) == [("a", "decode"), ("b", "decode"), ("c", "decode")]
+    finish(h, a)
+    sizes = [h.chunks(h.step()) for _ in range(3)]
+    assert sizes == [[("b", "decode"), ("c", 7)]] * 2 + [[("b", "decode"), ("c", 6)]]
+    finish(h, h.sched.running[0])  # b: room, and nothing waits
     h.add("d", 3)
-    assert h.chunks(h.step()) == [("a", "decode"), ("b", "decode"), ("c", "decode"), ("d", 3)]
+    assert h.chunks(h.step()) == [("c", "decode"), ("d", 3)]
+
+
+def finish(h, group):
+    for seq in group.get_seqs(S.RUNNING):
+        seq.status = S.FINISHED_LENGTH_CAPPED
+        h.sched.free_seq(seq)
 
 
 def test_a_chunk_boundary_that_does_not_divide_the_prompt():
@@ -119,14 +123,13 @@ def test_a_chunk_boundary_that_does_not_divide_the_prompt():
 
 
 def test_preempting_a_chunked_prompt_recomputes_it_from_the_start():
-    # 6 blocks of 4 tokens: a (8 tokens) and b (16) fill them; a's growth
+    # 6 blocks of 4 tokens: a (8 tokens) and b (12) fill them; a's growth
     # preempts b, the youngest, in the middle of its chunks.
     h = Chunked(num_gpu_blocks=7, budget=4, max_num_seqs=4)
-    a = h.add("a", 6)
+    a = h.add("a", 7)
     h.step()
-    h.step()  # a: 4 + 2, sampled
+    h.step()  # a: 4 + 3, sampled
     b = h.add("b", 16)
-    assert not h.step().is_prefill  # the decodes' turn after a's last chunk: a holds 8
     h.step()
     bseq = b.get_seqs()[0]
     assert bseq.num_scheduled_tokens == 3 and bseq.is_prefilling()
@@ -175,7 +178,6 @@ def test_prefix_cache_hits_count_before_the_first_chunk():
     while a.get_seqs()[0].get_output_len() == 0:
         h.step()
     b = h.add("b", 13)  # the same tokens: 3 full blocks cached
-    assert not h.step().is_prefill  # the decodes' turn after a's last chunk
     out = h.step()
     assert [c for c in h.chunks(out) if c[0] == "b"] == [("b", 1)]
     assert b.get_seqs()[0].num_computed_tokens == 13
