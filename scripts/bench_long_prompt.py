@@ -30,9 +30,9 @@ def _generated(engine, ids) -> list[int]:
         if g is None:
             out.append(-1)
             continue
-        ids_ = g.get_seqs()[0].output_token_ids
-        n = len(ids_)
-        while n and ids_[n - 1] == PLACEHOLDER_TOKEN_ID:
+        out_ids = g.get_seqs()[0].output_token_ids
+        n = len(out_ids)
+        while n and out_ids[n - 1] == PLACEHOLDER_TOKEN_ID:
             n -= 1
         out.append(n)
     return out
@@ -100,7 +100,8 @@ def main(argv=None):
     # (the alone part leaves the decodes room for the long prompt's prefill:
     # at most a third of what they may still generate)
     room = sp.max_tokens - max(_generated(engine, ids))
-    base, base_s, base_steps, base_longest = _tpot(engine, ids, lambda: True, args.base_seconds, room // 3)
+    base, base_s, base_steps, base_longest = _tpot(engine, ids, lambda: True,
+                                                   args.base_seconds, room // 3)
     engine.add_request("long", None, SamplingParams(temperature=0.0, max_tokens=1),
                        prompt_token_ids=rng.integers(0, vocab, L).tolist())
     prefill_tokens = engine.stats.num_prefill_tokens
