@@ -78,20 +78,30 @@ def test_bench_throughput(files, capsys):
         assert "skipped" in systems[name] or "output_tokens_per_s" in systems[name]
 
 
-def test_bench_long_prompt(files):
-    out = files / "long.json"
+@pytest.mark.parametrize("chunked", [True, False])
+def test_bench_long_prompt(files, chunked):
+    """Chunked: the long prompt in chunks beside the decodes; off: one
+    prefill step that stalls them (its TPOT still counts only tokens that
+    reached the host)."""
+    out = files / f"long-{chunked}.json"
+    budget = ["--max-num-batched-tokens", "16"] if chunked else [
+        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "128"]
     argv = ["--model", str(files / "tiny.json"), "--dtype", "float32", "--block-size", "4",
-            "--max-num-seqs", "8", "--max-model-len", "128", "--max-num-batched-tokens", "16",
+            "--max-num-seqs", "8", "--max-model-len", "128", *budget,
             "--num-gpu-blocks", "200", "--max-decode-window", "8", "--no-progress",
             "--num-seqs", "4", "--context", "6", "--long-prompt", "50",
             "--base-seconds", "0.2", "--out", str(out)]
     script("bench_long_prompt").main(argv)
     res = json.loads(out.read_text())
     header_ok(res, argv)
-    assert res["long_prompt"] == 50 and res["engine"]["max_num_batched_tokens"] == 16
-    assert res["steps_during"] >= 4  # 50 tokens in chunks of at most 16 - 4 decodes
+    assert res["long_prompt"] == 50 and res["engine"]["enable_chunked_prefill"] == chunked
+    if chunked:  # 50 tokens in chunks of at most 16 - 4 decodes
+        assert res["engine"]["max_num_batched_tokens"] == 16 and res["steps_during"] >= 4
+    else:  # its prefill step, and a step that brings its token and the decodes' to the host
+        assert res["steps_during"] >= 2
     assert res["tpot_alone_ms"] > 0 and res["tpot_during_ms"] > 0
     assert res["tpot_ratio"] == pytest.approx(res["tpot_during_ms"] / res["tpot_alone_ms"])
+    assert 0 < res["longest_step_ms_during"] <= 1e3 * res["long_prompt_ttft_s"]
     assert res["long_prompt_ttft_s"] > 0 and res["long_prompt_prefill_tok_per_s"] > 0
 
 
