@@ -321,15 +321,19 @@ def reduce_trace(module: HloModule, events: list[dict], num_steps: int,
         info = (classify(module, inst, pool) if inst is not None
                 else dict(category="unknown", bytes=0.0, flops=0.0))
         calls = agg["calls"] / num_steps
+        # NOTE: one execution may launch several kernels (a GEMM and its
+        # split-K reduction): it moves its bytes and FLOPs once, so they
+        # count per execution, that is per launch of its most frequent kernel.
+        runs = max(agg["kernels"].values()) / num_steps
         us = agg["ns"] / num_steps / 1e3
         ops.append(dict(op=name, opcode=inst.opcode if inst else "", **info,
                         group=_group_name(inst.op_name if inst else "", name),
                         shape=inst.shape if inst else "",
                         kernels=[k for k, _ in agg["kernels"].most_common(3)],
-                        calls_per_step=calls, us_per_step=us))
+                        calls_per_step=calls, runs_per_step=runs, us_per_step=us))
     total_us = sum(o["us_per_step"] for o in ops) or 1.0
     for o in ops:
-        _rates(o, o["bytes"] * o["calls_per_step"], o["flops"] * o["calls_per_step"])
+        _rates(o, o["bytes"] * o["runs_per_step"], o["flops"] * o["runs_per_step"])
         o["pct"] = 100 * o["us_per_step"] / total_us
     groups = collections.defaultdict(lambda: dict(calls_per_step=0.0, us_per_step=0.0,
                                                   bytes_per_step=0.0, flops_per_step=0.0,
@@ -338,8 +342,8 @@ def reduce_trace(module: HloModule, events: list[dict], num_steps: int,
         g = groups[(o["category"], o["group"])]
         g["calls_per_step"] += o["calls_per_step"]
         g["us_per_step"] += o["us_per_step"]
-        g["bytes_per_step"] += o["bytes"] * o["calls_per_step"]
-        g["flops_per_step"] += o["flops"] * o["calls_per_step"]
+        g["bytes_per_step"] += o["bytes"] * o["runs_per_step"]
+        g["flops_per_step"] += o["flops"] * o["runs_per_step"]
         g["num_ops"] += 1
     grouped = []
     for (category, group), g in groups.items():

@@ -289,6 +289,21 @@ def test_gpu_trace_and_hlo_reduce(tmp_path):
     assert table["device_us_per_step"] == pytest.approx((4 + 2 + 3 + 1) / 2)
 
 
+def test_an_op_of_two_kernels_counts_its_flops_once_per_run():
+    """A GEMM that runs as two kernels (its split-K reduction beside it):
+    two launches a run, its bytes and FLOPs once."""
+    module = step_profile.parse_hlo(GPU_HLO)
+    events = [dict(hlo_op="custom-call.7", kernel=k, duration_ns=ns)
+              for _ in range(2) for k, ns in (("gemm_splitk", 3000.0), ("splitk_reduce", 1000.0))]
+    table = step_profile.reduce_trace(module, events, num_steps=2)
+    (g,) = table["ops"]
+    assert g["calls_per_step"] == 2 and g["runs_per_step"] == 1
+    assert g["us_per_step"] == pytest.approx(4.0)
+    assert g["tflop_per_s"] == pytest.approx(g["flops"] / 4e-6 / 1e12)
+    (group,) = table["groups"]
+    assert group["calls_per_step"] == 2 and group["flops_per_step"] == g["flops"]
+
+
 def test_tpu_style_ops_line(tmp_path):
     """A plane without Stream lines: its "XLA Ops" events, named after the op."""
     from jax.profiler import ProfileData
