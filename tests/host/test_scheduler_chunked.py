@@ -92,18 +92,21 @@ def test_a_decode_step_when_every_admissible_prompt_ran_and_others_wait_for_room
     into chunks goes on at once, and with nothing waiting a prompt that
     arrives into room is admitted at once."""
     h = Chunked(budget=8, max_num_seqs=2)
-    a = h.add("a", 3)
-    h.add("b", 3)
+    a, b = h.add("a", 3), h.add("b", 3)
+    assert h.chunks(h.step()) == [("a", 3), ("b", 3)]
+    h.step()
     h.add("c", 20)
-    assert h.chunks(h.step()) == [("a", 3), ("b", 3)]  # c waits for a slot
-    out = h.step()
-    assert not out.is_prefill and h.chunks(out) == [("a", "decode"), ("b", "decode")]
-    finish(h, a)
+    d = h.add("d", 3)
+    finish(h, a)  # room for c; d waits
     sizes = [h.chunks(h.step()) for _ in range(3)]
     assert sizes == [[("b", "decode"), ("c", 7)]] * 2 + [[("b", "decode"), ("c", 6)]]
-    finish(h, h.sched.running[0])  # b: room, and nothing waits
-    h.add("d", 3)
+    finish(h, b)  # room for d, but the decodes' turn comes first
+    out = h.step()
+    assert not out.is_prefill and h.chunks(out) == [("c", "decode")]
     assert h.chunks(h.step()) == [("c", "decode"), ("d", 3)]
+    finish(h, d)
+    h.add("e", 3)  # arrives into room, nothing else waits: admitted at once
+    assert h.chunks(h.step()) == [("c", "decode"), ("e", 3)]
 
 
 def finish(h, group):
