@@ -196,7 +196,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
 
 
 def attention(q, k, v, kv_cache, metadata: AttentionMetadata, *, scale,
-              backend="auto", interpret=False):
+              backend="auto", interpret=False, decode_tuning=None):
     """One layer's paged attention: write the new K/V, then attend.
 
     Args:
@@ -204,6 +204,8 @@ def attention(q, k, v, kv_cache, metadata: AttentionMetadata, *, scale,
       k, v:     [num_tokens, num_kv_heads, head_dim]
       kv_cache: [2, num_blocks, num_kv_heads, block_size, head_dim]
       metadata: AttentionMetadata of the step.
+      decode_tuning: the decode kernel's knobs (paged_attention's tuning;
+                    None: its own), e.g. from jpaged.bench.step_ceiling.
     Returns:
       (out [num_tokens, num_heads, head_dim], updated kv_cache)
     """
@@ -212,7 +214,7 @@ def attention(q, k, v, kv_cache, metadata: AttentionMetadata, *, scale,
     if metadata.is_decode:
         out = paged_attention(q, kv_cache, metadata.block_tables,
                               metadata.context_lens, scale=scale,
-                              backend=backend, interpret=interpret)
+                              backend=backend, interpret=interpret, **(decode_tuning or {}))
     else:
         out = ragged_paged_attention(q, kv_cache, metadata.block_tables,
                                      metadata.context_lens,

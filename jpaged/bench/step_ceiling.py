@@ -83,7 +83,7 @@ def parse_decode_tuning(text: str) -> dict:
 
 def with_decode_tuning(model, tuning: dict):
     """``model`` whose decode attention runs the kernel with these launch
-    settings (the KV write as the model's own attention does it)."""
+    settings (kernels_pallas.attention, as the model's own)."""
     if not tuning:
         return model
     backend, interpret = model.module.attention_backend, model.module.interpret
@@ -91,15 +91,9 @@ def with_decode_tuning(model, tuning: dict):
         raise ValueError("decode tuning needs the model's own attention (variant full)")
 
     def attend(q, k, v, kv_cache, metadata, *, scale):
-        if not metadata.is_decode:
-            raise ValueError("decode tuning applies to decode steps only")
-        kv_cache = kernels_pallas.write_kv(kv_cache, k.astype(kv_cache.dtype),
-                                           v.astype(kv_cache.dtype), metadata.slot_mapping,
-                                           backend=backend, interpret=interpret)
-        out = kernels_pallas.paged_attention(q, kv_cache, metadata.block_tables,
-                                             metadata.context_lens, scale=scale,
-                                             backend=backend, interpret=interpret, **tuning)
-        return out, kv_cache
+        return kernels_pallas.attention(q, k, v, kv_cache, metadata, scale=scale,
+                                        backend=backend, interpret=interpret,
+                                        decode_tuning=tuning)
 
     return dataclasses.replace(model, module=model.module.clone(attention_backend=attend),
                                _jit_apply=None)
