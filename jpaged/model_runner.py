@@ -38,6 +38,7 @@ from jpaged import sampler as sampler_lib
 from jpaged.config import CacheConfig, ParallelConfig, SchedulerConfig
 from jpaged.kv_pool import KVPool, bucket, pow2_buckets
 from kernels_pallas import AttentionMetadata
+from models.base import compiler_options
 
 # Sampler rows return this many top logprobs in the FULL mode (beam search
 # asks for 2 * beam_width of them, so beam widths up to 10 fit).
@@ -225,12 +226,13 @@ class ModelRunner:
         self.warmup_seconds = None
         self._apply_fns = {lay: jax.jit(self._apply, static_argnames=("layout",),
                                         donate_argnums=(0,)) for lay in self.diff_layouts}
+        options = compiler_options() or None  # the model's GEMMs (models.base)
         self._forward_fn = jax.jit(self._prefill_forward, static_argnames=("layout",),
-                                   donate_argnums=(1, 2))
+                                   donate_argnums=(1, 2), compiler_options=options)
         self._prefill_sample_fn = jax.jit(self._prefill_sample, static_argnames=("mode",),
                                           donate_argnums=(1,))
         self._decode_fn = jax.jit(self._decode, static_argnames=("num_steps", "mode"),
-                                  donate_argnums=(1, 2))
+                                  donate_argnums=(1, 2), compiler_options=options)
 
     @property
     def kv_caches(self):

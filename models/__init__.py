@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 import kernels_pallas
 from models import checkpoint, convert, llama, opt
-from models.base import DTYPES, LoadedModel, canonical_dtype, single_sequence_metadata
+from models.base import (DTYPES, LoadedModel, canonical_dtype, compiler_options,
+                         single_sequence_metadata)
 from models.llama import LlamaConfig, LlamaForCausalLM
 from models.opt import OPTConfig, OPTForCausalLM
 
@@ -365,5 +366,5 @@ def _draw_leaf(key, shape, dtype, kind):
 
 __all__ = ["ARCHITECTURES", "DEFAULT_MODELS", "PRESETS", "LlamaConfig", "LlamaForCausalLM",
            "LoadedModel", "OPTConfig", "OPTForCausalLM", "abstract_params",
-           "architecture_of", "cache_dir", "convert_hf_state_dict", "load_model",
+           "architecture_of", "cache_dir", "compiler_options", "convert_hf_state_dict", "load_model",
            "random_model", "single_sequence_metadata"]

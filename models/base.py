@@ -30,6 +30,15 @@ import kernels_pallas
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 TP_AXIS = "tp"  # the device-mesh axis tensor parallelism splits heads over
+# XLA debug options every jitted model step compiles with, per jax platform
+# (the choice and its measurement: NOTES.md, "XLA's GEMMs at decode shapes").
+COMPILER_OPTIONS: dict[str, dict] = {}
+
+
+def compiler_options(platform: str | None = None) -> dict:
+    """The XLA debug options of a jitted model step on ``platform`` (default:
+    jax's default backend); pass them as jax.jit(..., compiler_options=...)."""
+    return dict(COMPILER_OPTIONS.get(platform or jax.default_backend(), {}))
 
 
 def canonical_dtype(dtype) -> str:
@@ -271,7 +280,8 @@ class LoadedModel:
 
     def _step(self):
         if self._jit_apply is None:
-            self._jit_apply = jax.jit(self.apply, donate_argnums=(3,))
+            self._jit_apply = jax.jit(self.apply, donate_argnums=(3,),
+                                      compiler_options=compiler_options() or None)
         return self._jit_apply
 
     def _check_ids(self, token_ids) -> np.ndarray:

@@ -40,7 +40,8 @@ import time
 
 def parse_args(argv):
     from jpaged.bench.harness import add_output_args, parse_list, positive_int
-    from jpaged.bench.step_ceiling import PEAK_BW, VARIANTS, parse_decode_tuning
+    from jpaged.bench.step_ceiling import (PEAK_BW, VARIANTS, parse_compiler_options,
+                                           parse_decode_tuning)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-1.1b",
@@ -60,6 +61,12 @@ def parse_args(argv):
                    help="launch settings of the GPU decode kernel (chunk_tokens/num_warps/"
                         "num_stages, or 'default'); repeatable: each runs at every point "
                         "(variant full), side by side in one run")
+    p.add_argument("--compiler-options", action="append", default=[],
+                   metavar="NAME=VALUE[,NAME=VALUE]",
+                   help="XLA debug options of the loop's compile, or 'default' (the model "
+                        "runner's own: models.compiler_options()), or 'none' (XLA's own "
+                        "choices); repeatable: each runs at every point, side by side in one "
+                        "run, e.g. xla_gpu_experimental_force_split_k=1")
     p.add_argument("--dtype", default="bfloat16", help="params and KV cache dtype")
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
     p.add_argument("--repeats", type=positive_int, default=5,
@@ -80,6 +87,8 @@ def parse_args(argv):
     try:
         args.variant = parse_list(args.variant, VARIANTS)
         args.tunings = [(t, parse_decode_tuning(t)) for t in args.decode_tuning or ["default"]]
+        args.option_sets = [(o, None if o == "default" else parse_compiler_options(o))
+                            for o in args.compiler_options or ["default"]]
         if any(t for _, t in args.tunings) and args.variant != ["full"]:
             raise ValueError("--decode-tuning needs --variant full")
         if args.point:
@@ -134,12 +143,14 @@ def main(argv=None):
                   attention_backend=args.attention_backend, interpret=args.interpret,
                   tensor_parallel_size=args.tensor_parallel_size, peak_bw=args.peak_bw,
                   repeats=args.repeats, warmup=args.warmup, results=[])
-    jobs = [(p, v, t) for p in args.points for v in args.variant for t in args.tunings]
+    jobs = [(p, v, t, o) for p in args.points for v in args.variant for t in args.tunings
+            for o in args.option_sets]
     bar = tqdm(jobs, desc="points", disable=args.no_progress)
     model, model_name = None, None
-    for (name, num_seqs, context, steps), variant, (tuning_name, tuning) in bar:
+    for (name, num_seqs, context, steps), variant, (tuning_name, tuning), (
+            options_name, options) in bar:
         record = dict(model=name, num_seqs=num_seqs, context=context, K=steps, variant=variant,
-                      tuning=tuning_name)
+                      tuning=tuning_name, options=options_name)
         try:
             if name != model_name:
                 model, model_name = None, None  # NOTE: frees the last model's weights first
@@ -150,7 +161,7 @@ def main(argv=None):
                                     variant=variant, block_size=args.block_size,
                                     repeats=args.repeats, warmup=args.warmup,
                                     peak_bw=args.peak_bw, seed=args.seed,
-                                    decode_tuning=tuning))
+                                    decode_tuning=tuning, compiler_options=options))
         except (ValueError, RuntimeError, jax.errors.JaxRuntimeError) as e:
             # NOTE: one point that cannot run (no memory, a bad shape) is
             # recorded and the others go on.
@@ -160,7 +171,8 @@ def main(argv=None):
         shown = {k: round(record[k], 3) for k in ("ms_per_step", "roofline_ms", "ratio")
                  if k in record}
         print(f"[{time.strftime('%H:%M:%S')}] {name} S={num_seqs} ctx={context} K={steps} "
-              f"{variant} ({tuning_name}): {shown or record.get('error')}", flush=True)
+              f"{variant} ({tuning_name}, {options_name}): {shown or record.get('error')}",
+              flush=True)
     rows = [dict(r, weights_gb=r["bytes"]["weights"] / 1e9, kv_gb=r["bytes"]["kv_read"] / 1e9)
             if "bytes" in r else r for r in result["results"]]
     print(f"\n{header['device']} ({header['platform']}), commit {header['commit']}, "
@@ -168,6 +180,7 @@ def main(argv=None):
     print(format_table(rows, [("model", "model", ""), ("num_seqs", "seqs", "d"),
                               ("context", "ctx", "d"), ("K", "K", "d"),
                               ("variant", "variant", ""), ("tuning", "decode tuning", ""),
+                              ("options", "XLA options", ""),
                               ("ms_per_step", "ms/step", ".3f"),
                               ("tok_per_s", "tok/s", ",.0f"), ("roofline_ms", "roofline ms", ".3f"),
                               ("ratio", "x roofline", ".2f"),

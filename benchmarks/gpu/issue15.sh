@@ -7,6 +7,10 @@
 #   profile-cublas  the same, command buffers off and cuBLAS only (no Triton GEMM fusions)
 #   kernels         bench_kernels.py: checks, then the head_dim 64 decode shapes with a sweep
 #   step            bench_step.py: 1.1B and SmolLM2 shapes, 256 x 512, K=16, three variants
+#   gemm            bench_step.py, 1.1B and SmolLM2 (256 x 512) and 13B (128 x 512), K=16,
+#                   with XLA's GEMM choices side by side: its own, no split-K, cuBLAS only,
+#                   and both (the compiler options of the loop's compile)
+#   profile-splitk  profile-nocb with no split-K GEMMs
 #   tuning          bench_step.py, the same two points (variant full) with the decode kernel's
 #                   own launch settings and five others side by side (head_dim 64 item)
 set -uo pipefail
@@ -32,6 +36,19 @@ for s in "$@"; do
         --decode-tuning default --decode-tuning 64/4/3 --decode-tuning 64/2/2 \
         --decode-tuning 64/2/4 --decode-tuning 128/2/4 --decode-tuning 128/2/2 \
         --decode-tuning 32/2/2 --no-progress --out "$OUT/tuning.json" ;;
+    gemm) run gemm 300 python3 scripts/bench_step.py --point llama-1.1b:256:512:16 \
+        --point smollm2-135m-shape:256:512:16 --repeats 9 --compiler-options none \
+        --compiler-options xla_gpu_experimental_force_split_k=1 \
+        --compiler-options xla_gpu_enable_triton_gemm=false \
+        --compiler-options xla_gpu_enable_triton_gemm=false,xla_gpu_experimental_force_split_k=1 \
+        --no-progress --out "$OUT/gemm.json"
+        run gemm-13b 200 python3 scripts/bench_step.py --point llama-13b:128:512:16 \
+        --repeats 5 --compiler-options none \
+        --compiler-options xla_gpu_experimental_force_split_k=1 \
+        --compiler-options xla_gpu_enable_triton_gemm=false \
+        --no-progress --out "$OUT/gemm-13b.json" ;;
+    profile-splitk) XLA_FLAGS="--xla_gpu_enable_command_buffer= --xla_gpu_experimental_force_split_k=1" \
+        run profile-splitk 150 $PROFILE --out "$OUT/profile-splitk.json" ;;
     *) echo "unknown step $s" ;;
     esac
 done

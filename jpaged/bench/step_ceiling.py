@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels_pallas
+import models
 from models.base import DTYPES
 
 VARIANTS = ("full", "no-attention", "no-attention-no-kv-write")
@@ -99,6 +100,30 @@ def with_decode_tuning(model, tuning: dict):
                                _jit_apply=None)
 
 
+def parse_compiler_options(text: str) -> dict:
+    """"none" (XLA's own choices) or NAME=VALUE[,NAME=VALUE...]: XLA
+    debug options for the decode loop's compile, e.g.
+    "xla_gpu_experimental_force_split_k=1" (no split-K GEMMs) or
+    "xla_gpu_enable_triton_gemm=false" (cuBLAS only). Values true/false
+    become booleans, integers ints, anything else stays a string."""
+    if text == "none":
+        return {}
+    options = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("xla_"):
+            raise ValueError(f"compiler option {item!r} is not NAME=VALUE with an xla_ "
+                             "name (e.g. xla_gpu_experimental_force_split_k=1)")
+        if value.lower() in ("true", "false"):
+            options[name] = value.lower() == "true"
+        else:
+            try:
+                options[name] = int(value)
+            except ValueError:
+                options[name] = value
+    return options
+
+
 def random_pool(model, num_blocks: int, block_size: int, seed: int = 0) -> tuple:
     """Random K/V: one [2, num_blocks, num_kv_heads, block_size, head_dim]
     array per layer in the model's dtype, placed like model.init_kv_caches."""
@@ -153,10 +178,12 @@ def decode_inputs(model, num_seqs: int, context: int, steps: int, block_size: in
         kv_caches=random_pool(model, 1 + tables.size, block_size, seed))
 
 
-def decode_loop(model, steps: int, block_size: int = 16):
+def decode_loop(model, steps: int, block_size: int = 16,
+                compiler_options: dict | None = None):
     """jit of (params, kv_caches, tokens, positions, block_tables) ->
     (kv_caches, tokens): ``steps`` greedy decode steps in one lax.fori_loop,
-    the pool donated."""
+    the pool donated, compiled with ``compiler_options`` (XLA debug options;
+    None: the model runner's own, models.compiler_options())."""
     def loop(params, kv_caches, tokens, positions, block_tables):
         num_seqs = tokens.shape[0]
         rows = jnp.arange(num_seqs, dtype=jnp.int32)
@@ -174,7 +201,9 @@ def decode_loop(model, steps: int, block_size: int = 16):
 
         kv_caches, tokens, _ = jax.lax.fori_loop(0, steps, step, (kv_caches, tokens, positions))
         return kv_caches, tokens
-    return jax.jit(loop, donate_argnums=(1,))
+    if compiler_options is None:
+        compiler_options = models.compiler_options()
+    return jax.jit(loop, donate_argnums=(1,), compiler_options=compiler_options or None)
 
 
 def _per_device_bytes(x) -> int:
@@ -230,7 +259,8 @@ def pool_bytes(model, num_seqs: int, context: int, steps: int, block_size: int =
 def run_point(model, *, num_seqs: int, context: int, steps: int = 16, variant: str = "full",
               block_size: int = 16, repeats: int = 5, warmup: int = 2,
               peak_bw: float = PEAK_BW, seed: int = 0,
-              decode_tuning: dict | None = None) -> dict:
+              decode_tuning: dict | None = None,
+              compiler_options: dict | None = None) -> dict:
     """Times ``steps`` decode steps in one jitted loop (median of ``repeats``
     calls after a compile call and ``warmup`` calls, each waited for).
 
@@ -243,6 +273,8 @@ def run_point(model, *, num_seqs: int, context: int, steps: int = 16, variant: s
       peak_bw:    B/s of the roofline.
       decode_tuning: launch settings of the decode kernel (parse_decode_tuning;
                   variant full only), None or {} for its own.
+      compiler_options: XLA debug options of the loop's compile
+                  (parse_compiler_options); None for the model runner's own.
     Returns:
       dict: num_seqs, context, K, variant, block_size, ms_per_step (median
       call / K), tok_per_s, roofline_ms (this variant's bytes / peak_bw),
@@ -264,7 +296,7 @@ def run_point(model, *, num_seqs: int, context: int, steps: int = 16, variant: s
     if decode_tuning and variant != "full":
         raise ValueError(f"decode tuning needs variant full, got {variant!r}")
     variant_model = with_decode_tuning(with_variant(model, variant), decode_tuning or {})
-    loop = decode_loop(variant_model, steps, block_size)
+    loop = decode_loop(variant_model, steps, block_size, compiler_options)
     kv_caches = inputs.kv_caches
     inputs.kv_caches = None  # NOTE: donated below; keep no handle on a deleted buffer
 
@@ -295,7 +327,10 @@ def run_point(model, *, num_seqs: int, context: int, steps: int = 16, variant: s
     moved = step_bytes(model, num_seqs, context, steps, variant)
     roofline_ms = 1e3 * moved["total"] / peak_bw
     return dict(num_seqs=num_seqs, context=context, K=steps, variant=variant,
-                decode_tuning=decode_tuning or {}, block_size=block_size, ms_per_step=ms_per_step,
+                decode_tuning=decode_tuning or {},
+                compiler_options=(models.compiler_options() if compiler_options is None
+                                  else compiler_options),
+                block_size=block_size, ms_per_step=ms_per_step,
                 tok_per_s=num_seqs / ms_per_step * 1e3, roofline_ms=roofline_ms,
                 ratio=ms_per_step / roofline_ms, pipelined_ms_per_step=pipelined_ms,
                 peak_bw=peak_bw, bytes=moved,

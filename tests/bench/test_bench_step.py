@@ -143,6 +143,30 @@ def test_bench_step_script_on_the_gpu_kernels(tmp_path, capsys):
     assert "ms/step" in table[-6] and "x roofline" in table[-6] and "decode tuning" in table[-6]
 
 
+def test_compiler_options_reach_the_loop(model, monkeypatch):
+    """run_point compiles the loop with the options it is given (recorded),
+    or with the model runner's own (models.compiler_options) when given
+    none; the tokens do not depend on them here (CPU ignores GPU options)."""
+    seen = []
+    real_jit = jax.jit
+
+    def spy(fn, **kwargs):
+        if fn.__name__ == "loop":
+            seen.append(kwargs.get("compiler_options"))
+        return real_jit(fn, **kwargs)
+
+    monkeypatch.setattr(step_ceiling.jax, "jit", spy)
+    monkeypatch.setitem(models.base.COMPILER_OPTIONS, jax.default_backend(),
+                        {"xla_gpu_enable_triton_gemm": False})
+    given = {"xla_gpu_experimental_force_split_k": 1}
+    res = [step_ceiling.run_point(model, num_seqs=2, context=5, steps=2, block_size=BS,
+                                  repeats=1, warmup=0, compiler_options=options)
+           for options in (given, None, {})]
+    assert [r["compiler_options"] for r in res] == [
+        given, {"xla_gpu_enable_triton_gemm": False}, {}]
+    assert seen == [given, {"xla_gpu_enable_triton_gemm": False}, None]
+
+
 def test_bench_step_flags():
     parse = script("bench_step").parse_args
     args = parse(["--model", "a,b", "--num-seqs", "1,2", "--context", "5", "--steps", "4"])
@@ -153,8 +177,17 @@ def test_bench_step_flags():
     args = parse(["--decode-tuning", "default", "--decode-tuning", "128/2/4"])
     assert args.tunings == [("default", {}), ("128/2/4", dict(chunk_tokens=128, num_warps=2,
                                                                 num_stages=4))]
+    args = parse(["--compiler-options", "default", "--compiler-options", "none",
+                  "--compiler-options", "xla_gpu_experimental_force_split_k=1,"
+                                        "xla_gpu_enable_triton_gemm=false,xla_x=abc"])
+    assert args.option_sets == [
+        ("default", None), ("none", {}),
+        ("xla_gpu_experimental_force_split_k=1,xla_gpu_enable_triton_gemm=false,xla_x=abc",
+         dict(xla_gpu_experimental_force_split_k=1, xla_gpu_enable_triton_gemm=False,
+              xla_x="abc"))]
     for bad in (["--point", "llama-1.1b:256:512"], ["--variant", "fast"],
                 ["--num-seqs", "a"], ["--decode-tuning", "64/2"],
+                ["--compiler-options", "split_k=1"], ["--compiler-options", "xla_gpu_x"],
                 ["--decode-tuning", "64/2/2", "--variant", "no-attention"]):
         with pytest.raises(SystemExit):
             parse(bad)
