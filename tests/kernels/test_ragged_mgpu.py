@@ -66,9 +66,11 @@ def test_ragged_cases(name, kw):
 @pytest.mark.parametrize("tune", [dict(block_kv=128, num_stages=1),
                                   dict(block_kv=64, num_stages=2)], ids=str)
 def test_tunings(tune):
-    # mixed chunks and decodes: some KV walks are shorter than the pipeline
-    name, kw = kc.RAGGED_CASES[-1]
-    c = kc.ragged_case(4, **{**kw, "dtype": "bfloat16"})
+    # a chunk over a long cached prefix (its KV walk wraps the ring buffers),
+    # a decode row, and a short prompt whose walk is shorter than the ring
+    c = kc.ragged_case(2, q_lens=[40, 1, 9], ctx_lens=[300, 200, 9], num_tokens=56,
+                       num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype="bfloat16")
     out = mgpu.ragged_paged_attention(*_args(c), scale=c["scale"], interpret=True, **tune)
     _assert_close(out, reference.ragged_paged_attention(*_args(c), scale=c["scale"]))
 
@@ -81,3 +83,19 @@ def test_unsupported_inputs_name_the_problem():
     c = kc.ragged_case(0, **{**kw, "dtype": "bfloat16"})
     with pytest.raises(ValueError, match="head_dim"):
         mgpu.ragged_paged_attention(*_args(c), scale=c["scale"], interpret=True)
+
+
+@pytest.mark.parametrize("head_dim,block_size,tune", [
+    (128, 16, {}), (64, 8, dict(block_kv=128, num_stages=2)), (64, 32, dict(p_via_smem=True))])
+def test_lowers_for_cuda(head_dim, block_size, tune):
+    # The compiled path (P from registers, the default on a GPU) is not what
+    # interpret mode runs: lower it to a Mosaic GPU module for CUDA here, on
+    # the CPU, so lowering and layout-inference errors show before a GPU run.
+    pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+    import jax
+    c = kc.ragged_case(0, q_lens=[20, 1], ctx_lens=[90, 33], num_tokens=24, num_heads=8,
+                       num_kv_heads=2, head_dim=head_dim, block_size=block_size,
+                       dtype="bfloat16")
+    fn = jax.jit(lambda *a: mgpu.ragged_paged_attention(*a, scale=c["scale"], **tune))
+    exported = jax.export.export(fn, platforms=["cuda"])(*_args(c))
+    assert "mosaic_gpu" in exported.mlir_module()
