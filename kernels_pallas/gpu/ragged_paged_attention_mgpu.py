@@ -25,7 +25,10 @@ Algorithm (one CUDA block = one warpgroup = one (query tile, KV head)):
    Pages past the context are copied too (their block ids are clamped
    into the table, so in bounds) and masked like the rest.
 3. Per KV tile: S = Q K^T (wgmma, f32 accumulator in registers), online
-   softmax in base 2, O = O * alpha + P V (wgmma with P from registers).
+   softmax in base 2, O = O * alpha + P V (wgmma with P from registers, or
+   from SMEM in interpret mode, whose wgmma reads SMEM operands only; P V
+   goes to a fresh accumulator added to O, as interpret mode has no
+   pl.run_state).
    Tiles entirely at or before the tile's first query position need no mask;
    only the diagonal tiles mask causally, and there V rows past the
    context are zeroed in SMEM first (block 0, stale blocks and page tails
@@ -43,7 +46,6 @@ that divides block_kv, GQA group <= 8.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -204,7 +206,7 @@ def _ragged_mgpu_kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
-def check_supported(q, kv_cache, block_kv):
+def _check_supported(q, kv_cache, block_kv):
     """Raises ValueError when this kernel cannot run these shapes."""
     check_attention(q, kv_cache)
     num_heads, head_dim = q.shape[-2:]
@@ -230,7 +232,7 @@ def check_supported(q, kv_cache, block_kv):
     "scale", "interpret", "block_kv", "num_stages", "p_via_smem"))
 def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
                            query_start_loc, *, scale, interpret=False,
-                           block_kv=64, num_stages=3, p_via_smem=None):
+                           block_kv=64, num_stages=2, p_via_smem=None):
     """Prefill / mixed attention through block tables (contract: the facade).
 
     Args:
@@ -243,7 +245,9 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
       interpret:       Mosaic GPU interpret mode (CPU): True, or an
                        ``plgpu.InterpretGPUParams``.
       block_kv:        KV tokens per inner step (64 or 128).
-      num_stages:      KV tiles in flight (SMEM ring buffers, >= 1).
+      num_stages:      KV tiles in flight (SMEM ring buffers, >= 1). With
+                       head_dim 128 and block_kv 64, 2 stages take 96 KiB of
+                       SMEM (two CTAs per SM), 3 take 128 KiB (one).
       p_via_smem:      feed P to the PV wgmma from SMEM instead of registers
                        (None: only in interpret mode, which needs it).
     Returns:
@@ -252,7 +256,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
       ValueError: shapes or dtypes this kernel does not take (see the module
         docstring); the Triton kernel takes them all.
     """
-    check_supported(q, kv_cache, block_kv)
+    _check_supported(q, kv_cache, block_kv)
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     num_tokens, num_heads, head_dim = q.shape
@@ -268,7 +272,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
     qsl = query_start_loc.astype(jnp.int32)
     tile_seq, tile_start = _tile_table(qsl, num_tokens, block_q, num_tiles)
 
-    elems = SWIZZLE * 8 // jnp.dtype(q.dtype).itemsize // 8  # 64 for 2-byte dtypes
+    elems = SWIZZLE // jnp.dtype(q.dtype).itemsize  # a swizzled row: 64 values
     transforms = (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(SWIZZLE))
     pages_per_tile = block_kv // block_size
     scratch = [
