@@ -58,7 +58,8 @@ class KVPool:
         # Device<->host transfers go through page-locked memory where the
         # platform offers it (on an H100: ~52 GB/s against ~7 GB/s pageable).
         self._device = jax.local_devices()[0]
-        self._pinned = any(m.kind == "pinned_host" for m in self._device.addressable_memories())
+        self.pinned_host = any(m.kind == "pinned_host"
+                               for m in self._device.addressable_memories())
         self.swap_buckets = (pow2_buckets(1, min(MAX_SWAP_CHUNK, num_cpu_blocks))
                              if num_cpu_blocks else [])
         self._copy_fn = jax.jit(self._copy, donate_argnums=(0,))
@@ -143,7 +144,7 @@ class KVPool:
             gpu = np.zeros(b, np.int32)
             gpu[:len(chunk)] = [g for g, _ in chunk]
             data = self._gather_fn(self.arrays, gpu)
-            if self._pinned:
+            if self.pinned_host:
                 data = jax.device_put(data, data.sharding.with_memory_kind("pinned_host"))
             self.cpu_cache[:, :, [c for _, c in chunk]] = np.asarray(data)[:, :, :len(chunk)]
 
@@ -163,7 +164,7 @@ class KVPool:
     def _to_device(self, data: np.ndarray):
         if self.mesh is not None:  # jit spreads host data over the mesh (every host's too)
             return data
-        if not self._pinned:
+        if not self.pinned_host:
             return jnp.asarray(data)
         staged = jax.device_put(data, jax.sharding.SingleDeviceSharding(
             self._device, memory_kind="pinned_host"))

@@ -8,6 +8,9 @@
 3. Swapping: blocks moved device -> host -> device come back bit for bit,
    and the batch through a small share of the pool in swap mode finishes
    with swaps counted (its tokens are compared with the full-pool run).
+4. The ceiling: the same model alone (jpaged.bench.step_ceiling: decode
+   steps in one jitted loop, no scheduler) at the batch's shape, and the
+   engine's tokens/s over it.
 Writes benchmarks/results/generate-<device>.json (or --out).
 """
 from __future__ import annotations
@@ -25,24 +28,46 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-shape",
-                   help="models.random_model preset (random weights of that shape)")
+                   help="models.random_model preset (random weights of that shape) or a JSON "
+                        "file holding an HF config dict")
     p.add_argument("--dtype", default="bfloat16", help="params and KV dtype")
     p.add_argument("--num-prompts", type=int, default=300, help="requests in the batch")
     p.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
     p.add_argument("--max-num-seqs", type=int, default=256, help="decode batch limit")
     p.add_argument("--max-model-len", type=int, default=1024, help="context limit")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens one step may hold (default: max(max-model-len, 4096))")
+    p.add_argument("--max-decode-window", type=int, default=None,
+                   help="decode steps per jitted call (default: EngineConfig's)")
     p.add_argument("--swap-blocks", type=int, default=600,
                    help="usable blocks in the swap-mode run (3.); 0 skips it")
+    p.add_argument("--ceiling", default="auto", metavar="S:C",
+                   help="time the model alone at S sequences and context C in this run (4.); "
+                        "auto: min(num-prompts, max-num-seqs) sequences at prompt-len + "
+                        "max-tokens / 2, the batch's mean context; none skips it")
     p.add_argument("--commit", default=None, help="commit hash to record (default: git)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
     args = p.parse_args(argv)
+    if args.ceiling == "auto":
+        args.ceiling = (min(args.num_prompts, args.max_num_seqs),
+                        args.prompt_len + args.max_tokens // 2)
+    elif args.ceiling == "none":
+        args.ceiling = None
+    else:
+        try:
+            args.ceiling = tuple(int(x) for x in args.ceiling.split(":"))
+            assert len(args.ceiling) == 2 and min(args.ceiling) > 0
+        except (ValueError, AssertionError):
+            p.error(f"--ceiling must be S:C (two positive integers), auto or none; "
+                    f"got {args.ceiling!r}")
 
     import jax
     import numpy as np
     import models
     from jpaged import LLM, SamplingParams
     from jpaged.bench.harness import use_system
+    spec = models.load_hf_config(args.model)
 
     device = jax.devices()[0].device_kind
     result = dict(device=device, command=" ".join(["python"] + sys.argv),
@@ -51,9 +76,9 @@ def main(argv=None):
                   random_weights=True)
 
     # 1. Pallas path vs reference path, same weights.
-    ref = models.random_model(args.model, dtype="float32", seed=0, attention_backend="reference",
+    ref = models.random_model(spec, dtype="float32", seed=0, attention_backend="reference",
                               fast_init=True)
-    pal = models.random_model(args.model, dtype="float32", seed=0, attention_backend="auto",
+    pal = models.random_model(spec, dtype="float32", seed=0, attention_backend="auto",
                               fast_init=True)
     ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()
     a, b = ref.logits(ids), pal.logits(ids)
@@ -65,14 +90,17 @@ def main(argv=None):
     del ref, pal
 
     # 2. The engine on a batch of random prompts.
-    model = models.random_model(args.model, dtype=args.dtype, seed=0, fast_init=True)
+    model = models.random_model(spec, dtype=args.dtype, seed=0, fast_init=True)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, model.config.vocab_size, args.prompt_len).tolist()
                for _ in range(args.num_prompts)]
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     t0 = time.perf_counter()
+    window = {} if args.max_decode_window is None else dict(
+        max_decode_window=args.max_decode_window)
     llm = LLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-              max_num_batched_tokens=max(args.max_model_len, 4096))
+              max_num_batched_tokens=args.max_num_batched_tokens or max(args.max_model_len, 4096),
+              **window)
     t1 = time.perf_counter()
     eng = llm.engine
     traces = eng.runner.num_traces
@@ -112,10 +140,29 @@ def main(argv=None):
         result["swap"] = _check_swap(llm, prompts, sp, full_pool_tokens, args.swap_blocks)
     result["generate"]["compiles_after_warmup"] = eng.runner.num_traces - traces
 
+    # 4. The model alone at the batch's shape, in this process (the engine's
+    # pool freed first).
+    if args.ceiling:
+        from jpaged.bench.step_ceiling import run_point
+        num_seqs, context = args.ceiling
+        window = eng.config.max_decode_window
+        del llm, eng
+        import gc
+        gc.collect()
+        ceiling = run_point(model, num_seqs=num_seqs, context=context, steps=window)
+        ceiling.pop("call_ms", None)
+        result["ceiling"] = ceiling
+        result["generate"]["vs_ceiling"] = (result["generate"]["output_tokens_per_s"]
+                                            / ceiling["tok_per_s"])
+
     out = args.out or f"benchmarks/results/generate-{device.replace(' ', '_')}.json"
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
+    if args.ceiling:
+        print(f"engine {result['generate']['output_tokens_per_s']:,.0f} tok/s; model alone "
+              f"({args.ceiling[0]} seqs at {args.ceiling[1]}, {ceiling['K']} steps a call) "
+              f"{ceiling['tok_per_s']:,.0f} tok/s: {result['generate']['vs_ceiling']:.2f}x")
 
 
 def _check_swap(llm, prompts, sp, full_pool_tokens, num_blocks) -> dict:
@@ -141,7 +188,7 @@ def _check_swap(llm, prompts, sp, full_pool_tokens, num_blocks) -> dict:
     nbytes = sum(a.nbytes for a in before)
     res = dict(round_trip_blocks=n, round_trip_bit_exact=bool(exact),
                round_trip_gbytes_per_s=2 * nbytes / seconds / 1e9,
-               pinned_host_staging=bool(runner._pinned))
+               pinned_host_staging=bool(runner.pool.pinned_host))
     use_system(eng, "jpaged", num_blocks=num_blocks)
     eng.scheduler.config = dataclasses.replace(eng.scheduler.config, preemption_mode="swap")
     t = time.perf_counter()
