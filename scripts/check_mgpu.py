@@ -233,16 +233,17 @@ def bench_shape(name, q_lens, cached, hq, hkv, d, bs, reps):
     return res
 
 
-def bench(reps):
+def bench(reps, out, save):
     if TINY:
         shapes = [("mixed", [16] * 2, [0, 40], 4, 2, 64, 16),
                   ("causal", [64], [0], 4, 1, 64, 16)]
     else:
         shapes = [("8x512_cached0-1536_hd128", [512] * 8,
                    np.linspace(0, 1536, 8).round().astype(int).tolist(), 32, 8, 128, 16),
+                  ("8x512_cached0-1536_hd64_32-4", [512] * 8,
+                   np.linspace(0, 1536, 8).round().astype(int).tolist(), 32, 4, 64, 16),
                   ("1x4096_causal_hd128", [4096], [0], 32, 8, 128, 16),
                   ("1x4096_causal_hd64_32-4", [4096], [0], 32, 4, 64, 16)]
-    out = {}
     for name, *spec in shapes:
         log(f"bench {name}")
         try:
@@ -250,7 +251,11 @@ def bench(reps):
         except Exception:
             out[name] = dict(error=traceback.format_exc())
             log(f"bench {name} FAILED\n{traceback.format_exc()}")
-    return out
+        save()  # NOTE: after every shape, so a run stopped by its time limit keeps them
+
+
+class SkipPhase(Exception):
+    pass
 
 
 def main():
@@ -260,12 +265,13 @@ def main():
     ap.add_argument("--out", required=True, help="JSON file for every result and traceback")
     ap.add_argument("--reps", type=int, default=11, help="timed repetitions per measurement (median)")
     ap.add_argument("--skip-bench", action="store_true", help="run the checks only")
+    ap.add_argument("--skip-check", action="store_true", help="run the timings only")
     ap.add_argument("--tiny", action="store_true",
                     help="small shapes in interpret mode: a CPU smoke test of this script")
     args = ap.parse_args()
     TINY = args.tiny
-    result = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                  host=platform.node(), tiny=TINY)
+    from jpaged.bench.harness import result_header
+    result = dict(result_header("scripts/check_mgpu.py", None), tiny=TINY)
 
     def save():
         with open(args.out, "w") as f:
@@ -273,9 +279,13 @@ def main():
 
     log(f"device {result['device']}, jax {jax.__version__}")
     try:
+        if args.skip_check:
+            raise SkipPhase
         result["check"] = check(CHECK_TUNINGS[:2] if TINY else CHECK_TUNINGS)
         bad = [r for r in result["check"] if r.get("ok") is False]
         log(f"check: {len(bad)} failing of {len(result['check'])}")
+    except SkipPhase:
+        pass
     except Exception:
         result["check_error"] = traceback.format_exc()
         log(f"check phase FAILED\n{result['check_error']}")
@@ -289,7 +299,8 @@ def main():
             log(f"matmul FAILED\n{result['matmul_error']}")
         save()
         try:
-            result["bench"] = bench(args.reps)
+            result["bench"] = {}
+            bench(args.reps, result["bench"], save)
         except Exception:
             result["bench_error"] = traceback.format_exc()
             log(f"bench phase FAILED\n{result['bench_error']}")
