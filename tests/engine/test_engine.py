@@ -35,6 +35,31 @@ def make_llm(model, **kw):
     return LLM(model, use_tqdm_warmup=False, **args)
 
 
+# The small pool of the preemption tests: 24 blocks, the size test_async_scheduling,
+# test_windows and test_failsafe use too, so its steps compile once a session
+# (a pool size is a shape of every compiled step).
+SMALL_POOL = 24
+
+
+@pytest.fixture(scope="module")
+def llama_llm(llama):
+    """One make_llm(llama) (ENGINE, a 200-block pool) for the tests that need
+    only an idle engine of that config: each takes it through `default_llm`,
+    which checks it is idle and zeroes its stats (a warm-up is seconds of
+    tracing and cache loads per engine)."""
+    return make_llm(llama)
+
+
+@pytest.fixture
+def default_llm(llama_llm):
+    eng = llama_llm.engine
+    assert not eng.has_unfinished_requests() and not eng._states
+    bm = eng.block_manager
+    assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+    eng.stats.reset()
+    return llama_llm
+
+
 _DENSE = {}
 
 
@@ -76,8 +101,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 @pytest.mark.parametrize("which", ["llama", "opt"])
 def test_paged_greedy_equals_dense_loop(which, request):
     model = request.getfixturevalue(which)
+    llm = request.getfixturevalue("default_llm") if which == "llama" else make_llm(model)
     ps = prompts(np.random.default_rng(0), [3, 9, 17, 30])
-    outs = make_llm(model).generate(prompt_token_ids=ps, sampling_params=GREEDY, use_tqdm=False)
+    outs = llm.generate(prompt_token_ids=ps, sampling_params=GREEDY, use_tqdm=False)
     for p, o in zip(ps, outs):
         assert o.error is None
         assert o.outputs[0].token_ids == dense_greedy(model, p, 8)
@@ -87,11 +113,11 @@ def test_paged_greedy_equals_dense_loop(which, request):
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_tiny_pool_preempts_and_gives_same_tokens(llama, mode):
+def test_tiny_pool_preempts_and_gives_same_tokens(llama, default_llm, mode):
     ps = prompts(np.random.default_rng(1), [10, 12, 14, 9, 11, 13])
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    big = make_llm(llama).generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
-    llm = make_llm(llama, num_gpu_blocks=22, preemption_mode=mode)
+    big = default_llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    llm = make_llm(llama, num_gpu_blocks=SMALL_POOL, preemption_mode=mode)
     small = llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in small] == [o.outputs[0].token_ids for o in big]
     sched = llm.engine.scheduler
@@ -117,7 +143,7 @@ def test_invariants_checked_after_every_schedule_when_asked(llama, monkeypatch):
     monkeypatch.setattr(BlockSpaceManager, "check_invariants",
                         lambda self: (calls.append(1), real(self))[1])
     monkeypatch.setenv("JPAGED_CHECK_INVARIANTS", "1")
-    llm = make_llm(llama, num_gpu_blocks=22, preemption_mode="swap")
+    llm = make_llm(llama, num_gpu_blocks=SMALL_POOL, preemption_mode="swap")
     ps = prompts(np.random.default_rng(1), [10, 12, 14, 9, 11, 13])
     sps = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
            SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=20, ignore_eos=True)] * 3
@@ -142,25 +168,25 @@ def reference_beam_search(model, prompt, width, max_tokens):
     return beams
 
 
-def test_beam_search_equals_reference(llama):
+def test_beam_search_equals_reference(llama, default_llm):
     p = prompts(np.random.default_rng(2), [7])[0]
     sp = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0.0,
                         max_tokens=5, ignore_eos=True)
-    out = make_llm(llama).generate(prompt_token_ids=[p], sampling_params=sp, use_tqdm=False)[0]
+    out = default_llm.generate(prompt_token_ids=[p], sampling_params=sp, use_tqdm=False)[0]
     ref = reference_beam_search(llama, p, 3, 5)[:2]
     assert [c.token_ids for c in out.outputs] == [r[1] for r in ref]
     for c, r in zip(out.outputs, ref):
         assert c.cumulative_logprob == pytest.approx(r[0], abs=1e-3)
 
 
-def test_beams_that_lose_leave_the_group(llama):
+def test_beams_that_lose_leave_the_group(llama, default_llm):
     """A beam group holds at most its width of sequences at every step (the
     beams that lost are dropped, with their state), and gives the tokens of
     the reference."""
     p = prompts(np.random.default_rng(2), [7])[0]
     sp = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0.0,
                         max_tokens=12, ignore_eos=True)
-    eng = make_llm(llama).engine
+    eng = default_llm.engine
     eng.add_request("beams", None, sp, prompt_token_ids=p)
     sizes, outs = [], []
     while eng.has_unfinished_requests():
@@ -173,11 +199,11 @@ def test_beams_that_lose_leave_the_group(llama):
     assert [c.token_ids for c in outs[-1].outputs] == [r[1] for r in ref]
 
 
-def test_parallel_sampling_is_reproducible_and_batch_invariant(llama):
+def test_parallel_sampling_is_reproducible_and_batch_invariant(default_llm):
     p = prompts(np.random.default_rng(3), [6])[0]
     others = prompts(np.random.default_rng(4), [5, 11])
     sp = SamplingParams(n=3, temperature=1.0, seed=123, max_tokens=8, ignore_eos=True)
-    llm = make_llm(llama)
+    llm = default_llm
     a = llm.generate(prompt_token_ids=[p], sampling_params=sp, use_tqdm=False)[0]
     b = llm.generate(prompt_token_ids=others + [p],
                      sampling_params=[SamplingParams(temperature=0.7, max_tokens=5)] * 2 + [sp],
@@ -187,13 +213,14 @@ def test_parallel_sampling_is_reproducible_and_batch_invariant(llama):
     assert len(toks) == 3 and len({tuple(t) for t in toks}) > 1
 
 
-def test_prefix_caching_same_tokens_and_fewer_prefill_tokens(llama):
+def test_prefix_caching_same_tokens_and_fewer_prefill_tokens(llama, default_llm):
     rng = np.random.default_rng(5)
     prefix = rng.integers(3, 320, 24).tolist()
     ps = [prefix + rng.integers(3, 320, n).tolist() for n in (3, 5, 7)]
     results = {}
     for caching in (False, True):
-        llm = make_llm(llama, enable_prefix_caching=caching)
+        # (caching off: the shared engine, its stats zeroed; on: a fresh cache)
+        llm = make_llm(llama, enable_prefix_caching=True) if caching else default_llm
         first = llm.generate(prompt_token_ids=ps[:1], sampling_params=GREEDY, use_tqdm=False)
         rest = llm.generate(prompt_token_ids=ps[1:], sampling_params=GREEDY, use_tqdm=False)
         results[caching] = ([o.outputs[0].token_ids for o in first + rest],
@@ -205,7 +232,7 @@ def test_prefix_caching_same_tokens_and_fewer_prefill_tokens(llama):
 
 
 @pytest.mark.parametrize("kind", ["parallel", "beam"])
-def test_sharing_uses_fewer_blocks(llama, kind):
+def test_sharing_uses_fewer_blocks(default_llm, kind):
     p = prompts(np.random.default_rng(6), [30])[0]
     if kind == "parallel":
         shared = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
@@ -213,16 +240,18 @@ def test_sharing_uses_fewer_blocks(llama, kind):
         shared = SamplingParams(n=4, use_beam_search=True, temperature=0.0, max_tokens=6,
                                 ignore_eos=True)
     single = SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
-    a = make_llm(llama)
-    a.generate(prompt_token_ids=[p], sampling_params=shared, use_tqdm=False)
-    b = make_llm(llama)
-    b.generate(prompt_token_ids=[p] * 4, sampling_params=single, use_tqdm=False)
+    # one engine, its stats zeroed before each run (each peak is that run's)
+    llm, stats = default_llm, default_llm.engine.stats
+    llm.generate(prompt_token_ids=[p], sampling_params=shared, use_tqdm=False)
+    peak_shared = stats.peak_blocks_used
+    stats.reset()
+    llm.generate(prompt_token_ids=[p] * 4, sampling_params=single, use_tqdm=False)
     # unshared: 4 x (8 prompt blocks + 1-2 output blocks); shared: one prompt copy
-    assert a.engine.stats.peak_blocks_used < b.engine.stats.peak_blocks_used - 15
+    assert peak_shared < stats.peak_blocks_used - 15
 
 
 def test_no_compilation_after_warm_up(llama):
-    llm = make_llm(llama, num_gpu_blocks=30, enable_prefix_caching=True)
+    llm = make_llm(llama, num_gpu_blocks=SMALL_POOL, enable_prefix_caching=True)
     runner = llm.engine.runner
     traces = runner.num_traces
     # per prefill bucket two forwards (prompt logprobs or not), the prefill
@@ -245,8 +274,8 @@ def test_no_compilation_after_warm_up(llama):
     assert runner.num_traces == traces
 
 
-def test_bad_requests_get_errors_and_others_finish(llama):
-    llm = make_llm(llama)
+def test_bad_requests_get_errors_and_others_finish(llama, default_llm):
+    llm = default_llm
     good = prompts(np.random.default_rng(9), [5, 6])
     too_long = list(range(3, 3 + 70))  # max_model_len is 64
     outs = llm.generate(prompt_token_ids=[good[0], too_long, good[1]],
@@ -269,7 +298,7 @@ def test_bad_requests_get_errors_and_others_finish(llama):
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_soak_thousand_requests(llama, mode):
     rng = np.random.default_rng(10 if mode == "swap" else 11)
-    llm = make_llm(llama, num_gpu_blocks=40, preemption_mode=mode, max_num_seqs=8)
+    llm = make_llm(llama, num_gpu_blocks=SMALL_POOL, preemption_mode=mode, max_num_seqs=8)
     eng = llm.engine
 
     def batch(k):
@@ -315,9 +344,9 @@ def test_soak_thousand_requests(llama, mode):
     assert sizes[-1] - sizes[1] < 5 * 500
 
 
-def test_prompt_logprobs_and_min_tokens(llama):
+def test_prompt_logprobs_and_min_tokens(llama, default_llm):
     p = prompts(np.random.default_rng(12), [9])[0]
-    llm = make_llm(llama)
+    llm = default_llm
     sp = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=4, logprobs=2,
                         ignore_eos=True)
     out = llm.generate(prompt_token_ids=[p], sampling_params=sp, use_tqdm=False)[0]
@@ -376,8 +405,8 @@ def test_text_prompts_stop_strings_and_chat(chatty):
     assert "<|im_start|>assistant" in chat.prompt
 
 
-def test_abort_frees_everything(llama):
-    llm = make_llm(llama)
+def test_abort_frees_everything(default_llm):
+    llm = default_llm
     eng = llm.engine
     ps = prompts(np.random.default_rng(13), [5, 8, 6])
     sps = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
