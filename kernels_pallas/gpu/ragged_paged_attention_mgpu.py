@@ -228,6 +228,16 @@ def _check_supported(q, kv_cache, block_kv):
         raise ValueError(f"GQA group {num_heads // num_kv_heads} > {ROWS // 8} is not supported")
 
 
+def supports(q, kv_cache, block_kv: int = 64) -> bool:
+    """Whether this kernel takes these shapes and dtypes (the facade falls
+    back to the Triton kernel where it does not)."""
+    try:
+        _check_supported(q, kv_cache, block_kv)
+    except ValueError:
+        return False
+    return True
+
+
 @functools.partial(jax.jit, static_argnames=(
     "scale", "interpret", "block_kv", "num_stages", "p_via_smem"))
 def ragged_paged_attention(q, kv_cache, block_tables, context_lens,

@@ -99,3 +99,30 @@ def test_lowers_for_cuda(head_dim, block_size, tune):
     fn = jax.jit(lambda *a: mgpu.ragged_paged_attention(*a, scale=c["scale"], **tune))
     exported = jax.export.export(fn, platforms=["cuda"])(*_args(c))
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_the_facade_picks_the_mosaic_kernel_on_hopper_only(monkeypatch):
+    """kernels_pallas.gpu.ragged_paged_attention: the Mosaic GPU kernel on
+    an sm_90 device for the shapes it takes, the Triton kernel otherwise
+    (another GPU, interpret mode, Triton launch settings, f32, head_dim 80)."""
+    import kernels_pallas.gpu as kgpu
+    q = jnp.zeros((8, 4, 64), jnp.bfloat16)
+    pool = jnp.zeros((2, 5, 2, 16, 64), jnp.bfloat16)
+    assert kgpu.ragged_impl(q, pool) == "triton"  # this CPU
+    monkeypatch.setattr(kgpu, "_on_hopper", lambda: True)
+    assert kgpu.ragged_impl(q, pool) == "mosaic"
+    assert kgpu.ragged_impl(q, pool, interpret=True) == "triton"
+    assert kgpu.ragged_impl(q, pool, tuning={"num_warps": 4}) == "triton"
+    assert kgpu.ragged_impl(q.astype(jnp.float32), pool.astype(jnp.float32)) == "triton"
+    assert kgpu.ragged_impl(jnp.zeros((8, 4, 80), jnp.bfloat16),
+                            jnp.zeros((2, 5, 2, 16, 80), jnp.bfloat16)) == "triton"
+    assert kgpu.ragged_impl(q, pool, impl="triton") == "triton"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kgpu.ragged_impl(q, pool, impl="cuda")
+    # Forced in interpret mode, the facade runs the Mosaic kernel (its own
+    # interpreter) and agrees with the Triton twin.
+    c = kc.ragged_case(0, **CASES[0][1])
+    got = kgpu.ragged_paged_attention(*_args(c), scale=c["scale"], interpret=True,
+                                      impl="mosaic")
+    twin = kgpu.ragged_paged_attention(*_args(c), scale=c["scale"], interpret=True)
+    _assert_close(got, twin)
