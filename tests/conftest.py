@@ -20,3 +20,25 @@ os.environ.setdefault("JPAGED_XLA_CACHE", tempfile.mkdtemp(prefix="jpaged-xla-")
 def _free_module_engines():
     yield
     gc.collect()
+
+
+# A test module whose subprocess worker compiles for minutes may define
+# start_early() (start it, once) and stop_early() (end it if still running):
+# it is started once the session's tests are collected, so it runs beside the
+# tests before that module's, whose fixture waits for it.
+_EARLY = []
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "start_early") and module not in _EARLY:
+            _EARLY.append(module)
+            module.start_early()
+
+
+def pytest_sessionfinish(session):
+    for module in _EARLY:
+        module.stop_early()

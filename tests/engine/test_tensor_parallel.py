@@ -5,11 +5,16 @@ this pytest process have started it with one device, so the multi-device
 runs happen in one subprocess (this file run as a script with
 XLA_FLAGS=--xla_force_host_platform_device_count=4). It returns what it saw
 as JSON; the tests below assert on it. Checks that need no devices run here.
+
+The subprocess compiles for minutes: tests/conftest.py starts it
+(`start_early`) as soon as the session's tests are collected, so it runs
+beside the tests before these; `tp_run` waits for it.
 """
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -34,9 +39,9 @@ OPT = {"architectures": ["OPTForCausalLM"], "hidden_size": 64, "ffn_dim": 128,
        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128,
        "max_position_embeddings": 256, "word_embed_proj_dim": 64,
        "do_layer_norm_before": True, "eos_token_id": 2}
-# Small bucket sets keep compile time down: decode 1, 2, 4; prefill 16, 32.
+# Small bucket sets keep compile time down: decode windows 1, 2, 4; prefill 16, 32.
 ENGINE = dict(block_size=4, max_num_seqs=4, max_model_len=32, max_num_batched_tokens=32,
-              swap_space=0.0)
+              swap_space=0.0, max_decode_window=4)
 PROMPT_LENS = (10, 12, 14, 9)  # enough to force swapping in a 16-block pool
 SHORT_LENS = (5, 7, 6, 3)  # one prefill bucket, one decode bucket
 
@@ -257,12 +262,43 @@ def _env(num_devices):
     return env
 
 
+_WORKER = {}
+
+
+def start_early():
+    """Starts the worker subprocess (once), its output into temporary files
+    (a pipe nobody reads could fill and stall it) and its compiled steps
+    into a cache directory of its own (nothing this process writes)."""
+    if not _WORKER:
+        env = _env(NUM_DEVICES)
+        if env.get("JPAGED_XLA_CACHE", "off").lower() not in ("off", "0", ""):
+            env["JPAGED_XLA_CACHE"] = os.path.join(env["JPAGED_XLA_CACHE"], "tp-worker")
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        _WORKER.update(out=out, err=err, proc=subprocess.Popen(
+            [sys.executable, __file__], env=env, stdout=out, stderr=err, text=True))
+    return _WORKER
+
+
+def stop_early():
+    """Ends a worker still running (a session that stopped before tp_run)."""
+    if _WORKER and _WORKER["proc"].poll() is None:
+        _WORKER["proc"].kill()
+        _WORKER["proc"].wait()
+
+
 @pytest.fixture(scope="module")
 def tp_run():
-    proc = subprocess.run([sys.executable, __file__], env=_env(NUM_DEVICES),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    worker = start_early()
+    try:
+        worker["proc"].wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        stop_early()
+        raise
+    out, err = worker["out"], worker["err"]
+    out.seek(0)
+    err.seek(0)
+    assert worker["proc"].returncode == 0, err.read()[-4000:]
+    return json.loads(out.read().strip().splitlines()[-1])
 
 
 def test_worker_sees_four_devices(tp_run):
