@@ -24,7 +24,7 @@ nvidia-smi -L
 for s in "$@"; do
     case $s in
     steady) run steady 200 python3 scripts/bench_steady.py $COMMON --num-seqs 256 --context 512 \
-        --decode-tokens 160 --max-model-len 1024 --out "$OUT/steady.json" ;;
+        --decode-tokens 448 --max-model-len 1024 --out "$OUT/steady.json" ;;
     throughput) run throughput 240 python3 scripts/bench_throughput.py $COMMON --kv-cache-gib 2 \
         --workload $W --num-requests 1000 --systems jpaged,orca-max --ceiling 256:512 \
         --out "$OUT/throughput.json" ;;
