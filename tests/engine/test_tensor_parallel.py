@@ -284,6 +284,9 @@ def stop_early():
     if _WORKER and _WORKER["proc"].poll() is None:
         _WORKER["proc"].kill()
         _WORKER["proc"].wait()
+    for name in ("out", "err"):
+        if _WORKER:
+            _WORKER[name].close()
 
 
 @pytest.fixture(scope="module")
@@ -294,11 +297,11 @@ def tp_run():
     except subprocess.TimeoutExpired:
         stop_early()
         raise
-    out, err = worker["out"], worker["err"]
-    out.seek(0)
-    err.seek(0)
-    assert worker["proc"].returncode == 0, err.read()[-4000:]
-    return json.loads(out.read().strip().splitlines()[-1])
+    with worker["out"] as out, worker["err"] as err:
+        out.seek(0)
+        err.seek(0)
+        assert worker["proc"].returncode == 0, err.read()[-4000:]
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def test_worker_sees_four_devices(tp_run):
