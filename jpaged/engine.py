@@ -395,7 +395,7 @@ class LLMEngine:
         self.stats.num_steps += 1
         self.stats.num_steps_ahead += self._inflight is not None
         return _InFlight(out.scheduled_seq_groups, group_rows, spans, step,
-                         ahead=self._may_run_ahead(out.scheduled_seq_groups, step))
+                         ahead=self._may_run_ahead(out.scheduled_seq_groups))
 
     def _must_finish_inflight(self) -> bool:
         """Whether the in-flight step's results are needed before the next
@@ -410,11 +410,11 @@ class LLMEngine:
                     return False
         return True
 
-    def _may_run_ahead(self, scheduled, step) -> bool:
+    def _may_run_ahead(self, scheduled) -> bool:
         """Whether the next step may be scheduled before this one's results
         are on the host: nothing in it needs a host decision first (beam
         search, a prompt's logprobs)."""
-        if not self.config.async_scheduling or step.result is not None:
+        if not self.config.async_scheduling:
             return False
         for s in scheduled:
             sp = s.seq_group.sampling_params

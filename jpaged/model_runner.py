@@ -443,34 +443,15 @@ class ModelRunner:
         return PendingStep(out, None, self.max_num_seqs, 0, mode.num_logprobs)
 
     def dispatch_prefill(self, seqs: list[PrefillSeq], level: int) -> PendingStep:
-        """Starts one prefill step and returns without waiting for it.
-
-        A prefill larger than the largest bucket (a recomputed group of many
-        sequences) runs as several calls, each within the bucket, and is
-        waited for: its PendingStep comes back with ``result`` set (rows in
-        the order of `seqs`).
-        """
+        """Starts one prefill step and returns without waiting for it. The
+        scheduler keeps every step within max_num_batched_tokens (an
+        oversized recomputed group's prefill runs over several steps), so it
+        fits the largest bucket."""
         want_prompt = any(s.prompt_next_ids is not None for s in seqs)
         level = 2 if want_prompt else level
-        parts, part, tokens = [], [], 0
-        for s in seqs:
-            if part and tokens + s.num_tokens > self.max_num_batched_tokens:
-                parts.append(part)
-                part, tokens = [], 0
-            part.append(s)
-            tokens += s.num_tokens
-        parts.append(part)
-        if len(parts) == 1:
-            return self._prefill(seqs, level, want_prompt)
-        outs = [self.fetch(self._prefill(p, level, want_prompt)) for p in parts]
-        fields = [f.name for f in dataclasses.fields(StepOutput)][:7]
-        result = StepOutput(*(None if getattr(outs[0], f) is None else
-                              np.concatenate([getattr(o, f) for o in outs], axis=1 if i < 4 else 0)
-                              for i, f in enumerate(fields)))
-        step = PendingStep(None, None, sum(len(s.rows) for s in seqs),
-                           sum(s.num_tokens for s in seqs), SAMPLER_MODES[level].num_logprobs)
-        step.result = result
-        return step
+        assert sum(s.num_tokens for s in seqs) <= self.max_num_batched_tokens, \
+            "a prefill step over the token budget: the scheduler splits those"
+        return self._prefill(seqs, level, want_prompt)
 
     def _prefill(self, seqs, level, want_prompt) -> PendingStep:
         total = sum(s.num_tokens for s in seqs)

@@ -36,7 +36,11 @@ first. One ``schedule()`` call:
    watermark, ``max_num_batched_tokens``, ``max_num_seqs`` counting each
    group's ``get_max_num_running_seqs()``). Admitted groups get their block
    tables (prefix-cache hits included) and move to ``running``. If any was
-   admitted, the step is this prefill.
+   admitted, the step is this prefill. A group recomputed after preemption
+   may hold more tokens than ``max_num_batched_tokens`` (several sequences):
+   admitted first, its prefill runs in chunks of the budget over the next
+   steps (its sequences' last tokens left to the group's first decode step,
+   as chunked prefill does), and those chunks come before anything else.
 3. Decode otherwise: walk ``running`` oldest first. While a group cannot get
    a slot for each of its sequences' next token, preempt the most recently
    arrived running group, all its sequences together: swap it to the host
@@ -228,7 +232,9 @@ class Scheduler:
             else:  # no prompt can start now, or the decodes' turn
                 self._schedule_decodes(out, max_window if idle or self.waiting else 1)
         else:
-            if not self.swapped:
+            if any(self._prefilling(g) for g in self.running):
+                self._continue_prefills(out)
+            elif not self.swapped:
                 self._schedule_prefills(out)
             if not out.scheduled_seq_groups:
                 # NOTE: prefills were tried first: a group still waiting cannot be admitted now
@@ -302,16 +308,20 @@ class Scheduler:
                     and num_seqs + group.get_max_num_running_seqs() <= cfg.max_num_seqs)
         return False
 
-    def _admit_head(self) -> SequenceGroup:
+    def _admit_head(self, split: bool = False) -> SequenceGroup:
         """Moves the head of ``waiting`` to ``running`` with its block tables;
-        its sequences' prefills start after their cached prefix."""
+        its sequences' prefills start after their cached prefix. ``split``:
+        its prefill will run over several steps (chunked prefill does that
+        to every group)."""
         group = self.waiting.pop(0)
         bm = self.block_manager
         bm.allocate(group)
         seqs = group.get_seqs(SequenceStatus.WAITING)
-        # NOTE: a sequence of a multi-sequence group leaves its last token to
-        # the group's decode step, so its rows start decoding together.
-        last = 1 if len(seqs) > 1 and self.config.enable_chunked_prefill else 0
+        # NOTE: a sequence of a multi-sequence group whose prefill may be
+        # split leaves its last token to the group's decode step, so its rows
+        # start decoding together.
+        split = split or self.config.enable_chunked_prefill
+        last = 1 if len(seqs) > 1 and split else 0
         for seq in seqs:
             seq.status = SequenceStatus.RUNNING
             seq.num_computed_tokens = seq.num_scheduled_tokens = bm.get_num_cached_tokens(seq)
@@ -330,6 +340,14 @@ class Scheduler:
             if out.scheduled_seq_groups and num_tokens + sum(s.get_len() for s in seqs) > \
                     cfg.max_num_batched_tokens:
                 break
+            if sum(s.get_len() for s in seqs) > cfg.max_num_batched_tokens:
+                # NOTE: only a group recomputed after preemption holds more
+                # tokens than a step (one sequence is at most max_model_len,
+                # within the budget): its prefill runs in chunks over the
+                # next steps, each within the budget, before anything decodes.
+                group = self._admit_head(split=True)
+                self._schedule_chunk(out, group, cfg.max_num_batched_tokens)
+                break
             group = self._admit_head()
             new_tokens = {}
             for seq in seqs:
@@ -340,6 +358,14 @@ class Scheduler:
             num_seqs += group.get_max_num_running_seqs()
             out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, chunk, new_tokens))
         out.is_prefill = bool(out.scheduled_seq_groups)
+
+    def _continue_prefills(self, out: SchedulerOutput) -> None:
+        """Without chunked prefill: the next chunks of the prefills split
+        over steps (oversized recomputed groups), oldest first."""
+        budget = self.config.max_num_batched_tokens
+        for group in sorted([g for g in self.running if self._prefilling(g)], key=self._key):
+            budget -= self._schedule_chunk(out, group, budget)
+        out.is_prefill = True
 
     # -- chunked prefill -------------------------------------------------------
 

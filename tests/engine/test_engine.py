@@ -134,6 +134,36 @@ def test_tiny_pool_preempts_and_gives_same_tokens(llama, default_llm, mode):
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
 
 
+def test_an_oversized_recomputed_group_prefills_over_steps(llama, default_llm, monkeypatch):
+    """Chunked prefill off, recompute preemption, a 24-block pool: groups of 4
+    sampled sequences (up to 4 x 26 tokens, more than the 64-token step) are
+    preempted and recomputed; the scheduler splits their prefills over steps
+    (the runner would refuse a step over the budget) and the tokens equal
+    those of a pool large enough that nothing is preempted (the default
+    engine, chunking on: seeded sampling depends on seed and position
+    only)."""
+    from jpaged.scheduler import Scheduler
+    ps = prompts(np.random.default_rng(4), [14, 12, 13])
+    sp = SamplingParams(n=4, temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)
+    big = default_llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    splits = []
+    real = Scheduler._continue_prefills
+
+    def spy(self, out):
+        real(self, out)
+        splits.append(sum(sg.token_chunk_size for sg in out.scheduled_seq_groups))
+
+    monkeypatch.setattr(Scheduler, "_continue_prefills", spy)
+    llm = make_llm(llama, enable_chunked_prefill=False, num_gpu_blocks=SMALL_POOL,
+                   preemption_mode="recompute")
+    small = llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    assert llm.engine.scheduler.stats.num_preemptions > 0
+    assert splits and all(0 < n <= 64 for n in splits)
+    assert [[c.token_ids for c in o.outputs] for o in small] == \
+        [[c.token_ids for c in o.outputs] for o in big]
+    assert all(len(c.token_ids) == 12 for o in small for c in o.outputs)
+
+
 def test_invariants_checked_after_every_schedule_when_asked(llama, monkeypatch):
     """JPAGED_CHECK_INVARIANTS=1: the block manager's refcounts and tables
     are checked after every schedule, through preemption and swapping."""

@@ -193,6 +193,43 @@ def test_recompute_of_a_multi_sequence_group_reprefills_each_sequence():
     assert t0[0] == t1[0]    # the common full prompt block is shared again
 
 
+def test_a_recomputed_group_larger_than_a_step_prefills_over_steps():
+    """Without chunked prefill, a recomputed group of 4 sequences x 10 tokens
+    (40 > the 16-token budget) is prefilled in chunks of at most 16 over
+    three steps, before anything else runs (a waiting prompt waits); each
+    sequence leaves its last token to the group's first decode step, so the
+    4 rows decode together."""
+    h = Harness(12, preemption_mode="recompute", max_model_len=16, max_num_batched_tokens=16)
+    a = h.add("a", 4)
+    b = h.add("b", 5, SamplingParams(n=4, best_of=4))
+    h.step()
+    for _ in range(12):
+        if h.step().preempted:
+            break
+    assert h.sched.waiting == [b] and [s.get_len() for s in b.get_seqs()] == [10] * 4
+    a.get_seqs()[0].status = S.FINISHED_LENGTH_CAPPED
+    h.sched.free_seq(a.get_seqs()[0])
+    chunks = []
+    for _ in range(3):
+        out = h.sched.schedule()
+        h.bm.check_invariants()
+        assert out.is_prefill and h.ids_of(out) == ["b"] and out.num_batched_tokens <= 16
+        chunks.append([out.scheduled_seq_groups[0].num_new_tokens.get(s.seq_id, 0)
+                       for s in b.get_seqs()])
+        if len(chunks) == 1:
+            h.add("c", 3)  # arrives while b's prefill is under way: it waits
+        h.sched.mark_computed(out.scheduled_seq_groups[0])
+    # sequence by sequence, 9 tokens each (the 10th is the decode's)
+    assert chunks == [[9, 7, 0, 0], [0, 2, 9, 5], [0, 0, 0, 4]]
+    assert [s.num_computed_tokens for s in b.get_seqs()] == [9] * 4
+    out = h.sched.schedule()
+    assert h.ids_of(out) == ["c"] and out.is_prefill  # prefills first, as always
+    out = h.sched.schedule()
+    assert not out.is_prefill and sorted(h.ids_of(out)) == ["b", "c"]
+    sg = next(g for g in out.scheduled_seq_groups if g.seq_group is b)
+    assert sg.num_new_tokens == {s.seq_id: 1 for s in b.get_seqs()}
+
+
 def test_a_group_that_outgrows_the_pool_alone_is_rejected():
     h = Harness(3, max_model_len=32)   # 2 usable blocks: 8 tokens
     g = h.add("a", 7)

@@ -192,8 +192,9 @@ def run_sim(cfg: SimConfig) -> dict:
                                            for s in g.get_seqs())
             finish(g.request_id, "ignored")
         assert out.num_batched_tokens == sum(s.token_chunk_size for s in out.scheduled_seq_groups)
-        assert (out.num_batched_tokens <= sched_cfg.max_num_batched_tokens
-                or len(out.scheduled_seq_groups) == 1)
+        # every step within the budget, an oversized recomputed group's
+        # prefill included (the scheduler splits it over steps)
+        assert out.num_batched_tokens <= sched_cfg.max_num_batched_tokens
         fresh = set()
         if out.is_prefill:
             for sg in out.scheduled_seq_groups:
@@ -219,7 +220,9 @@ def run_sim(cfg: SimConfig) -> dict:
         for sg in out.scheduled_seq_groups:
             group = sg.seq_group
             running = group.get_seqs(SequenceStatus.RUNNING)
-            chunk = chunked and not sg.decode  # a prompt chunk: tokens [end - k, end)
+            # a prompt chunk: tokens [end - k, end); without chunked prefill a
+            # whole prompt is the chunk that ends it
+            chunk = not sg.decode
             if chunk:
                 assert list(sg.num_new_tokens) == [s.seq_id for s in running
                                                    if s.seq_id in sg.num_new_tokens]
@@ -272,10 +275,11 @@ def run_sim(cfg: SimConfig) -> dict:
             running = group.get_seqs(SequenceStatus.RUNNING)
             if not sg.decode and any(sg.num_computed_tokens.get(s.seq_id) != s.get_len()
                                      for s in running):
-                # a chunk that does not end a prompt samples nothing (with
-                # chunking a multi-sequence group's rows sample together when
-                # it decodes next)
-                assert chunked and all(sg.num_computed_tokens.get(s.seq_id, 0) < s.get_len()
+                # a chunk that does not end a prompt samples nothing (a
+                # multi-sequence group whose prefill may be split, chunking
+                # on or an oversized recomputed group, samples its rows
+                # together when it decodes next)
+                assert all(sg.num_computed_tokens.get(s.seq_id, 0) < s.get_len()
                                        for s in running)
                 continue
             if params.use_beam_search:
