@@ -232,11 +232,17 @@ class Scheduler:
             else:  # no prompt can start now, or the decodes' turn
                 self._schedule_decodes(out, max_window if idle or self.waiting else 1)
         else:
+            admitted = False
             if any(self._prefilling(g) for g in self.running):
                 self._continue_prefills(out)
             elif not self.swapped:
-                self._schedule_prefills(out)
-            if not out.scheduled_seq_groups:
+                admitted = self._schedule_prefills(out)
+            if admitted and not out.scheduled_seq_groups:
+                # a split group whose prefix was all cached: its first decode
+                # step is this one, one token (max_window was chosen before
+                # it ran, e.g. without its beams)
+                self._schedule_decodes(out, 1)
+            elif not out.scheduled_seq_groups:
                 # NOTE: prefills were tried first: a group still waiting cannot be admitted now
                 self._schedule_decodes(out, max_window if idle or self.waiting else 1)
         now = time.monotonic()
@@ -329,8 +335,9 @@ class Scheduler:
         self.running.append(group)
         return group
 
-    def _schedule_prefills(self, out: SchedulerOutput) -> None:
-        """Without chunked prefill: whole prompts, while they fit the budget."""
+    def _schedule_prefills(self, out: SchedulerOutput) -> bool:
+        """Without chunked prefill: whole prompts, while they fit the budget.
+        Returns whether a group was admitted."""
         cfg = self.config
         num_seqs = sum(g.get_max_num_running_seqs() for g in self.running)
         num_tokens = 0
@@ -347,7 +354,8 @@ class Scheduler:
                 # next steps, each within the budget, before anything decodes.
                 group = self._admit_head(split=True)
                 self._schedule_chunk(out, group, cfg.max_num_batched_tokens)
-                break
+                out.is_prefill = bool(out.scheduled_seq_groups)
+                return True
             group = self._admit_head()
             new_tokens = {}
             for seq in seqs:
@@ -358,6 +366,7 @@ class Scheduler:
             num_seqs += group.get_max_num_running_seqs()
             out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, chunk, new_tokens))
         out.is_prefill = bool(out.scheduled_seq_groups)
+        return out.is_prefill
 
     def _continue_prefills(self, out: SchedulerOutput) -> None:
         """Without chunked prefill: the next chunks of the prefills split
