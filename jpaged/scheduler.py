@@ -234,7 +234,7 @@ class Scheduler:
         else:
             admitted = False
             if any(self._prefilling(g) for g in self.running):
-                self._continue_prefills(out)
+                self._continue_prefills(out, self.config.max_num_batched_tokens)
             elif not self.swapped:
                 admitted = self._schedule_prefills(out)
             if admitted and not out.scheduled_seq_groups:
@@ -368,13 +368,14 @@ class Scheduler:
         out.is_prefill = bool(out.scheduled_seq_groups)
         return out.is_prefill
 
-    def _continue_prefills(self, out: SchedulerOutput) -> None:
-        """Without chunked prefill: the next chunks of the prefills split
-        over steps (oversized recomputed groups), oldest first."""
-        budget = self.config.max_num_batched_tokens
+    def _continue_prefills(self, out: SchedulerOutput, budget: int) -> int:
+        """The next chunks of the prefills under way, oldest first, within
+        budget tokens; returns the budget left. (Without chunked prefill:
+        the oversized recomputed groups split over steps.)"""
         for group in sorted([g for g in self.running if self._prefilling(g)], key=self._key):
             budget -= self._schedule_chunk(out, group, budget)
         out.is_prefill = True
+        return budget
 
     # -- chunked prefill -------------------------------------------------------
 
@@ -410,8 +411,7 @@ class Scheduler:
         self._schedule_decodes(out, 1, skip=self._prefilling)
         budget = cfg.max_num_batched_tokens - sum(s.token_chunk_size
                                                   for s in out.scheduled_seq_groups)
-        for group in sorted([g for g in self.running if self._prefilling(g)], key=self._key):
-            budget -= self._schedule_chunk(out, group, budget)
+        budget = self._continue_prefills(out, budget)
         full = budget <= 0  # prompt work was left for later steps
         if out.preempted == 0 and not self.swapped:
             num_seqs = sum(g.get_max_num_running_seqs() for g in self.running)

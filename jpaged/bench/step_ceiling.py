@@ -296,6 +296,8 @@ def run_point(model, *, num_seqs: int, context: int, steps: int = 16, variant: s
     if decode_tuning and variant != "full":
         raise ValueError(f"decode tuning needs variant full, got {variant!r}")
     variant_model = with_decode_tuning(with_variant(model, variant), decode_tuning or {})
+    if compiler_options is None:
+        compiler_options = models.compiler_options()
     loop = decode_loop(variant_model, steps, block_size, compiler_options)
     kv_caches = inputs.kv_caches
     inputs.kv_caches = None  # NOTE: donated below; keep no handle on a deleted buffer
@@ -328,8 +330,7 @@ def run_point(model, *, num_seqs: int, context: int, steps: int = 16, variant: s
     roofline_ms = 1e3 * moved["total"] / peak_bw
     return dict(num_seqs=num_seqs, context=context, K=steps, variant=variant,
                 decode_tuning=decode_tuning or {},
-                compiler_options=(models.compiler_options() if compiler_options is None
-                                  else compiler_options),
+                compiler_options=compiler_options,
                 block_size=block_size, ms_per_step=ms_per_step,
                 tok_per_s=num_seqs / ms_per_step * 1e3, roofline_ms=roofline_ms,
                 ratio=ms_per_step / roofline_ms, pipelined_ms_per_step=pipelined_ms,

@@ -110,6 +110,28 @@ def _ragged_kernel(tile_seq_ref,        # i32[num_tiles] sequence of a tile (num
                 mask=((token < q_end) & (g < group))[:, None] & d_ok[None, :])
 
 
+def check_ragged_metadata(block_tables, context_lens, query_start_loc) -> None:
+    """Raises ValueError unless context_lens is [num_seqs] and
+    query_start_loc [num_seqs + 1] for block_tables' num_seqs."""
+    num_seqs = block_tables.shape[0]
+    if context_lens.shape != (num_seqs,) or query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError("context_lens must be [num_seqs] and query_start_loc "
+                         f"[num_seqs + 1]; got {context_lens.shape}, "
+                         f"{query_start_loc.shape} for {num_seqs} sequences")
+
+
+def tile_table(query_start_loc, num_tokens: int, block_q: int):
+    """Query tiles of block_q tokens that never straddle two sequences.
+    Returns (query_start_loc as i32, tile_seq i32[num_tiles], tile_start
+    i32[num_tiles], num_tiles): each tile's sequence (num_seqs for padding
+    tokens) and first token; num_tiles bounds the tiles any split of
+    num_tokens over the sequences can need."""
+    num_seqs = query_start_loc.shape[0] - 1
+    num_tiles = pl.cdiv(num_tokens, block_q) + num_seqs + 1
+    qsl = query_start_loc.astype(jnp.int32)
+    return (qsl, *_tile_table(qsl, num_tokens, block_q, num_tiles), num_tiles)
+
+
 def _tile_table(query_start_loc, num_tokens, block_q, num_tiles):
     """Maps each query tile to (sequence, first token); padding tokens get
     sequence id num_seqs. Returns i32[num_tiles] x 2."""
@@ -156,10 +178,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
     num_tokens, num_heads, head_dim = q.shape
     _, _, num_kv_heads, block_size, _ = kv_cache.shape
     num_seqs, max_blocks = block_tables.shape
-    if context_lens.shape != (num_seqs,) or query_start_loc.shape != (num_seqs + 1,):
-        raise ValueError("context_lens must be [num_seqs] and query_start_loc "
-                         f"[num_seqs + 1]; got {context_lens.shape}, "
-                         f"{query_start_loc.shape} for {num_seqs} sequences")
+    check_ragged_metadata(block_tables, context_lens, query_start_loc)
     group = num_heads // num_kv_heads
     group_pad = next_pow2(group)
     dim_pad = max(16, next_pow2(head_dim))
@@ -170,9 +189,7 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
     chunk_tokens = chunk_tokens or 32
     if chunk_tokens < 16 or chunk_tokens != next_pow2(chunk_tokens):
         raise ValueError(f"chunk_tokens must be a power of two >= 16, got {chunk_tokens}")
-    num_tiles = pl.cdiv(num_tokens, block_q) + num_seqs + 1
-    qsl = query_start_loc.astype(jnp.int32)
-    tile_seq, tile_start = _tile_table(qsl, num_tokens, block_q, num_tiles)
+    qsl, tile_seq, tile_start, num_tiles = tile_table(query_start_loc, num_tokens, block_q)
 
     kernel = functools.partial(
         _ragged_kernel, scale=float(scale), group=group, num_heads=num_heads,

@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.gpu._util import LOG2E, check_attention, next_pow2
-from kernels_pallas.gpu.ragged_paged_attention import _tile_table
+from kernels_pallas.gpu.ragged_paged_attention import check_ragged_metadata, tile_table
 
 ROWS = 64  # query rows of a tile: the M of one warpgroup's wgmma
 SWIZZLE = 128  # bytes; a swizzled row segment of 64 bf16 values
@@ -272,15 +272,10 @@ def ragged_paged_attention(q, kv_cache, block_tables, context_lens,
     num_tokens, num_heads, head_dim = q.shape
     _, _, num_kv_heads, block_size, _ = kv_cache.shape
     num_seqs, max_blocks = block_tables.shape
-    if context_lens.shape != (num_seqs,) or query_start_loc.shape != (num_seqs + 1,):
-        raise ValueError("context_lens must be [num_seqs] and query_start_loc "
-                         f"[num_seqs + 1]; got {context_lens.shape}, "
-                         f"{query_start_loc.shape} for {num_seqs} sequences")
+    check_ragged_metadata(block_tables, context_lens, query_start_loc)
     group = num_heads // num_kv_heads
     block_q = ROWS // next_pow2(group)
-    num_tiles = pl.cdiv(num_tokens, block_q) + num_seqs + 1
-    qsl = query_start_loc.astype(jnp.int32)
-    tile_seq, tile_start = _tile_table(qsl, num_tokens, block_q, num_tiles)
+    qsl, tile_seq, tile_start, num_tiles = tile_table(query_start_loc, num_tokens, block_q)
 
     elems = SWIZZLE // jnp.dtype(q.dtype).itemsize  # a swizzled row: 64 values
     transforms = (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(SWIZZLE))

@@ -149,9 +149,10 @@ def test_an_oversized_recomputed_group_prefills_over_steps(llama, default_llm, m
     splits = []
     real = Scheduler._continue_prefills
 
-    def spy(self, out):
-        real(self, out)
+    def spy(self, out, budget):
+        left = real(self, out, budget)
         splits.append(sum(sg.token_chunk_size for sg in out.scheduled_seq_groups))
+        return left
 
     monkeypatch.setattr(Scheduler, "_continue_prefills", spy)
     llm = make_llm(llama, enable_chunked_prefill=False, num_gpu_blocks=SMALL_POOL,
