@@ -5,9 +5,26 @@ In one run, on one device: the copy ceiling (a large device copy, bytes read
 tuning sweep; JAX's own Pallas GPU paged_attention with its best of a few
 settings, on the same inputs converted to its [Hkv, pages, page_size, D]
 layout outside the timed region; a dense contiguous-cache XLA attention of
-the same shape) and ragged prefill attention (useful FLOPs / time vs the
-matmul rate). Prints a table last and writes
+the same shape), ragged prefill attention (the Triton kernel's tunings on
+8 x 512 new tokens over 0-1536 cached; useful FLOPs / time vs the matmul
+rate) and the prefill sweep. Prints tables last and writes
 benchmarks/results/kernels-<device>.json (or --out).
+
+The prefill sweep ("prefill_sweep" in the JSON): three batches (8 x 512
+new tokens over 0-1536 cached; 1 x 4096 new, no cache; 64 x 128 new over
+0-1920 cached, a mixed chunked-prefill step) x head_dim 128 / 64 x GQA
+groups 4 / 8 / 1, always 32 query heads (32 / 8 / 4 KV heads), bf16,
+block_size 16. Each shape times, at default launch settings, the Triton
+ragged kernel and the Mosaic GPU one (kgpu.ragged_paged_attention with impl
+forced; Mosaic only where the facade would pick it: Hopper and supports(),
+otherwise recorded as skipped with the reason), both checked against the
+reference, and cuDNN's jax.nn.dot_product_attention on the dense
+equivalent: causal where nothing is cached; with a cached prefix the
+unmasked new-tokens x context rectangle with key lengths (cuDNN has no
+bottom-right causal mask), its field "computes" says which. TFLOP/s count
+useful causal FLOPs (4 * head_dim * num_heads * attended pairs) for all
+three, so x_cudnn (cuDNN's time / ours) compares equal work; x_matmul
+divides by the bf16 matmul rate of the same run.
 
 Timing: each measured call runs R distinct input sets back to back inside
 one jitted function (different q and block tables over a pool 4x larger than
@@ -16,6 +33,10 @@ between R/2 and R sets (dispatch overhead cancels), median of --reps.
 
 Usage (on the GPU machine, from the repository root):
   PYTHONPATH=. python3 scripts/bench_kernels.py --commit <sha> [--quick]
+  # the prefill sweep alone, about 3-4 minutes on an H200 (benchmarks/gpu/issue16.sh):
+  PYTHONPATH=. python3 scripts/bench_kernels.py --commit <sha> --no-check --shapes none
+      --no-ragged --reps 7 --time-limit 200 --out kernels-prefill.json
+  python3 scripts/bench_kernels.py --tiny --out /tmp/k.json  # CPU smoke test
 """
 from __future__ import annotations
 
@@ -25,6 +46,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -33,6 +55,7 @@ import jax.numpy as jnp
 
 from kernels_pallas import reference
 from kernels_pallas import gpu as kgpu
+from kernels_pallas.gpu import ragged_paged_attention_mgpu as mgpu
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import kernel_cases as kc  # noqa: E402  (shared cases, not an installed module)
@@ -91,16 +114,18 @@ def check_all(log):
 
 # ----------------------------------------------------------------- timing ---
 
-def time_sets(fn, sets, reps, shared=()):
+def time_sets(fn, sets, reps, shared=(), return_first=False):
     """Median seconds per call of fn(*shared, *s), from the slope between
     running len(sets)//2 and len(sets) input sets inside one jit (shared
-    arrays, e.g. the pool, are arguments: never baked in as constants)."""
+    arrays, e.g. the pool, are arguments: never baked in as constants).
+    return_first: also return fn's output on sets[0] (from the warm-up, so
+    checking it costs no compile of its own)."""
     half = len(sets) // 2
     f_half = jax.jit(lambda sh, ss: [fn(*sh, *s) for s in ss])
     f_full = jax.jit(lambda sh, ss: [fn(*sh, *s) for s in ss])
     a, b = sets[:half], sets
     for _ in range(2):
-        jax.block_until_ready(f_half(shared, a))
+        first = jax.block_until_ready(f_half(shared, a))[0]
         jax.block_until_ready(f_full(shared, b))
     samples = []
     for _ in range(reps):
@@ -110,7 +135,8 @@ def time_sets(fn, sets, reps, shared=()):
         jax.block_until_ready(f_full(shared, b))
         t2 = time.perf_counter()
         samples.append(((t2 - t1) - (t1 - t0)) / (len(b) - len(a)))
-    return float(np.median(samples))
+    t = float(np.median(samples))
+    return (t, first) if return_first else t
 
 
 def copy_ceiling(reps):
@@ -120,8 +146,8 @@ def copy_ceiling(reps):
     return 2 * n * 2 / t / 1e12  # TB/s, read + write
 
 
-def matmul_rate(reps):
-    n = 8192 if not TINY else 128
+def matmul_rate(reps, n):
+    """bf16 TFLOP/s of an n x n x n jnp matmul."""
     sets = [tuple(jax.random.normal(jax.random.key(i * 2 + j), (n, n), jnp.bfloat16)
                   for j in range(2)) for i in range(4)]
     t = time_sets(lambda a, b: a @ b, sets, reps)
@@ -225,54 +251,219 @@ def bench_decode(shape, reps, quick, log, sweep=True):
     return res
 
 
-# ----------------------------------------------------------------- ragged ---
+# ---------------------------------------------------------------- prefill ---
 
-def bench_ragged(reps, quick, log):
-    hq, hkv, d, bs, dtype = 32, 8, 128, 16, jnp.bfloat16
-    q_len = 512 if not TINY else 16
-    cached = np.linspace(0, 1536 if not TINY else 40, 8).round().astype(int)
-    ctx_lens = [int(c) + q_len for c in cached]
-    n = 8 * q_len
-    useful_pairs = sum(q_len * c + q_len * (q_len + 1) // 2 for c in cached)
-    flops = 4 * d * hq * useful_pairs  # QK^T and PV, 2 flops per MAC
-    rng = np.random.default_rng(3)
-    blocks_per_seq = [-(-c // bs) for c in ctx_lens]
-    need = sum(blocks_per_seq)
-    num_blocks = 1 + 4 * need
-    max_blocks = max(blocks_per_seq)
-    pool = jax.random.normal(jax.random.key(7), (2, num_blocks, hkv, bs, d), dtype)
-    sets = []
-    for i in range(6):
-        ids = rng.permutation(np.arange(1, num_blocks))[:need]
-        bt = np.zeros((8, max_blocks), np.int32)
-        used = 0
-        for s, nb in enumerate(blocks_per_seq):
-            bt[s, :nb] = ids[used:used + nb]
-            used += nb
-        q = jax.random.normal(jax.random.key(300 + i), (n, hq, d), dtype)
-        sets.append((q, jnp.asarray(bt)))
+def _spread(lo, hi, n):
+    return np.linspace(lo, hi, n).round().astype(int).tolist()
+
+
+def prefill_batches(tiny):
+    """(label, q_lens, cached) of the sweep's three batches: today's ragged
+    shape, one long prompt, a mixed step of short chunks over varied caches."""
+    if tiny:
+        return [("8x16_c0-40", [16] * 8, _spread(0, 40, 8)), ("1x64", [64], [0]),
+                ("8x8_mixed_c0-56", [8] * 8, _spread(0, 56, 8))]
+    return [("8x512_c0-1536", [512] * 8, _spread(0, 1536, 8)), ("1x4096", [4096], [0]),
+            ("64x128_mixed_c0-1920", [128] * 64, _spread(0, 1920, 64))]
+
+
+def prefill_sweep_shapes(tiny):
+    """(name, q_lens, cached, Hq, Hkv, head_dim, block_size) of the sweep,
+    the most wanted first (a time limit cuts the tail)."""
+    batches = prefill_batches(tiny)
+    if tiny:  # one (head_dim, group) per batch, so each batch still runs on CPU
+        hq = 8
+        picks = [(b, d, g) for b, (d, g) in zip(batches, [(128, 4), (64, 1), (64, 8)])]
+    else:
+        hq = SWEEP_NUM_HEADS
+        picks = [(b, d, g) for d, g in SWEEP_HEAD_DIM_GROUPS for b in batches]
+    return [(f"{label}_hd{d}_g{g}", q_lens, cached, hq, hq // g, d, 16)
+            for (label, q_lens, cached), d, g in picks]
+
+
+def prefill_inputs(seed, q_lens, cached, hq, hkv, d, bs, num_sets, dtype):
+    """A pool 4x larger than one call reads (L2 cannot serve it); num_sets
+    (q, block_tables) pairs over it; context_lens; query_start_loc."""
+    ctx_lens = [q + c for q, c in zip(q_lens, cached)]
+    blocks = [-(-c // bs) for c in ctx_lens]
+    num_blocks = 1 + 4 * sum(blocks)
+    rng = np.random.default_rng(seed)
+    pool = jax.random.normal(jax.random.key(seed), (2, num_blocks, hkv, bs, d), dtype)
+    sets = [(jax.random.normal(jax.random.key(300 + i), (sum(q_lens), hq, d), dtype),
+             jnp.asarray(kc.make_tables(rng, ctx_lens, bs, max(blocks), num_blocks)))
+            for i in range(num_sets)]
     lens = jnp.asarray(ctx_lens, jnp.int32)
-    qsl = jnp.asarray(np.arange(9) * q_len, jnp.int32)
+    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    return pool, sets, lens, qsl
+
+
+def useful_flops(q_lens, cached, hq, d):
+    """4 * head_dim * num_heads * attended (query, key) pairs: QK^T and PV,
+    2 flops a multiply-add, causal (a new token sees the cache and itself)."""
+    return 4 * d * hq * sum(q * c + q * (q + 1) // 2 for q, c in zip(q_lens, cached))
+
+
+def mosaic_skip_reason(q, pool, bt, lens, qsl, interpret):
+    """Why the Mosaic GPU kernel is not timed here; None where it is (the
+    facade's own rule: kgpu.ragged_impl)."""
+    if not mgpu.supports(q, pool):
+        try:
+            jax.eval_shape(lambda: kgpu.ragged_paged_attention(
+                q, pool, bt, lens, qsl, scale=1.0, impl="mosaic"))
+        except ValueError as e:
+            return f"the Mosaic GPU kernel does not take this shape: {e}"
+        return "the Mosaic GPU kernel does not take this shape (supports() is False)"
+    if kgpu.ragged_impl(q, pool, interpret=interpret) != "mosaic":
+        dev = jax.devices()[0]
+        return (f"the Mosaic GPU kernel needs a Hopper GPU (sm_90), compiled; this run: "
+                f"{dev.device_kind} ({dev.platform}){', interpret mode' if interpret else ''}")
+    return None
+
+
+def bench_cudnn_dense(q_lens, cached, hq, hkv, d, reps, flops):
+    """cuDNN (jax.nn.dot_product_attention) on the dense equivalent of a
+    ragged shape: q [num_seqs, max_q_len], K/V [num_seqs, max_context]."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return dict(skipped=f"cuDNN needs a CUDA GPU; this run: {dev.device_kind} ({dev.platform})")
+    dtype, scale = jnp.bfloat16, d ** -0.5
+    ctx_lens = [q + c for q, c in zip(q_lens, cached)]
+    # NOTE: cuDNN's causal mask is top-left aligned, so a cached prefix cannot
+    # be masked causally: those shapes run unmasked over each sequence's
+    # whole context (key lengths given) and compute the q x context rectangle.
+    causal = not any(cached)
+    if causal:
+        computes = ("causal self-attention of each sequence's new tokens (no cache): "
+                    "the same (query, key) pairs as ours")
+        own = flops
+    else:
+        computes = ("no mask, key_value_seq_lengths = context: each sequence's new queries "
+                    "against its whole context, the q_len x context rectangle (own FLOPs); "
+                    "cuDNN has no bottom-right causal mask for a cached prefix")
+        own = 4 * d * hq * sum(q * c for q, c in zip(q_lens, ctx_lens))
+    try:
+        sets = [tuple(jax.random.normal(jax.random.key(500 + 10 * i + j), shape, dtype)
+                      for j, shape in enumerate([(len(q_lens), max(q_lens), hq, d)]
+                                                + 2 * [(len(q_lens), max(ctx_lens), hkv, d)]))
+                for i in range(4)]  # distinct inputs: L2 cannot serve them
+
+        def cudnn(kv_lens, q, k, v):
+            return jax.nn.dot_product_attention(
+                q, k, v, scale=scale, is_causal=causal,
+                key_value_seq_lengths=None if causal else kv_lens, implementation="cudnn")
+        t = time_sets(cudnn, sets, reps, (jnp.asarray(ctx_lens, jnp.int32),))
+    except Exception:
+        return dict(computes=computes, error=traceback.format_exc())
+    return dict(computes=computes, us=t * 1e6, own_flops=int(own),
+                tflops_own=own / t / 1e12, tflops=flops / t / 1e12)
+
+
+def bench_prefill_shape(name, q_lens, cached, hq, hkv, d, bs, reps, log, *, tunings,
+                        cudnn=True, matmul_tflops=None, interpret=False):
+    """Times our ragged kernels (and cuDNN's dense attention) on one bf16
+    prefill shape, each kernel checked against the reference first.
+
+    Args:
+      name:     the shape's label.
+      q_lens, cached: new and cached tokens of each sequence.
+      hq, hkv, d, bs: query heads, KV heads, head_dim, block_size.
+      tunings:  {"triton": [...], "mosaic": [...]}: launch settings timed per
+                kernel ({}: its defaults); a kernel left out is not run.
+      cudnn:    also time cuDNN on the dense equivalent (bench_cudnn_dense).
+      matmul_tflops: this run's bf16 matmul rate, for the x_matmul ratios.
+      interpret: Pallas interpret mode (CPU).
+    Returns:
+      dict(name, shape, useful_flops, <kernel>=[entry per tuning], cudnn=...):
+      an entry holds us, tflops (useful FLOPs / time), err (max |out - ref|),
+      x_matmul (tflops / matmul rate) and x_cudnn (cuDNN's time / ours: the
+      ratio at equal useful FLOPs), or skipped (why) or error (traceback).
+    """
+    flops = useful_flops(q_lens, cached, hq, d)
+    res = dict(name=name, shape=dict(q_lens=q_lens, cached=cached, num_heads=hq,
+                                     num_kv_heads=hkv, group=hq // hkv, head_dim=d,
+                                     block_size=bs, dtype="bfloat16"),
+               useful_flops=int(flops))
+    num_sets = 2 if interpret else 4  # interpret mode: fewer kernel copies to compile
+    pool, sets, lens, qsl = prefill_inputs(7, q_lens, cached, hq, hkv, d, bs, num_sets,
+                                           jnp.bfloat16)
     scale = d ** -0.5
     q0, bt0 = sets[0]
     ref = reference.ragged_paged_attention(q0, pool, bt0, lens, qsl, scale=scale)
+    for impl, impl_tunings in tunings.items():
+        skip = mosaic_skip_reason(q0, pool, bt0, lens, qsl, interpret) if impl == "mosaic" else None
+        if skip:
+            res[impl] = [dict(tuning={}, skipped=skip)]
+            log(f"  {name} {impl:6s} skipped: {skip}")
+            continue
+        res[impl] = []
+        for tune in tqdm(impl_tunings, desc=f"{name} {impl}", disable=len(impl_tunings) < 2):
+            try:
+                fn = lambda pool, lens, qsl, q, bt, tune=tune, impl=impl: kgpu.ragged_paged_attention(
+                    q, pool, bt, lens, qsl, scale=scale, interpret=interpret, impl=impl, **tune)
+                t, out = time_sets(fn, sets, reps, (pool, lens, qsl), return_first=True)
+                err = kc.max_abs_err(out, ref)
+                res[impl].append(dict(tuning=tune, us=t * 1e6, tflops=flops / t / 1e12, err=err))
+                log(f"  {name} {impl:6s} {str(tune):60s} {t * 1e6:9.1f} us "
+                    f"{flops / t / 1e12:6.1f} TFLOP/s err {err:.1e}")
+            except Exception:
+                res[impl].append(dict(tuning=tune, error=traceback.format_exc()))
+                log(f"  {name} {impl} {tune} FAILED\n{traceback.format_exc()}")
+    del pool, sets
+    if cudnn:
+        c = res["cudnn"] = bench_cudnn_dense(q_lens, cached, hq, hkv, d, reps, flops)
+        if "us" in c:
+            log(f"  {name} cudnn  {c['us']:9.1f} us {c['tflops']:6.1f} TFLOP/s useful "
+                f"({c['tflops_own']:.1f} own): {c['computes']}")
+        else:
+            log(f"  {name} cudnn  {c.get('skipped') or 'FAILED'}\n{c.get('error', '')}")
+    cudnn_us = res.get("cudnn", {}).get("us")
+    for impl in tunings:
+        for e in res[impl]:
+            if "us" in e and matmul_tflops:
+                e["x_matmul"] = e["tflops"] / matmul_tflops
+            if "us" in e and cudnn_us:
+                e["x_cudnn"] = cudnn_us / e["us"]
+    if cudnn and "us" in res["cudnn"] and matmul_tflops:
+        res["cudnn"]["x_matmul"] = res["cudnn"]["tflops_own"] / matmul_tflops
+    return res
+
+
+def bench_ragged(reps, quick, log, matmul_tflops):
+    """Today's ragged shape (8 x 512 new tokens over 0-1536 cached, 32/8
+    heads, head_dim 128): the Triton kernel with its tuning list."""
+    label, q_lens, cached = prefill_batches(TINY)[0]
     tunings = [{}] + ([] if quick else RAGGED_TUNINGS)
-    out = []
-    for tune in tqdm(tunings, desc="ragged"):
-        try:
-            fn = lambda pool, lens, qsl, q, bt, tune=tune: kgpu.ragged_paged_attention(
-                q, pool, bt, lens, qsl, scale=scale, interpret=TINY, **tune)
-            err = kc.max_abs_err(fn(pool, lens, qsl, q0, bt0), ref)
-            t = time_sets(fn, sets, reps, (pool, lens, qsl))
-            out.append(dict(tuning=tune, us=t * 1e6, tflops=flops / t / 1e12, err=err))
-            log(f"  ragged {str(tune):70s} {t*1e6:8.1f} us {flops/t/1e12:6.1f} TFLOP/s err {err:.1e}")
-        except Exception as e:
-            log(f"  ragged {tune} FAILED: {type(e).__name__}: {str(e)[:300]}")
-            out.append(dict(tuning=tune, error=f"{type(e).__name__}: {str(e)[:300]}"))
-    return dict(shape=dict(num_seqs=8, new_tokens=q_len, cached=cached.tolist(),
-                           num_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=bs,
-                           dtype="bfloat16"),
-                useful_flops=int(flops), ours=out)
+    return bench_prefill_shape(f"{label}_hd128_g4", q_lens, cached, 32, 8, 128, 16, reps, log,
+                               tunings=dict(triton=tunings), cudnn=False,
+                               matmul_tflops=matmul_tflops, interpret=TINY)
+
+
+def _cell(entries, key="tflops"):
+    """One kernel's table cells: TFLOP/s, % of matmul, x cuDNN (best tuning)."""
+    if not entries or all("skipped" in e for e in entries):
+        return f"{'skip':>7s} {'':>5s} {'':>6s}"
+    b = best(entries, key)
+    if b is None:
+        return f"{'FAIL':>7s} {'':>5s} {'':>6s}"
+    mm = f"{b['x_matmul'] * 100:4.0f}%" if "x_matmul" in b else f"{'-':>5s}"
+    xc = f"{b['x_cudnn']:6.2f}" if "x_cudnn" in b else f"{'-':>6s}"
+    return f"{b[key]:7.4g} {mm} {xc}"
+
+
+def log_prefill_table(rows, log):
+    log(f"{'prefill shape':36s} {'GFLOP':>7s} | {'triton':>7s} {'%mm':>5s} {'xcuDNN':>6s} | "
+        f"{'mosaic':>7s} {'%mm':>5s} {'xcuDNN':>6s} | {'cuDNN':>7s} {'own':>6s}")
+    for r in rows:
+        if "skipped" in r:
+            log(f"{r['name']:36s} skipped: {r['skipped']}")
+            continue
+        c = r.get("cudnn", {})
+        cud = (f"{c['tflops']:7.4g} {c['tflops_own']:6.4g}" if "us" in c
+               else f"{'skip' if 'skipped' in c else 'FAIL':>7s} {'':>6s}")
+        log(f"{r['name']:36s} {r['useful_flops'] / 1e9:7.4g} | {_cell(r.get('triton'))} | "
+            f"{_cell(r.get('mosaic'))} | {cud}")
+    log("TFLOP/s of useful causal FLOPs; %mm: of this run's bf16 matmul; xcuDNN: cuDNN's "
+        "time / ours (equal useful FLOPs); cuDNN own: its own FLOPs (the rectangle where cached)")
 
 
 TINY = False  # --tiny: CPU smoke test of the script itself
@@ -320,6 +511,10 @@ RAGGED_TUNINGS = [
     dict(block_q=32, chunk_tokens=128, num_warps=8, num_stages=2),
     dict(block_q=32, chunk_tokens=32, num_warps=8, num_stages=1),
 ]
+# The prefill sweep: 32 query heads over 32 / 8 / 4 KV heads (GQA groups 1 /
+# 4 / 8), each (head_dim, group) on all three batches of prefill_batches.
+SWEEP_NUM_HEADS = 32
+SWEEP_HEAD_DIM_GROUPS = [(128, 4), (64, 8), (128, 8), (64, 4), (128, 1), (64, 1)]
 
 DECODE_SHAPES = [  # name, num_seqs, context, Hq, Hkv, head_dim
     ("gqa_b64_c2048", 64, 2048, 32, 8, 128),
@@ -341,24 +536,38 @@ def best(entries, key):
     return max(ok, key=lambda e: e[key]) if ok else None
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--commit", default="unknown", help="git commit of the code under test")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
     ap.add_argument("--log", default=None, help="also write the log to this file")
-    ap.add_argument("--quick", action="store_true", help="no tuning sweeps (smoke test)")
+    ap.add_argument("--quick", action="store_true",
+                    help="no tuning sweeps, and no prefill sweep unless --prefill-sweep (smoke test)")
     ap.add_argument("--reps", type=int, default=15, help="timed repetitions per measurement (median)")
     ap.add_argument("--shapes", default="all", help="comma-separated decode shape names, or 'all' / 'none'")
     ap.add_argument("--skip-check", action="store_true", help="benchmark even if a check fails")
-    ap.add_argument("--no-ragged", action="store_true", help="skip the ragged benchmark")
+    ap.add_argument("--no-check", action="store_true",
+                    help="do not run the correctness checks of the shared cases (every benchmark "
+                         "still compares its kernel with the reference: err in the JSON)")
+    ap.add_argument("--no-ragged", action="store_true",
+                    help="skip the ragged benchmark (the Triton kernel's tunings on 8 x 512)")
     ap.add_argument("--sweep", default="",
                     help="decode shapes that get the full tuning sweep (others: a few settings)")
+    ap.add_argument("--prefill-sweep", action=argparse.BooleanOptionalAction, default=None,
+                    help="the prefill sweep: Triton, Mosaic GPU and cuDNN over 3 batches x "
+                         "head_dim 64/128 x GQA 1/4/8 (default: on, off with --quick)")
+    ap.add_argument("--prefill-shapes", default="all",
+                    help="comma-separated prefill sweep shape names (see the log), or 'all'")
+    ap.add_argument("--time-limit", type=float, default=0,
+                    help="seconds from the start after which no further prefill sweep shape "
+                         "starts (those left are recorded as skipped); 0: no limit")
     ap.add_argument("--tiny", action="store_true",
                     help="CPU smoke test of this script: tiny shapes, interpret mode, no checks")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     global TINY
     TINY = args.tiny
+    prefill_sweep = not args.quick if args.prefill_sweep is None else args.prefill_sweep
 
     logf = open(args.log, "w") if args.log else None
 
@@ -380,10 +589,12 @@ def main():
             json.dump(result, f, indent=1, default=float)
 
     t_start = time.time()
-    rows, failures = check_all(log) if not TINY else ([], [])
+    rows, failures = check_all(log) if not (TINY or args.no_check) else ([], [])
     log(f"checks: {len(rows) - len(failures)}/{len(rows)} passed ({time.time()-t_start:.0f}s)")
     result = dict(device=device, jax=jax.__version__, commit=args.commit,
-                  command=" ".join(["python3"] + sys.argv), host=platform.node(),
+                  command=" ".join(["python3", "scripts/bench_kernels.py",
+                                    *(sys.argv[1:] if argv is None else argv)]),
+                  host=platform.node(),
                   checks=[dict(kernel=k, case=n, tuning=t, max_abs_err=e, dtype=dt)
                           for k, n, t, e, dt in rows],
                   checks_failed=len(failures))
@@ -392,13 +603,13 @@ def main():
         sys.exit(1)
 
     result["copy_tbps"] = copy_ceiling(args.reps)
-    result["matmul_tflops"] = matmul_rate(args.reps)
+    result["matmul_tflops"] = matmul_rate(args.reps, 128 if TINY else 8192)
     log(f"copy ceiling {result['copy_tbps']:.3f} TB/s (read+write); bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s")
 
     shapes = DECODE_SHAPES if args.shapes == "all" else (
         [] if args.shapes == "none" else [s for s in DECODE_SHAPES if s[0] in args.shapes.split(",")])
     result["decode"] = []
-    if TINY:
+    if TINY and shapes:
         shapes = [("tiny", 2, 64, 8, 2, 128)]
     sweep = args.sweep.split(",")
     for shape in shapes:
@@ -407,23 +618,43 @@ def main():
                                              sweep=shape[0] in sweep or TINY))
         save(result)
     if not args.no_ragged:
-        result["ragged"] = bench_ragged(args.reps, args.quick, log)
+        log("ragged")
+        result["ragged"] = bench_ragged(args.reps, args.quick, log, result["matmul_tflops"])
+        save(result)
+    if prefill_sweep:
+        result["prefill_sweep"] = []
+        wanted = args.prefill_shapes.split(",")
+        for name, *spec in tqdm([s for s in prefill_sweep_shapes(TINY)
+                                 if args.prefill_shapes == "all" or s[0] in wanted],
+                                desc="prefill sweep"):
+            if args.time_limit and time.time() - t_start > args.time_limit:
+                result["prefill_sweep"].append(
+                    dict(name=name, skipped=f"--time-limit {args.time_limit:g} s reached"))
+                continue
+            log(f"prefill {name}")
+            result["prefill_sweep"].append(bench_prefill_shape(
+                name, *spec, args.reps, log, tunings=dict(triton=[{}], mosaic=[{}]),
+                matmul_tflops=result["matmul_tflops"], interpret=TINY))
+            save(result)
 
     save(result)
 
     log("")
     log(f"== {device}: copy {result['copy_tbps']:.2f} TB/s, matmul {result['matmul_tflops']:.0f} TFLOP/s ==")
-    log(f"{'decode shape':22s} {'ours TB/s':>9s} {'jax TB/s':>9s} {'x jax':>6s} {'dense TB/s':>10s}  best tuning")
+    if result["decode"]:
+        log(f"{'decode shape':22s} {'ours TB/s':>9s} {'jax TB/s':>9s} {'x jax':>6s} {'dense TB/s':>10s}  best tuning")
     for r in result["decode"]:
         o, j = best(r["ours"], "tbps"), best(r["jax_pallas"], "tbps")
         ot = o["tbps"] if o else float("nan")
         jt = j["tbps"] if j else float("nan")
         log(f"{r['shape']['name']:22s} {ot:9.3f} {jt:9.3f} {ot/jt:6.2f} {r['dense_xla']['tbps']:10.3f}  {o['tuning'] if o else '-'}")
     if "ragged" in result:
-        o = best(result["ragged"]["ours"], "tflops")
+        o = best(result["ragged"]["triton"], "tflops")
         if o:
-            log(f"ragged 8x512 (+0..1536 cached): {o['tflops']:.1f} TFLOP/s = "
-                f"{o['tflops']/result['matmul_tflops']*100:.1f}% of matmul  {o['tuning']}")
+            log(f"ragged {result['ragged']['name']} (Triton): {o['tflops']:.1f} TFLOP/s = "
+                f"{o['x_matmul']*100:.1f}% of matmul  {o['tuning']}")
+    if "prefill_sweep" in result:
+        log_prefill_table(result["prefill_sweep"], log)
     log(f"wrote {out}; total {time.time()-t_start:.0f}s")
 
 

@@ -10,16 +10,14 @@ Phases (each guarded: a crash in one is recorded and the next still runs):
    run as bf16 (the kernel takes bf16/f16 only); a case the kernel refuses
    (ValueError, e.g. head_dim 80) is recorded as unsupported. Each failure
    prints its full traceback.
-2. bench: median time (warm-up excluded; the slope between running 2 and 4
-   distinct input sets inside one jit, so dispatch overhead cancels) of the
-   new kernel (a few tunings), the Triton-backend kernel
-   (kernels_pallas.gpu.ragged_paged_attention) and cuDNN's
-   jax.nn.dot_product_attention on the dense equivalent, at
-   8 seqs x 512 new tokens over 0..1536 cached (32/8 heads, hd 128),
-   1 x 4096 causal (32/8, hd 128) and 1 x 4096 causal (32/4, hd 64).
-   TFLOP/s count useful causal FLOPs as scripts/bench_kernels.py does:
-   4 * head_dim * num_heads * (attended (query, key) pairs).
-   The bf16 matmul rate (8192^3 jnp.dot) is measured in the same run.
+2. bench: scripts/bench_kernels.py's bench_prefill_shape (its timing, its
+   cuDNN dense equivalent, its useful-FLOPs count) with more launch
+   settings: the Mosaic GPU kernel ("mosaic", a few tunings; skipped off
+   Hopper, so in --tiny too), the Triton-backend kernel ("triton") and
+   cuDNN's jax.nn.dot_product_attention, at 8 seqs x 512 new tokens over
+   0..1536 cached (32/8 heads, hd 128; 32/4, hd 64), 1 x 4096 causal (32/8,
+   hd 128) and 1 x 4096 causal (32/4, hd 64). The bf16 matmul rate (8192^3
+   jnp.dot) is measured in the same run.
 3. Everything goes to one JSON file (--out).
 
 Usage (on the GPU machine, from the repository root):
@@ -30,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 import traceback
 
 import numpy as np
@@ -39,8 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import reference
-from kernels_pallas.gpu.ragged_paged_attention import ragged_paged_attention as triton_ragged
 from kernels_pallas.gpu import ragged_paged_attention_mgpu as mgpu
+from scripts import bench_kernels as bk
 from tests import kernel_cases as kc
 
 CHECK_TUNINGS = [{}, dict(p_via_smem=True), dict(block_kv=128, num_stages=2),
@@ -125,115 +121,7 @@ def check(tunings):
 
 # ------------------------------------------------------------------ bench ---
 
-def time_sets(fn, sets, reps, shared=()):
-    """Median seconds per call: slope between len(sets)//2 and len(sets) calls
-    on distinct inputs inside one jit (warm-up runs excluded)."""
-    half = len(sets) // 2
-    f_half = jax.jit(lambda sh, ss: [fn(*sh, *s) for s in ss])
-    f_full = jax.jit(lambda sh, ss: [fn(*sh, *s) for s in ss])
-    for _ in range(2):
-        jax.block_until_ready(f_half(shared, sets[:half]))
-        jax.block_until_ready(f_full(shared, sets))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f_half(shared, sets[:half]))
-        t1 = time.perf_counter()
-        jax.block_until_ready(f_full(shared, sets))
-        t2 = time.perf_counter()
-        samples.append(((t2 - t1) - (t1 - t0)) / (len(sets) - half))
-    return float(np.median(samples))
-
-
-def matmul_rate(reps):
-    n = 128 if TINY else 8192
-    sets = [tuple(jax.random.normal(jax.random.key(2 * i + j), (n, n), jnp.bfloat16)
-                  for j in range(2)) for i in range(4)]
-    return 2 * n ** 3 / time_sets(lambda a, b: jnp.dot(a, b), sets, reps) / 1e12
-
-
-def bench_shape(name, q_lens, cached, hq, hkv, d, bs, reps):
-    """Times the three implementations on one shape; returns a dict."""
-    dtype = jnp.bfloat16
-    ctx_lens = [q + c for q, c in zip(q_lens, cached)]
-    num_seqs, n = len(q_lens), sum(q_lens)
-    pairs = sum(q * c + q * (q + 1) // 2 for q, c in zip(q_lens, cached))
-    flops = 4 * d * hq * pairs
-    res = dict(shape=dict(q_lens=q_lens, cached=cached, num_heads=hq, num_kv_heads=hkv,
-                          head_dim=d, block_size=bs, dtype="bfloat16"),
-               useful_flops=int(flops), mgpu=[], triton=[], cudnn=[])
-    rng = np.random.default_rng(3)
-    blocks = [-(-c // bs) for c in ctx_lens]
-    num_blocks = 1 + 4 * sum(blocks)  # 4x what one call reads: L2 cannot hold it
-    pool = jax.random.normal(jax.random.key(7), (2, num_blocks, hkv, bs, d), dtype)
-    sets = []
-    for i in range(4):
-        ids = rng.permutation(np.arange(1, num_blocks))[:sum(blocks)]
-        bt = np.zeros((num_seqs, max(blocks)), np.int32)
-        used = 0
-        for s, nb in enumerate(blocks):
-            bt[s, :nb] = ids[used:used + nb]
-            used += nb
-        q = jax.random.normal(jax.random.key(300 + i), (n, hq, d), dtype)
-        sets.append((q, jnp.asarray(bt)))
-    lens = jnp.asarray(ctx_lens, jnp.int32)
-    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-    scale = d ** -0.5
-    q0, bt0 = sets[0]
-    ref = reference.ragged_paged_attention(q0, pool, bt0, lens, qsl, scale=scale)
-
-    for impl, kernel, tunings in (("mgpu", mgpu.ragged_paged_attention, BENCH_TUNINGS),
-                                  ("triton", triton_ragged, TRITON_TUNINGS)):
-        for tune in tunings[:1] if TINY else tunings:
-            try:
-                fn = (lambda pool, lens, qsl, q, bt, tune=tune, kernel=kernel:
-                      kernel(q, pool, bt, lens, qsl, scale=scale, interpret=TINY, **tune))
-                err = kc.max_abs_err(fn(pool, lens, qsl, q0, bt0), ref)
-                t = time_sets(fn, sets, reps, (pool, lens, qsl))
-                res[impl].append(dict(tuning=tune, us=t * 1e6, tflops=flops / t / 1e12, err=err))
-                log(f"  {name} {impl:6s} {str(tune):60s} {t * 1e6:9.1f} us "
-                    f"{flops / t / 1e12:6.1f} TFLOP/s err {err:.1e}")
-            except Exception:
-                res[impl].append(dict(tuning=tune, error=traceback.format_exc()))
-                log(f"  {name} {impl} {tune} FAILED\n{traceback.format_exc()}")
-
-    # cuDNN on the dense equivalent: one [num_seqs, max_ctx] K/V per sequence.
-    # A single 4096 sequence is plain causal self-attention; with a cached
-    # prefix (q_len < ctx) cuDNN's causal mask is top-left aligned, so that
-    # shape runs unmasked over the padded context (key lengths given) and its
-    # FLOPs are the full q x context rectangle.
-    try:
-        max_ctx = max(ctx_lens)
-        max_q = max(q_lens)
-        causal = all(c == 0 for c in cached)
-        dense = []
-        for i in range(4):
-            k = jax.random.normal(jax.random.key(500 + i), (num_seqs, max_ctx, hkv, d), dtype)
-            v = jax.random.normal(jax.random.key(600 + i), (num_seqs, max_ctx, hkv, d), dtype)
-            qd = jax.random.normal(jax.random.key(700 + i), (num_seqs, max_q, hq, d), dtype)
-            dense.append((qd, k, v))
-        kv_lens = jnp.asarray(ctx_lens, jnp.int32)
-
-        def cudnn(kv_lens, q, k, v):
-            if causal:
-                return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                                    implementation="cudnn")
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=kv_lens,
-                                                implementation="cudnn")
-        dense_flops = flops if causal else 4 * d * hq * sum(q * c for q, c in zip(q_lens, ctx_lens))
-        t = time_sets(cudnn, dense, reps, (kv_lens,))
-        res["cudnn"].append(dict(mask="causal" if causal else "key_lengths (rectangle)",
-                                 us=t * 1e6, tflops_own=dense_flops / t / 1e12,
-                                 tflops_useful=flops / t / 1e12))
-        log(f"  {name} cudnn  {'causal' if causal else 'key_lengths':60s} {t * 1e6:9.1f} us "
-            f"{dense_flops / t / 1e12:6.1f} TFLOP/s (own FLOPs)")
-    except Exception:
-        res["cudnn"].append(dict(error=traceback.format_exc()))
-        log(f"  {name} cudnn FAILED\n{traceback.format_exc()}")
-    return res
-
-
-def bench(reps, out, save):
+def bench(reps, out, save, matmul_tflops):
     if TINY:
         shapes = [("mixed", [16] * 2, [0, 40], 4, 2, 64, 16),
                   ("causal", [64], [0], 4, 1, 64, 16)]
@@ -247,7 +135,10 @@ def bench(reps, out, save):
     for name, *spec in shapes:
         log(f"bench {name}")
         try:
-            out[name] = bench_shape(name, *spec, reps)
+            out[name] = bk.bench_prefill_shape(
+                name, *spec, reps, log, matmul_tflops=matmul_tflops, interpret=TINY,
+                tunings=dict(mosaic=BENCH_TUNINGS, triton=TRITON_TUNINGS[:1] if TINY
+                             else TRITON_TUNINGS))
         except Exception:
             out[name] = dict(error=traceback.format_exc())
             log(f"bench {name} FAILED\n{traceback.format_exc()}")
@@ -292,7 +183,7 @@ def main():
     save()
     if not args.skip_bench:
         try:
-            result["matmul_tflops"] = matmul_rate(args.reps)
+            result["matmul_tflops"] = bk.matmul_rate(args.reps, 128 if TINY else 8192)
             log(f"bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s")
         except Exception:
             result["matmul_error"] = traceback.format_exc()
@@ -300,7 +191,7 @@ def main():
         save()
         try:
             result["bench"] = {}
-            bench(args.reps, result["bench"], save)
+            bench(args.reps, result["bench"], save, result.get("matmul_tflops"))
         except Exception:
             result["bench_error"] = traceback.format_exc()
             log(f"bench phase FAILED\n{result['bench_error']}")
