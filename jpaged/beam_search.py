@@ -5,22 +5,95 @@ One step of a group with beam width W: every running beam proposes its top
 proposal whose token ends the sequence (EOS, a stop token id, max_tokens,
 max_model_len) joins the finished pool, the others continue, W at most. The
 search ends when no beam continues or ``is_done`` says no running beam can
-beat the finished ones. jpaged.output_processor applies these decisions to
-the group's sequences (forks, frees). Host core: stdlib only.
+beat the finished ones.
+
+The device makes each step's choice (jpaged.device_batch.beam_select), so a
+group's steps run in decode windows: the j-th running beam (by rank) takes
+the j-th continuing proposal, and a rank left without one ends for good (a
+group shrinks only when more than W of its 2W best proposals end, which
+takes several EOS or stop ids). ``replay_step`` redoes a step on the host
+from the device's proposals, with the finished pool and ``is_done`` (which
+only the host applies: the device runs on to the window's end), and tracks
+each beam's block table as the device changed it. jpaged.output_processor
+applies the result to the group's sequences (forks, frees, new histories).
+Host core: stdlib only.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import struct
+
+# A proposal's packed id on the device: parent rank << PARENT_SHIFT | token id.
+PARENT_SHIFT = 27
+TOKEN_MASK = (1 << PARENT_SHIFT) - 1
+
+
+def unpack(packed: int) -> tuple[int, int]:
+    """(parent rank, token id) of a packed proposal."""
+    return packed >> PARENT_SHIFT, packed & TOKEN_MASK
+
+
+def add32(a: float, b: float) -> float:
+    """a + b in float32, as the device adds (one addition rounded through
+    float64 is correctly rounded: 53 >= 2 * 24 + 2 bits)."""
+    f32 = lambda x: struct.unpack("f", struct.pack("f", x))[0]  # noqa: E731
+    return f32(f32(a) + f32(b))
 
 
 @dataclasses.dataclass(frozen=True)
-class Proposal:
-    """A beam's next token: from running beam `parent` (an index)."""
-    parent: int
-    token: int
-    logprob: float
+class Hyp:
+    """A beam during a replay: the rank whose history (when the replay began)
+    it extends, its tokens since, their logprobs, its cumulative logprob
+    (float64, what the host scores) and the device's float32 one, and its
+    block table as the device has it."""
+    origin: int
+    tokens: tuple
+    logprobs: tuple
     cumulative: float
+    cum32: float
+    table: tuple
+
+
+def replay_step(hyps: dict, proposals, width: int, lengths: tuple[int, int], sp,
+                eos_token_ids, max_model_len: int, block_size: int, finished: list,
+                grow: bool = False):
+    """One device step of a group, redone on the host.
+
+    Args:
+      hyps: rank -> Hyp of the ranks that proposed.
+      proposals: the device's 2W best (parent rank, token, logprob), best first.
+      lengths: (output length, length) of the group's sequences before the step.
+      finished: the pool, (score, entry) best first, at most `width`; ending
+        proposals enter as (score, (Hyp, "stop" | "length")). Updated in place.
+      grow: the group's first step, where the device held rank 0 alone:
+        continuing proposals after the first take new ranks (forks).
+    Returns (rank -> Hyp of the beams that continue, whether the search is done).
+    """
+    out_len, length = lengths
+    col = length // block_size  # the block of the new tokens (position `length`)
+    running = []
+    for parent, token, lp in proposals:
+        h = hyps[parent]
+        new = Hyp(h.origin, h.tokens + (token,), h.logprobs + (lp,), h.cumulative + lp,
+                  add32(h.cum32, lp), h.table)
+        how = ends(token, out_len, length, sp, eos_token_ids, max_model_len)
+        if how is not None:
+            finished.append((length_normalized(new.cumulative, out_len + 1, sp.length_penalty),
+                             (new, how)))
+        elif len(running) < width:
+            running.append(new)
+    finished.sort(key=lambda f: -f[0])
+    del finished[width:]
+    if not running or is_done(finished[-1][0] if finished else None, len(finished),
+                              (running[0].cumulative, out_len + 1), sp, width, max_model_len):
+        return {}, True
+    ranks = range(len(running)) if grow else sorted(hyps)
+    out = {}
+    for r, h in zip(ranks, running):
+        own = hyps[r].table if r in hyps else h.table  # (a fork: its parent's blocks)
+        out[r] = dataclasses.replace(h, table=h.table[:col] + own[col:])
+    return out, False
 
 
 def length_normalized(logprob: float, length: int, length_penalty: float) -> float:
@@ -28,19 +101,6 @@ def length_normalized(logprob: float, length: int, length_penalty: float) -> flo
     penalty (the exponent is clamped where the power leaves float range)."""
     exponent = min(700.0, max(-700.0, length_penalty * math.log(max(1, length))))
     return logprob * math.exp(-exponent)
-
-
-def propose(parents, width: int) -> list[Proposal]:
-    """The 2W best next tokens over all running beams.
-
-    parents: per running beam (cumulative logprob, top token ids, their
-    logprobs), the top lists at least 2W long."""
-    out = []
-    for i, (cum, ids, lps) in enumerate(parents):
-        for t, lp in zip(ids[:2 * width], lps[:2 * width]):
-            out.append(Proposal(i, int(t), float(lp), cum + float(lp)))
-    out.sort(key=lambda p: -p.cumulative)
-    return out[:2 * width]
 
 
 def ends(token: int, parent_output_len: int, parent_len: int, sp, eos_token_ids,

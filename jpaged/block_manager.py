@@ -9,6 +9,8 @@ sequence runs; sharing is by reference count:
 - ``fork`` gives a child every block of its parent (refcounts up);
 - a sequence that writes into a shared last block first gets a private copy
   (copy-on-write): ``append_slots`` returns the (src, dst) pair to copy;
+- a beam that continues another beam's history takes that beam's blocks
+  (``retable``: the device has switched its table already);
 - with prefix caching, a full block whose K/V have been computed is
   registered under ``hash((previous block's hash, tuple(its token ids)))``
   and reused by later sequences with the same prefix; freed, it stays cached
@@ -322,6 +324,24 @@ class BlockSpaceManager:
         self._block_hashes[cid] = list(self._block_hashes.get(pid, []))
         self._num_marked[cid] = self._num_marked.get(pid, 0)
         self._num_cached_tokens[cid] = self._num_cached_tokens.get(pid, 0)
+
+    def retable(self, tables: dict[int, list[int]]) -> None:
+        """New device tables for some sequences (seq_id -> table), made of
+        blocks in use: a beam that continues another beam's history (the
+        device changed its table already). Refcounts follow; blocks no
+        table holds any more are freed. Their hashes are recomputed from
+        the new tokens; their computed full blocks are offered again."""
+        gpu = self.gpu_allocator
+        for table in tables.values():
+            for block in table:
+                gpu.incref(block)
+        for seq_id, table in tables.items():
+            old = self._gpu_tables[seq_id]
+            self._gpu_tables[seq_id] = list(table)
+            for block in reversed(old):
+                gpu.free(block)
+            self._block_hashes.pop(seq_id, None)
+            self._num_marked[seq_id] = 0
 
     def free(self, seq: Sequence) -> None:
         """Drops seq's references to its blocks (device or host); no-op without a table."""

@@ -145,7 +145,9 @@ class LLMEngine:
         self.output_processor = OutputProcessor(
             self.tokenizer, self.detokenizer, self.eos_token_ids, max_model_len, self._states,
             self.stats, free_seq=self._free_seq, fork_seq=self._fork,
-            new_seq_id=lambda: next(self._seq_ids))
+            new_seq_id=lambda: next(self._seq_ids), block_size=config.block_size,
+            block_table=lambda seq: self.block_manager.block_table(seq),
+            set_block_tables=self._set_tables)
         if warm_up:
             self.runner.warm_up(progress=progress)
 
@@ -170,6 +172,8 @@ class LLMEngine:
                               arrival_time if arrival_time is not None else time.monotonic())
         self._states[seq.seq_id] = SeqState(seed, self._new_detok(prompt_token_ids,
                                                                   sampling_params))
+        if sampling_params.use_beam_search:  # an id unique among running groups
+            self._states[seq.seq_id].beam_group = seq.seq_id & 0x7FFFFFFF
         if self.scheduler.running:  # an arrival into a running batch (not a batch's start)
             self._last_arrival = time.monotonic()
         self._requests[request_id] = group
@@ -371,8 +375,9 @@ class LLMEngine:
         self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, used)
 
     def _max_window(self) -> int:
-        """Beam search decides every token on the host: no windows then."""
-        if any(g.sampling_params.use_beam_search for g in self.scheduler.running):
+        """One step while a beam group takes its first (the host forks its
+        beams after it), else max_decode_window."""
+        if any(_forks_beams(g) for g in self.scheduler.running):
             return 1
         return self.config.max_decode_window
 
@@ -412,14 +417,15 @@ class LLMEngine:
 
     def _may_run_ahead(self, scheduled) -> bool:
         """Whether the next step may be scheduled before this one's results
-        are on the host: nothing in it needs a host decision first (beam
-        search, a prompt's logprobs)."""
+        are on the host: nothing in it needs a host decision first (a beam
+        group's first step, whose new beams the host forks; a prompt's
+        logprobs)."""
         if not self.config.async_scheduling:
             return False
         for s in scheduled:
             sp = s.seq_group.sampling_params
-            if sp.sampling_type == SamplingType.BEAM or (not s.decode and
-                                                        sp.prompt_logprobs is not None):
+            if (s.decode and _forks_beams(s.seq_group)) or (not s.decode and
+                                                            sp.prompt_logprobs is not None):
                 return False
         return True
 
@@ -575,11 +581,15 @@ class LLMEngine:
             state.slot = self._slots.allocate()
         sp = g.sampling_params
         greedy = sp.sampling_type in (SamplingType.GREEDY, SamplingType.BEAM)
+        beam = None
+        if sp.sampling_type == SamplingType.BEAM:
+            beam = (state.beam_group, state.beam_rank, sp.actual_best_of)
         self._diff.fill(state.slot, sampling_row(sp, greedy=greedy, seed=state.seed,
                                                  max_len=self.scheduler.max_len(g)),
                         token=seq.get_last_token_id(), position=seq.get_len() - 1,
                         num_generated=seq.get_output_len(), table=table,
-                        counts_from=state.counts_from, active=active)
+                        counts_from=state.counts_from, active=active, beam=beam,
+                        cum_logprob=state.cum32)
         state.sent_table, state.counts_from, state.refill = list(table), -1, False
         return state.slot
 
@@ -594,6 +604,14 @@ class LLMEngine:
         """A finished sequence gives back its blocks and its slot."""
         self.scheduler.free_seq(seq)
         self._release_slot(seq)
+
+    def _set_tables(self, tables) -> None:
+        """New block tables for beams (their device rows changed them already)."""
+        self.block_manager.retable({seq.seq_id: table for seq, table in tables.items()})
+        for seq, table in tables.items():
+            state = self._states[seq.seq_id]
+            if state.sent_table is not None:
+                state.sent_table = list(table)
 
     def _fork(self, g, parent, child, seed) -> None:
         self.scheduler.fork_seq(parent, child)
@@ -694,6 +712,15 @@ class LLMEngine:
         if self.detokenizer is None:
             return None
         return self.detokenizer.new_state(prompt_token_ids, sp.skip_special_tokens)
+
+
+def _forks_beams(g: SequenceGroup) -> bool:
+    """A beam group before its first step: it runs one beam, and the host
+    forks the others from that step's proposals."""
+    sp = g.sampling_params
+    if not sp.use_beam_search or sp.actual_best_of == 1 or g.num_seqs() != 1:
+        return False
+    return next(iter(g.seqs_dict.values())).get_output_len() == 0
 
 
 def _eos_ids(model) -> frozenset[int]:

@@ -199,6 +199,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self.vocab_size = model.config.vocab_size
+        if self.vocab_size > device_batch.TOKEN_MASK:
+            raise ValueError(f"a vocabulary of {self.vocab_size} tokens does not fit a beam "
+                             f"proposal's packed id (at most {device_batch.TOKEN_MASK})")
         self.eos_token_ids = tuple(sorted(eos_token_ids))
         self.bytes_per_block = model.kv_bytes_per_block(block_size)
         self.num_gpu_blocks = cache.num_gpu_blocks or self._profile_num_blocks(
@@ -230,7 +233,7 @@ class ModelRunner:
         self._forward_fn = jax.jit(self._prefill_forward, static_argnames=("layout",),
                                    donate_argnums=(1, 2), compiler_options=options)
         self._prefill_sample_fn = jax.jit(self._prefill_sample, static_argnames=("mode",),
-                                          donate_argnums=(1,))
+                                          donate_argnums=(1, 2))
         self._decode_fn = jax.jit(self._decode, static_argnames=("num_steps", "mode"),
                                   donate_argnums=(1, 2), compiler_options=options)
 
@@ -319,7 +322,7 @@ class ModelRunner:
         plp = sampler_lib.prompt_logprobs(logits, prompt_next_ids, MAX_LOGPROBS)
         return kv_caches, state, logits[v["row_index"]], plp
 
-    def _prefill_sample(self, logits, state, rows, mode):
+    def _prefill_sample(self, logits, kv, state, rows, mode):
         """A prefill's sampler: parallel samples copy their penalty counts
         from their prompt's slot, then every row samples into its target
         slot. rows: the layout's rows section (the same for every bucket)."""
@@ -334,20 +337,28 @@ class ModelRunner:
         slots = jnp.minimum(row_slot, S - 1)
         # (a decode row's slot may have ended in the step before: it samples nothing)
         live = (row_slot < S) & state.active[slots]
-        state, out = self._sample_slots(logits, state, slots, live, mode)
-        return self._pin(state), out[None]  # one step
+        kv, state, out = self._sample_slots(logits, kv, state, slots, live, mode)
+        return kv, self._pin(state), out[None]  # one step
 
-    def _sample_slots(self, logits, state, slots, live, mode):
+    def _sample_slots(self, logits, kv, state, slots, live, mode):
+        """Samples the rows (slots: i32[R], live: bool[R]) and records their
+        tokens; in the FULL mode beam groups decide theirs
+        (device_batch.beam_step), adopting histories in kv."""
         tensors = device_batch.sampling_tensors(state, slots, self.eos_token_ids,
                                                 self.vocab_size)
         counts = in_prompt = None
         if mode.do_penalties:
             counts, in_prompt = state.counts[slots], state.in_prompt[slots]
         res = sampler_lib.sample(logits, tensors, mode, counts, in_prompt)
-        tokens = res.sampled_token_ids
-        ended = device_batch.ends(state, slots, tokens, self.eos_token_ids) & live
-        state = device_batch.record_tokens(state, slots, tokens, live, ended)
-        return state, device_batch.pack_outputs(res, live, mode.num_logprobs)
+        ended = device_batch.ends(state, slots, res.sampled_token_ids, self.eos_token_ids) & live
+        choice, out_live = None, live
+        if mode.num_logprobs == MAX_LOGPROBS:  # (FULL) beam search
+            choice, res, ended, out_live = device_batch.beam_step(state, slots, live, res, ended,
+                                                                  self.eos_token_ids)
+        state = device_batch.record_tokens(state, slots, res.sampled_token_ids, live, ended)
+        if choice is not None:
+            kv, state = device_batch.finish_beams(kv, state, choice, self.pool.num_blocks)
+        return kv, state, device_batch.pack_outputs(res, out_live, mode.num_logprobs)
 
     def _decode(self, params, kv_caches, state, num_steps, mode):
         """num_steps decode steps of every slot, no host in between."""
@@ -361,7 +372,7 @@ class ModelRunner:
             metadata = device_batch.decode_metadata(state, self.block_size, self.pool.num_slots)
             logits, kv = self.model.apply(params, state.tokens, state.positions, kv,
                                           metadata, None)
-            state, packed = self._sample_slots(logits, state, slots, state.active, mode)
+            kv, state, packed = self._sample_slots(logits, kv, state, slots, state.active, mode)
             return kv, self._pin(state), out.at[i].set(packed)
 
         out = jnp.zeros((num_steps, S, width), jnp.int32)
@@ -412,7 +423,7 @@ class ModelRunner:
             logits = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=info.sharding)
             rows = np.zeros(self._prefill_layout(self.prefill_buckets[0]).rows_size, np.int32)
             futures += [ex.submit(compile_job, self._prefill_sample_fn.lower,
-                                  (logits, state, rows), dict(mode=m)) for m in SAMPLER_MODES]
+                                  (logits, kv, state, rows), dict(mode=m)) for m in SAMPLER_MODES]
             for f in concurrent.futures.as_completed(futures):
                 f.result()
                 bar.update(1)
@@ -462,8 +473,8 @@ class ModelRunner:
         kv, self.state, logits, plp = self._forward_fn(self.model.params, self.pool.arrays,
                                                        self.state, buf, prompt_next,
                                                        layout=layout)
-        self.pool.arrays = kv
-        self.state, out = self._prefill_sample_fn(logits, self.state, rows, mode=mode)
+        self.pool.arrays, self.state, out = self._prefill_sample_fn(logits, kv, self.state, rows,
+                                                                    mode=mode)
         out.copy_to_host_async()
         return PendingStep(out, plp, sum(len(s.rows) for s in seqs), total, mode.num_logprobs)
 

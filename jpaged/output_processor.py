@@ -25,7 +25,9 @@ class SeqState:
     many of its tokens and characters went out already, and its slot in the
     persistent batch (jpaged.slots): -1 without one; the block table as the
     device has it; the slot its penalty counts start from (a fork's parent);
-    and whether the device row must be sent again whole."""
+    whether the device row must be sent again whole; and for beam search
+    its group id, its rank, and its cumulative logprob as the device holds
+    it (float32)."""
     seed: int
     detok: object
     num_sent_tokens: int = 0
@@ -34,6 +36,9 @@ class SeqState:
     sent_table: list | None = None
     counts_from: int = -1
     refill: bool = False
+    beam_group: int = -1
+    beam_rank: int = 0
+    cum32: float = 0.0
 
 
 class OutputProcessor:
@@ -45,10 +50,14 @@ class OutputProcessor:
       free_seq(seq): frees a finished sequence's blocks and slot.
       fork_seq(group, parent, child, seed): adds a child sharing the parent's blocks.
       new_seq_id(): a fresh sequence id.
+      block_table(seq), set_block_tables({seq: table}): a sequence's device
+        block table, and new tables for some sequences (their blocks shared
+        by reference count: jpaged.block_manager ``retable``).
     """
 
     def __init__(self, tokenizer, detokenizer, eos_token_ids, max_model_len: int, states,
-                 stats, free_seq, fork_seq, new_seq_id):
+                 stats, free_seq, fork_seq, new_seq_id, block_size: int, block_table,
+                 set_block_tables):
         self.tokenizer = tokenizer
         self.detokenizer = detokenizer
         self.eos_token_ids = eos_token_ids
@@ -58,7 +67,11 @@ class OutputProcessor:
         self.free_seq = free_seq
         self.fork_seq = fork_seq
         self.new_seq_id = new_seq_id
-        self.finished_beams: dict[str, list] = {}  # request_id -> ended beams, best first
+        self.block_size = block_size
+        self.block_table = block_table
+        self.set_block_tables = set_block_tables
+        # request_id -> the finished pool: (score, ended beam) best first
+        self.finished_beams: dict[str, list] = {}
 
     # ------------------------------------------------------------ a step's tokens
     def update(self, g: SequenceGroup, entries, result, now: float) -> None:
@@ -72,8 +85,8 @@ class OutputProcessor:
         live = [e for e in entries if e[0].status == SequenceStatus.RUNNING]  # not stopped since
         sp = g.sampling_params
         if sp.sampling_type == SamplingType.BEAM:
-            self._beam_step(g, [(seq, result.topk_token_ids[0, col], result.topk_logprobs[0, col])
-                                for seq, col, _ in live])
+            if live:
+                self._beam_window(g, live, result)
             return
         topk_ids = result.topk_token_ids
         columns = result.columns()
@@ -197,62 +210,89 @@ class OutputProcessor:
         g.prompt_logprobs = entries
 
     # ------------------------------------------------------------ beam search
-    def _beam_score(self, seq, sp) -> float:
-        return beam_search.length_normalized(seq.cumulative_logprob, seq.get_output_len(),
-                                             sp.length_penalty)
-
-    def _beam_step(self, g, parents):
-        """One beam-search step over the group's running beams (parents:
-        (seq, topk_ids, topk_logprobs) each), decided by jpaged.beam_search:
-        ending proposals join the finished pool as copies, parents chosen
-        several times fork, parents not chosen are freed."""
+    def _beam_window(self, g, entries, result) -> None:
+        """A window of a beam group's steps (entries: (seq, column, steps) of
+        its running beams), decided on the device and replayed here with
+        jpaged.beam_search.replay_step: ending proposals join the finished
+        pool, the search may end; then every beam that continues takes its
+        history (tokens and block table), the group's first step forks the
+        new beams, and the ranks that got no proposal end."""
         sp = g.sampling_params
         width = sp.actual_best_of
-        finished = self.finished_beams.setdefault(g.request_id, [])
-        proposals = beam_search.propose(
-            [(seq.cumulative_logprob, ids, lps) for seq, ids, lps in parents], width)
-        running = []
-        for p in proposals:
-            parent = parents[p.parent][0]
-            how = beam_search.ends(p.token, parent.get_output_len(), parent.get_len(), sp,
-                                   self.eos_token_ids, self.max_model_len)
-            if how is not None:  # a copy joins the finished pool (only these need one)
-                trial = parent.fork(self.new_seq_id())
-                trial.append_token_id(p.token, p.logprob, {p.token: p.logprob})
+        pool = self.finished_beams.setdefault(g.request_id, [])
+        by_rank = {}
+        for seq, col, _ in entries:
+            seq.drop_placeholders()
+            by_rank[self.states[seq.seq_id].beam_rank] = (seq, col)
+        first, col0 = by_rank[min(by_rank)]
+        out_len, length = first.get_output_len(), first.get_len()
+        grow = len(by_rank) < width and out_len == 0  # the device held rank 0 alone
+        hyps = {r: beam_search.Hyp(r, (), (), s.cumulative_logprob, self.states[s.seq_id].cum32,
+                                   tuple(self.block_table(s)))
+                for r, (s, _) in by_rank.items()}
+        done = False
+        for k in range(entries[0][2]):
+            ids = result.topk_token_ids[k, col0, :2 * width].tolist()
+            lps = result.topk_logprobs[k, col0, :2 * width].tolist()
+            proposals = [(*beam_search.unpack(p), lp) for p, lp in zip(ids, lps) if p >= 0]
+            hyps, done = beam_search.replay_step(
+                hyps, proposals, width, (out_len + k, length + k), sp, self.eos_token_ids,
+                self.max_model_len, self.block_size, pool, grow=grow and k == 0)
+            for r, h in hyps.items():
+                if r in by_rank:
+                    assert result.token_ids[k, by_rank[r][1]] == h.tokens[-1], \
+                        "the host's beam replay differs from the device's choice"
+            if done:
+                break
+        for i, (score, entry) in enumerate(pool):  # ended this window: a sequence each
+            if isinstance(entry, tuple):
+                h, how = entry
+                trial = self._extended(by_rank[h.origin][0].fork(self.new_seq_id()), h,
+                                       count=False)
                 trial.status = (SequenceStatus.FINISHED_STOPPED if how == "stop"
                                 else SequenceStatus.FINISHED_LENGTH_CAPPED)
-                finished.append(trial)
-            elif len(running) < width:
-                running.append((parent, p.token, p.logprob))
-        finished.sort(key=lambda s: -self._beam_score(s, sp))
-        del finished[width:]
-        done = not running or beam_search.is_done(
-            self._beam_score(finished[-1], sp) if finished else None, len(finished),
-            (running[0][0].cumulative_logprob + running[0][2], running[0][0].get_output_len() + 1),
-            sp, width, self.max_model_len)
-        used: set[int] = set()
-        if not done:
-            targets = []
-            for parent, t, lp in running:  # forks first, while parents are unchanged
-                target = parent
-                if parent.seq_id in used:
-                    target = parent.fork(self.new_seq_id())
-                    self.fork_seq(g, parent, target, self.states[parent.seq_id].seed)
-                used.add(parent.seq_id)
-                targets.append((target, t, lp))
-            for target, t, lp in targets:
-                target.append_token_id(t, lp, {t: lp})
-                self.states[target.seq_id].refill = True  # the device sampled another token
-                self.stats.num_generated_tokens += 1
-        for parent, _, _ in parents:
-            if done or parent.seq_id not in used:
-                parent.status = SequenceStatus.FINISHED_ABORTED
-                self.free_seq(parent)
-                if not done:  # a beam that lost: nothing reads it again (the group
-                    g.remove(parent.seq_id)  # would grow by the width every step)
-                    del self.states[parent.seq_id]
+                pool[i] = (score, trial)
+        forks = {}
+        for r, h in hyps.items():  # new ranks fork their origin before it changes
+            if r not in by_rank:
+                origin = by_rank[h.origin][0]
+                child = origin.fork(self.new_seq_id())
+                self.fork_seq(g, origin, child, self.states[origin.seq_id].seed)
+                state = self.states[child.seq_id]
+                state.beam_group, state.beam_rank = self.states[origin.seq_id].beam_group, r
+                forks[r] = child
+        snapshot = {r: (list(s.output_token_ids), list(s.output_logprobs), s.cumulative_logprob)
+                    for r, (s, _) in by_rank.items()}
+        tables = {}
+        for r, h in hyps.items():
+            seq = forks.get(r) or by_rank[r][0]
+            if r in by_rank and h.origin != r:  # another beam's history
+                seq.output_token_ids, seq.output_logprobs, seq.cumulative_logprob = (
+                    list(snapshot[h.origin][0]), list(snapshot[h.origin][1]),
+                    snapshot[h.origin][2])
+            self._extended(seq, h)
+            self.states[seq.seq_id].cum32 = h.cum32
+            if r in by_rank and list(h.table) != self.block_table(seq):
+                tables[seq] = list(h.table)
+        self.set_block_tables(tables)
+        for r, (seq, _) in by_rank.items():
+            if done or r not in hyps:  # the search ended, or the rank got no proposal
+                seq.status = SequenceStatus.FINISHED_ABORTED
+                self.free_seq(seq)
+                if not done:  # nothing reads it again (the group would grow)
+                    g.remove(seq.seq_id)
+                    del self.states[seq.seq_id]
         if done:
             g.finished_time = time.monotonic()
+
+    def _extended(self, seq, h, count: bool = True):
+        """seq with the replayed beam h's new tokens appended (counted as
+        generated unless it is a finished pool's copy)."""
+        for t, lp in zip(h.tokens, h.logprobs):
+            seq.append_token_id(t, lp, {t: lp})
+        if count:
+            self.stats.num_generated_tokens += len(h.tokens)
+        return seq
 
     # ------------------------------------------------------------ outputs
     def _completion(self, index, seq, sp) -> CompletionOutput:
@@ -291,8 +331,7 @@ class OutputProcessor:
     def final_output(self, g) -> RequestOutput:
         sp = g.sampling_params
         if sp.sampling_type == SamplingType.BEAM:
-            seqs = self.finished_beams.pop(g.request_id, [])
-            seqs = sorted(seqs, key=lambda s: -self._beam_score(s, sp))[:sp.n]
+            seqs = [s for _, s in self.finished_beams.pop(g.request_id, [])[:sp.n]]
             for s in seqs:
                 if self.detokenizer is not None:  # (the path streamed text takes)
                     s.output_text = self.detokenizer.decode(s.output_token_ids,

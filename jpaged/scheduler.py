@@ -325,9 +325,11 @@ class Scheduler:
         seqs = group.get_seqs(SequenceStatus.WAITING)
         # NOTE: a sequence of a multi-sequence group whose prefill may be
         # split leaves its last token to the group's decode step, so its rows
-        # start decoding together.
+        # start decoding together; so does a beam search's, whose steps the
+        # decode steps decide (jpaged.device_batch).
         split = split or self.config.enable_chunked_prefill
-        last = 1 if len(seqs) > 1 and split else 0
+        beam = group.sampling_params is not None and group.sampling_params.use_beam_search
+        last = 1 if (len(seqs) > 1 and split) or beam else 0
         for seq in seqs:
             seq.status = SequenceStatus.RUNNING
             seq.num_computed_tokens = seq.num_scheduled_tokens = bm.get_num_cached_tokens(seq)
@@ -341,6 +343,7 @@ class Scheduler:
         cfg = self.config
         num_seqs = sum(g.get_max_num_running_seqs() for g in self.running)
         num_tokens = 0
+        admitted = False
         while self._head_admissible(out, num_seqs):
             seqs = self.waiting[0].get_seqs(SequenceStatus.WAITING)
             # Budget with the full length (cache hits are known only at allocate).
@@ -357,16 +360,21 @@ class Scheduler:
                 out.is_prefill = bool(out.scheduled_seq_groups)
                 return True
             group = self._admit_head()
-            new_tokens = {}
+            admitted = True
+            new_tokens, computed = {}, {}
             for seq in seqs:
-                new_tokens[seq.seq_id] = seq.get_len() - seq.num_computed_tokens
+                if seq.prefill_end > seq.num_computed_tokens:
+                    new_tokens[seq.seq_id] = seq.prefill_end - seq.num_computed_tokens
+                    computed[seq.seq_id] = seq.prefill_end
                 seq.num_scheduled_tokens = seq.prefill_end
             chunk = sum(new_tokens.values())
             num_tokens += chunk
             num_seqs += group.get_max_num_running_seqs()
-            out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, chunk, new_tokens))
+            if chunk:  # (else all its prefix was cached: it decodes next)
+                out.scheduled_seq_groups.append(ScheduledSequenceGroup(group, chunk, new_tokens,
+                                                                       computed))
         out.is_prefill = bool(out.scheduled_seq_groups)
-        return out.is_prefill
+        return admitted
 
     def _continue_prefills(self, out: SchedulerOutput, budget: int) -> int:
         """The next chunks of the prefills under way, oldest first, within

@@ -6,8 +6,9 @@ changed, packed into one int32 buffer (``SlotDiff.pack``):
 
 - whole rows, for slots that a sequence starts to use (admitted, swapped
   in, forked, or resent after a failure): token, position, sampling
-  settings, stop rules, block-table row, and where its penalty counts come
-  from (another slot, or zeros);
+  settings, stop rules, block-table row, where its penalty counts come
+  from (another slot, or zeros), and for beam search its group, rank,
+  width and cumulative logprob;
 - block-table entries (slot, column, block), for tables that grew or whose
   last block a copy-on-write replaced;
 - slots to switch off (a sequence that stopped on the host, was preempted,
@@ -25,16 +26,17 @@ import numpy as np
 
 MAX_STOP = 16  # stop token ids a slot checks on the device (the rest: on the host)
 DIFF_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty",
-                     "frequency_penalty", "repetition_penalty")
+                     "frequency_penalty", "repetition_penalty", "cum_logprob")
 
 
 class ROW:
     """Column of each field in a packed row (floats are stored as their bits)."""
     slot, token, position, active, num_generated, max_len, min_tokens = range(7)
     ignore_eos, top_k, seed, counts_from = range(7, 11)
-    temperature, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty = \
-        range(11, 17)
-    stop = 17
+    beam_group, beam_rank, beam_width = range(11, 14)
+    (temperature, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty,
+     cum_logprob) = range(14, 21)
+    stop = 21
     table = stop + MAX_STOP
 
 
@@ -108,8 +110,9 @@ def sampling_row(sp, *, greedy: bool, seed: int, max_len: int) -> np.ndarray:
     row[ROW.ignore_eos] = sp.ignore_eos
     row[ROW.top_k] = 0 if greedy or sp.top_k < 0 else sp.top_k
     row[ROW.seed] = np.uint32(seed % (1 << 32)).view(np.int32)
+    row[ROW.beam_group] = -1
     floats = np.array([0.0 if greedy else sp.temperature, sp.top_p, sp.min_p,
-                       sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty],
+                       sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty, 0.0],
                       np.float32)
     row[ROW.temperature:ROW.temperature + len(DIFF_FLOAT_FIELDS)] = floats.view(np.int32)
     stop = list(sp.stop_token_ids)[:MAX_STOP]
@@ -137,8 +140,11 @@ class SlotDiff:
 
     def fill(self, slot: int, settings: np.ndarray, *, token: int, position: int,
              num_generated: int, table: list[int], counts_from: int = -1,
-             active: bool = True) -> None:
-        """A whole row for `slot` (settings from `sampling_row`)."""
+             active: bool = True, beam: tuple[int, int, int] | None = None,
+             cum_logprob: float = 0.0) -> None:
+        """A whole row for `slot` (settings from `sampling_row`); `beam`:
+        (group id, rank, width) of a beam-search sequence, whose device-side
+        cumulative logprob starts at `cum_logprob` (a float32)."""
         if len(table) > self.max_blocks:
             raise ValueError(f"a block table of {len(table)} blocks does not fit "
                              f"max_blocks_per_seq={self.max_blocks}")
@@ -148,6 +154,9 @@ class SlotDiff:
         row[ROW.active], row[ROW.num_generated], row[ROW.counts_from] = \
             active, num_generated, counts_from
         row[ROW.table:ROW.table + len(table)] = table
+        if beam is not None:
+            row[ROW.beam_group], row[ROW.beam_rank], row[ROW.beam_width] = beam
+            row[ROW.cum_logprob] = np.float32(cum_logprob).view(np.int32)
         self._rows.append(row)
 
     def set_block(self, slot: int, column: int, block: int) -> None:

@@ -130,7 +130,7 @@ def test_preemption_in_the_middle_of_chunked_prompts(llms, mode, step_kinds):
     want = _run(llms(max_num_batched_tokens=16), ps, params)
     small = llms(max_num_batched_tokens=16)
     # a pool too small for the batch
-    small.engine.use_block_manager(num_blocks=40, preemption_mode=mode)
+    small.engine.use_block_manager(num_blocks=32, preemption_mode=mode)
     step_kinds.clear()
     assert _run(small, ps, params) == want
     assert small.engine.stats.num_preemptions > 0

@@ -212,8 +212,9 @@ def test_beam_search_equals_reference(llama, default_llm):
 
 def test_beams_that_lose_leave_the_group(llama, default_llm):
     """A beam group holds at most its width of sequences at every step (the
-    beams that lost are dropped, with their state), and gives the tokens of
-    the reference."""
+    beams that lost are dropped, with their state), runs its steps in decode
+    windows (fewer engine steps than tokens), and gives the tokens of the
+    reference."""
     p = prompts(np.random.default_rng(2), [7])[0]
     sp = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0.0,
                         max_tokens=12, ignore_eos=True)
@@ -224,7 +225,7 @@ def test_beams_that_lose_leave_the_group(llama, default_llm):
         outs += eng.step()
         if "beams" in eng._requests:
             sizes.append(len(eng._requests["beams"].seqs_dict))
-    assert max(sizes) <= 3 and len(sizes) >= 11
+    assert max(sizes) <= 3 and 2 <= len(sizes) < 12
     assert not eng._states
     ref = reference_beam_search(llama, p, 3, 12)[:2]
     assert [c.token_ids for c in outs[-1].outputs] == [r[1] for r in ref]

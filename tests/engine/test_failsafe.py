@@ -453,7 +453,7 @@ def test_fuzz_bad_values_and_failures(engines, monkeypatch, mode):
         if rng.random() < 0.7:
             exc = KeyboardInterrupt() if rng.random() < 0.5 else RuntimeError("injected")
             where, name, _, after = POINTS[points[int(rng.integers(len(points)))]]
-            Inject(monkeypatch, _target(eng, where), name, int(rng.integers(1, 6)), exc, after)
+            Inject(monkeypatch, _target(eng, where), name, int(rng.integers(1, 4)), exc, after)
         while True:
             try:
                 drain(eng, done)

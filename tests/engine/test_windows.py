@@ -206,3 +206,76 @@ def test_windows_wait_while_requests_arrive_into_room(engines):
         if eng.scheduler.waiting:
             windows.append(eng.stats.num_decode_steps - steps)
     assert max(windows) > 1
+
+
+def beams(greedy_tokens):
+    """Beam searches of several widths whose beams end inside windows: EOS
+    and stop ids taken from the model's greedy output, length penalties,
+    early stopping both ways, n < best_of."""
+    t = greedy_tokens
+    return [
+        SamplingParams(n=2, use_beam_search=True, temperature=0.0, max_tokens=10, ignore_eos=True),
+        SamplingParams(n=2, best_of=4, use_beam_search=True, temperature=0.0, max_tokens=14,
+                       stop_token_ids=[t[3], t[4], t[7]]),
+        SamplingParams(n=3, use_beam_search=True, temperature=0.0, max_tokens=12,
+                       stop_token_ids=[t[2]], length_penalty=0.5, early_stopping=True),
+        SamplingParams(n=2, use_beam_search=True, temperature=0.0, max_tokens=9,
+                       stop_token_ids=[t[1], t[5]], early_stopping="never", length_penalty=2.0),
+        SamplingParams(n=1, best_of=3, use_beam_search=True, temperature=0.0, max_tokens=7,
+                       logprobs=1),
+        SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True),  # beside them
+    ]
+
+
+def test_beam_search_in_windows_gives_the_same_outputs(engines):
+    """The device decides each beam step, so beam groups run windows and
+    run ahead; what a user sees is the same for every window, the block
+    tables stay consistent after every step, and every block comes back."""
+    ps = prompts(7, [6, 11, 1, 9, 16, 4])
+    greedy = engines(1).generate(prompt_token_ids=[ps[1]], sampling_params=SamplingParams(
+        temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    sps = beams(greedy)
+    want = None
+    for k in WINDOWS:
+        eng = engines(k).engine
+        before = eng.stats.snapshot()
+        for i, (p, sp) in enumerate(zip(ps, sps)):
+            eng.add_request(f"b{i}", None, sp, prompt_token_ids=p)
+        done = {}
+        while eng.has_unfinished_requests():
+            done.update((o.request_id, o) for o in eng.step())
+            eng.block_manager.check_invariants()
+        got = summary([done[f"b{i}"] for i in range(len(ps))])
+        if want is None:
+            want = got
+        assert got == want, f"window {k} changed the beam search outputs"
+        st = eng.stats.snapshot()
+        if k > 1:  # windows ran, and steps were dispatched ahead of the last one's results
+            assert st["num_decode_steps"] - before["num_decode_steps"] > \
+                st["num_steps"] - before["num_steps"]
+            assert st["num_steps_ahead"] > before["num_steps_ahead"]
+        bm = eng.block_manager
+        assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+        assert not eng._states and not eng.output_processor.finished_beams
+    outs = [r[2] for r in want]
+    assert [len(o) for o in outs] == [2, 2, 3, 2, 1, 1]
+    assert all(len(c[0]) == 10 for c in outs[0])  # ignore_eos: every beam runs to max_tokens
+    scores = [c[4] for c in outs[1]]
+    assert scores == sorted(scores, reverse=True) or outs[1][0][2] != outs[1][1][2]
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_beam_search_through_preemption(engines, mode):
+    """Beam groups preempted between windows (their beams swapped out
+    together, or all recomputed) give the tokens of a large pool."""
+    ps = prompts(8, [14, 12, 13, 11])
+    sp = SamplingParams(n=2, best_of=4, use_beam_search=True, temperature=0.0, max_tokens=30,
+                        ignore_eos=True)
+    want = summary(engines(1).generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False))
+    llm = engines(8, num_gpu_blocks=24, swap_space=0.01, preemption_mode=mode)
+    eng = llm.engine
+    before = eng.stats.num_preemptions
+    assert summary(llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)) == want
+    assert eng.stats.num_preemptions > before
+    bm = eng.block_manager
+    assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()

@@ -196,16 +196,15 @@ def run_sim(cfg: SimConfig) -> dict:
         # prefill included (the scheduler splits it over steps)
         assert out.num_batched_tokens <= sched_cfg.max_num_batched_tokens
         fresh = set()
-        if out.is_prefill:
-            for sg in out.scheduled_seq_groups:
-                if sg.decode:  # (a chunked step's decode rows)
-                    continue
-                assert not had_swapped or int(sg.seq_group.request_id) in admitted, \
-                    "admitted a request while a group was swapped out"
-                if int(sg.seq_group.request_id) not in admitted:
-                    admitted.append(int(sg.seq_group.request_id))
-                    fresh.add(int(sg.seq_group.request_id))
-        else:
+        # admitted now, in admission order (new groups join `running` last;
+        # one whose prefill is empty, a beam's one-token prompt or a prompt
+        # all cached, has no prompt work in the step)
+        for g in sched.running:
+            if int(g.request_id) not in admitted:
+                assert not had_swapped, "admitted a request while a group was swapped out"
+                admitted.append(int(g.request_id))
+                fresh.add(int(g.request_id))
+        if not out.is_prefill:
             assert sum(len(sg.num_new_tokens) for sg in out.scheduled_seq_groups) <= cfg.max_num_seqs
 
         # A failed step: undone at one of three points, as the engine's _recover does.
