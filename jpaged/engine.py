@@ -58,7 +58,7 @@ from jpaged.block_manager import BlockSpaceManager
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import Detokenizer
 from jpaged.interrupts import InterruptGuard
-from jpaged.model_runner import MAX_LOGPROBS, ModelRunner, PendingStep, PrefillSeq, mode_level
+from jpaged.model_runner import MAX_LOGPROBS, ModelRunner, PendingStep, PrefillSeq, mode_needs
 from jpaged.output_processor import OutputProcessor, SeqState
 from jpaged.outputs import RequestOutput
 from jpaged.sampler import MAX_BANNED, derive_seed
@@ -385,16 +385,18 @@ class LLMEngine:
         """Sends the step's slot changes and dispatches it."""
         t = time.perf_counter()
         groups = [s.seq_group for s in out.scheduled_seq_groups]
-        level = max(mode_level(g.sampling_params) for g in groups)
+        needs = 0
+        for g in groups:
+            needs |= mode_needs(g.sampling_params)
         spans = {}
         if out.is_prefill:
             seqs, group_rows, spans = self._prefill_inputs(out.scheduled_seq_groups)
             self.runner.apply_diff(self._diff)
-            step = self.runner.dispatch_prefill(seqs, level)
+            step = self.runner.dispatch_prefill(seqs, needs)
         else:
             group_rows = self._decode_inputs(out.scheduled_seq_groups, out.num_steps)
             self.runner.apply_diff(self._diff)
-            step = self.runner.dispatch_decode(out.num_steps, level)
+            step = self.runner.dispatch_decode(out.num_steps, needs)
             self.stats.num_decode_steps += out.num_steps
         self.stats.dispatch_seconds += time.perf_counter() - t
         self.stats.num_steps += 1

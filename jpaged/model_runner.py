@@ -15,9 +15,9 @@ taking the pool and the state donated and handing them back:
   and K/V writes on the device; no host work between them.
 
 Each step's results are one packed i32[num_steps, rows, C] array (token,
-logprob bits, top logprobs in the FULL mode), copied to the host
-asynchronously from the moment the step is dispatched. The sampler has three
-static modes (GREEDY, RANDOM, FULL), chosen by the host per step; the
+logprob bits, top logprobs in the modes that have them), copied to the host
+asynchronously from the moment the step is dispatched. The sampler has four
+static modes (SAMPLER_MODES), chosen by the host per step; the
 sampling settings themselves are traced per-slot values, so a new mix of
 settings compiles nothing. Block tables are always
 ``ceil(max_model_len / block_size)`` wide. ``warm_up`` compiles every
@@ -40,20 +40,26 @@ from jpaged.kv_pool import KVPool, bucket, pow2_buckets
 from kernels_pallas import AttentionMetadata
 from models.base import compiler_options
 
-# Sampler rows return this many top logprobs in the FULL mode (beam search
+# Sampler rows return this many top logprobs in the modes with them (beam search
 # asks for 2 * beam_width of them, so beam widths up to 10 fit).
 MAX_LOGPROBS = sampler_lib.MAX_LOGPROBS  # (20)
 MIN_PREFILL_BUCKET = 16
 NO_STATS_KV_BYTES = 1 << 30  # the KV pool on a device that reports no memory (CPU)
 # The sampler's static modes, the host picking the least one that covers
-# every row of a step (mode_level): greedy only; sampling (temperature,
-# top-k / top-p, min-p); everything (penalties and top logprobs too). Off
-# values are no-ops, so a richer mode never changes a result.
+# every row of a step (mode_needs, sampler_mode): greedy only; sampling
+# (temperature, top-k / top-p, min-p); greedy with top logprobs (beam
+# search, greedy logprobs requests); everything (penalties and top logprobs
+# with sampling). Off values are no-ops, so a richer mode never changes a
+# result. Beam search runs in the modes with top logprobs.
 GREEDY = sampler_lib.SamplerModes(all_greedy=True)
 RANDOM = sampler_lib.SamplerModes(all_greedy=False, do_top_k_top_p=True, do_min_p=True)
+GREEDY_LOGPROBS = sampler_lib.SamplerModes(all_greedy=True, num_logprobs=MAX_LOGPROBS)
 FULL = sampler_lib.SamplerModes(all_greedy=False, do_penalties=True, do_top_k_top_p=True,
                                 do_min_p=True, num_logprobs=MAX_LOGPROBS)
-SAMPLER_MODES = (GREEDY, RANDOM, FULL)
+SAMPLER_MODES = (GREEDY, RANDOM, GREEDY_LOGPROBS, FULL)
+# what a request needs of the sampler (mode_needs: OR-ed over a step's requests)
+NEEDS_SAMPLING, NEEDS_LOGPROBS, NEEDS_PENALTIES = 1, 2, 4
+NEEDS_ALL = 7
 
 
 @dataclasses.dataclass
@@ -138,7 +144,7 @@ class StepOutput:
     step, a row per sampler row; a decode window: a row per slot)."""
     token_ids: np.ndarray                   # i32[K, R]  -1 where the slot was inactive
     logprobs: np.ndarray                    # f32[K, R]
-    topk_token_ids: np.ndarray | None = None  # i32[K, R, MAX_LOGPROBS] (FULL mode)
+    topk_token_ids: np.ndarray | None = None  # i32[K, R, MAX_LOGPROBS] (modes with them)
     topk_logprobs: np.ndarray | None = None   # f32[K, R, MAX_LOGPROBS]
     # Prompt logprobs, one row per computed token of a prefill, when asked for:
     prompt_logprobs: np.ndarray | None = None        # f32[tokens]
@@ -165,12 +171,20 @@ class PendingStep:
     result: StepOutput | None = None
 
 
-def mode_level(sp) -> int:
-    """The least sampler mode a request needs: 0 GREEDY, 1 RANDOM, 2 FULL."""
-    if (sp.logprobs is not None or sp.use_beam_search or sp.presence_penalty != 0
-            or sp.frequency_penalty != 0 or sp.repetition_penalty != 1):
-        return 2
-    return 0 if sp.temperature < sampler_lib.SAMPLING_EPS else 1
+def mode_needs(sp) -> int:
+    """What a request needs of the sampler: NEEDS_* flags."""
+    needs = 0 if sp.temperature < sampler_lib.SAMPLING_EPS or sp.use_beam_search \
+        else NEEDS_SAMPLING
+    if sp.logprobs is not None or sp.use_beam_search:
+        needs |= NEEDS_LOGPROBS
+    if sp.presence_penalty != 0 or sp.frequency_penalty != 0 or sp.repetition_penalty != 1:
+        needs |= NEEDS_PENALTIES
+    return needs
+
+
+def sampler_mode(needs: int) -> sampler_lib.SamplerModes:
+    """The least of SAMPLER_MODES that covers the NEEDS_* flags."""
+    return {0: GREEDY, NEEDS_SAMPLING: RANDOM, NEEDS_LOGPROBS: GREEDY_LOGPROBS}.get(needs, FULL)
 
 
 class ModelRunner:
@@ -342,7 +356,7 @@ class ModelRunner:
 
     def _sample_slots(self, logits, kv, state, slots, live, mode):
         """Samples the rows (slots: i32[R], live: bool[R]) and records their
-        tokens; in the FULL mode beam groups decide theirs
+        tokens; in the modes with top logprobs beam groups decide theirs
         (device_batch.beam_step), adopting histories in kv."""
         tensors = device_batch.sampling_tensors(state, slots, self.eos_token_ids,
                                                 self.vocab_size)
@@ -352,7 +366,7 @@ class ModelRunner:
         res = sampler_lib.sample(logits, tensors, mode, counts, in_prompt)
         ended = device_batch.ends(state, slots, res.sampled_token_ids, self.eos_token_ids) & live
         choice, out_live = None, live
-        if mode.num_logprobs == MAX_LOGPROBS:  # (FULL) beam search
+        if mode.num_logprobs == MAX_LOGPROBS:  # beam search
             choice, res, ended, out_live = device_batch.beam_step(state, slots, live, res, ended,
                                                                   self.eos_token_ids)
         state = device_batch.record_tokens(state, slots, res.sampled_token_ids, live, ended)
@@ -443,32 +457,33 @@ class ModelRunner:
             layout, buf = diff.pack()
             self.state = self._apply_fns[layout](self.state, buf, layout=layout)
 
-    def dispatch_decode(self, num_steps: int, level: int) -> PendingStep:
+    def dispatch_decode(self, num_steps: int, needs: int) -> PendingStep:
         """Starts a decode window of num_steps (one of window_sizes) over
-        every slot; returns without waiting."""
-        mode = SAMPLER_MODES[level]
+        every slot (the sampler mode that covers `needs`, NEEDS_* flags);
+        returns without waiting."""
+        mode = sampler_mode(needs)
         kv, self.state, out = self._decode_fn(self.model.params, self.pool.arrays, self.state,
                                               num_steps=num_steps, mode=mode)
         self.pool.arrays = kv
         out.copy_to_host_async()
         return PendingStep(out, None, self.max_num_seqs, 0, mode.num_logprobs)
 
-    def dispatch_prefill(self, seqs: list[PrefillSeq], level: int) -> PendingStep:
+    def dispatch_prefill(self, seqs: list[PrefillSeq], needs: int) -> PendingStep:
         """Starts one prefill step and returns without waiting for it. The
         scheduler keeps every step within max_num_batched_tokens (an
         oversized recomputed group's prefill runs over several steps), so it
         fits the largest bucket."""
         want_prompt = any(s.prompt_next_ids is not None for s in seqs)
-        level = 2 if want_prompt else level
+        needs = NEEDS_ALL if want_prompt else needs
         assert sum(s.num_tokens for s in seqs) <= self.max_num_batched_tokens, \
             "a prefill step over the token budget: the scheduler splits those"
-        return self._prefill(seqs, level, want_prompt)
+        return self._prefill(seqs, needs, want_prompt)
 
-    def _prefill(self, seqs, level, want_prompt) -> PendingStep:
+    def _prefill(self, seqs, needs, want_prompt) -> PendingStep:
         total = sum(s.num_tokens for s in seqs)
         layout = self._prefill_layout(bucket(self.prefill_buckets, total))
         buf, prompt_next = self._pack_prefill(seqs, layout, want_prompt)
-        mode = SAMPLER_MODES[level]
+        mode = sampler_mode(needs)
         rows = buf[:layout.rows_size]
         kv, self.state, logits, plp = self._forward_fn(self.model.params, self.pool.arrays,
                                                        self.state, buf, prompt_next,

@@ -2,7 +2,7 @@
 
 The engine builds a step's `SamplingTensors` on the device from its slot
 state (jpaged.device_batch) and calls `sample` with one of a few static
-`SamplerModes` (jpaged.model_runner: GREEDY, RANDOM, FULL).
+`SamplerModes` (jpaged.model_runner.SAMPLER_MODES).
 
 Every numeric sampling value (temperature, top-p, top-k, min-p, penalties,
 seeds, steps) is a traced per-row array, so a batch that mixes settings
@@ -63,7 +63,7 @@ class SamplerModes:
                     LOGPROBS_BUCKETS.
 
     Canonical form: when all_greedy, do_top_k_top_p and do_min_p are False.
-    The engine compiles three (jpaged.model_runner: GREEDY, RANDOM, FULL).
+    The engine compiles four (jpaged.model_runner.SAMPLER_MODES).
     """
 
     all_greedy: bool = True
