@@ -198,8 +198,9 @@ def run_sim(cfg: SimConfig) -> dict:
         fresh = set()
         # admitted now, in admission order (new groups join `running` last;
         # one whose prefill is empty, a beam's one-token prompt or a prompt
-        # all cached, has no prompt work in the step)
-        for g in sched.running:
+        # all cached, has no prompt work in the step, and its first decode
+        # may preempt it by swapping in the step that admitted it)
+        for g in sched.running + sched.swapped:
             if int(g.request_id) not in admitted:
                 assert not had_swapped, "admitted a request while a group was swapped out"
                 admitted.append(int(g.request_id))
