@@ -40,6 +40,11 @@ def main(argv=None):
                    help="tokens one step may hold (default: max(max-model-len, 4096))")
     p.add_argument("--max-decode-window", type=int, default=None,
                    help="decode steps per jitted call (default: EngineConfig's)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV block (default: EngineConfig's)")
+    p.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV pool size in blocks, null block included (default: sized from "
+                        "EngineConfig's gpu_memory_utilization)")
     p.add_argument("--swap-blocks", type=int, default=600,
                    help="usable blocks in the swap-mode run (3.); 0 skips it")
     p.add_argument("--ceiling", default="auto", metavar="S:C",
@@ -96,11 +101,11 @@ def main(argv=None):
                for _ in range(args.num_prompts)]
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     t0 = time.perf_counter()
-    window = {} if args.max_decode_window is None else dict(
-        max_decode_window=args.max_decode_window)
+    given = {k: getattr(args, k) for k in ("max_decode_window", "block_size", "num_gpu_blocks")
+             if getattr(args, k) is not None}  # (the others: EngineConfig's defaults)
     llm = LLM(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
               max_num_batched_tokens=args.max_num_batched_tokens or max(args.max_model_len, 4096),
-              **window)
+              **given)
     t1 = time.perf_counter()
     eng = llm.engine
     traces = eng.runner.num_traces

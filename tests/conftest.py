@@ -22,23 +22,22 @@ def _free_module_engines():
     gc.collect()
 
 
-# A test module whose subprocess worker compiles for minutes may define
-# start_early() (start it, once) and stop_early() (end it if still running):
-# it is started once the session's tests are collected, so it runs beside the
-# tests before that module's, whose fixture waits for it.
-_EARLY = []
-
-
+# A test module whose assertions are on slow subprocess work may define
+# start_early(items) (called once the session's tests are collected, with its
+# selected items): it queues that work in tests/background.py's lane, which
+# runs it beside the tests before that module's; its tests wait for it.
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
+    selected = {}
     for item in session.items:
         module = getattr(item, "module", None)
-        if hasattr(module, "start_early") and module not in _EARLY:
-            _EARLY.append(module)
-            module.start_early()
+        if hasattr(module, "start_early"):
+            selected.setdefault(module, []).append(item)
+    for module, items in selected.items():
+        module.start_early(items)
 
 
 def pytest_sessionfinish(session):
-    for module in _EARLY:
-        module.stop_early()
+    import background
+    background.stop()

@@ -34,3 +34,19 @@ def tiny_tokenizer():
                             [f"<|s{i}|>" for i in range(257, LLAMA["vocab_size"])]})
     assert len(tok) == LLAMA["vocab_size"]
     return tok
+
+
+def lazy_llm(model, **config):
+    """LLM(model, **config) whose engine compiles each step on first use
+    (LLMEngine(warm_up=False)) instead of every bucket, window and sampler
+    mode at warm-up: for a model, or an EOS set (a constant of the decode
+    step), that no other test compiles, where a warm-up would compile ~28
+    steps for the few a test runs."""
+    import functools
+    from unittest import mock
+
+    import jpaged.llm
+    from jpaged import LLM
+    from jpaged.engine import LLMEngine
+    with mock.patch.object(jpaged.llm, "LLMEngine", functools.partial(LLMEngine, warm_up=False)):
+        return LLM(model, use_tqdm_warmup=False, **config)

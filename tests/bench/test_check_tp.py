@@ -2,17 +2,21 @@
 flags of scripts/bench_throughput.py.
 
 jax fixes its CPU device count when its backend starts, so check_tp runs in
-a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=2.
+a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=2; those
+runs are queued (`start_early`) in tests/background.py's lane as soon as the
+session's tests are collected, and their tests wait for them.
 """
 import importlib.util
 import json
 import os
 import pathlib
-import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
+
+import background
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # 6 query / 3 KV heads: at tp 2 the KV heads are replicated to lcm(3, 2) = 6.
@@ -35,27 +39,65 @@ def script(name):
 LLAMA_9_HEADS = dict(LLAMA, hidden_size=72, num_attention_heads=9)
 
 
-def run_check_tp(d, config, *flags):
-    """check_tp.py on 2 virtual CPU devices: (exit status, JSON, stdout, model path)."""
-    (d / "model.json").write_text(json.dumps(config))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JPAGED_XLA_CACHE="off")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        " --xla_force_host_platform_device_count=2").strip()
-    cmd = [sys.executable, str(REPO / "scripts" / "check_tp.py"), "--model", str(d / "model.json"),
-           "--tp", "1,2", "--out", str(d / "out.json"), *flags]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode in (0, 1), proc.stderr[-4000:]
-    return proc.returncode, json.loads((d / "out.json").read_text()), proc.stdout, \
-        str(d / "model.json")
+# The check_tp runs the tests assert on: name -> (model config, flags).
+RUNS = {
+    "tp2": (LLAMA, ["--num-prompts", str(NUM_PROMPTS), "--min-prompt-len", "3",
+                    "--max-prompt-len", "20", "--max-tokens", str(MAX_TOKENS), "--block-size", "4",
+                    "--max-num-seqs", "4", "--max-model-len", "64",
+                    "--max-num-batched-tokens", "64"]),
+    "nine_heads": (LLAMA_9_HEADS, ["--num-prompts", "2", "--min-prompt-len", "5",
+                                   "--max-prompt-len", "12", "--max-tokens", str(MAX_TOKENS),
+                                   "--block-size", "4", "--max-num-seqs", "2",
+                                   "--max-model-len", "32", "--max-num-batched-tokens", "32"]),
+    "cannot_split": (dict(LLAMA_9_HEADS, intermediate_size=95), []),
+}
+TESTS = {"test_check_tp_json_and_tokens_equal_at_tp2": "tp2",
+         "test_check_tp_splits_nine_query_heads_two_ways": "nine_heads",
+         "test_check_tp_reports_a_model_it_cannot_split": "cannot_split"}
+_JOBS = {}
+
+
+def _check_tp(name):
+    """check_tp.py on 2 virtual CPU devices, run `name` of RUNS, in a
+    temporary directory: (exit status, JSON, stdout, stderr, model path)."""
+    config, flags = RUNS[name]
+    with tempfile.TemporaryDirectory(prefix=f"check-tp-{name}-") as tmp:
+        d = pathlib.Path(tmp)
+        (d / "model.json").write_text(json.dumps(config))
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JPAGED_XLA_CACHE="off")
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            " --xla_force_host_platform_device_count=2").strip()
+        cmd = [sys.executable, str(REPO / "scripts" / "check_tp.py"), "--model",
+               str(d / "model.json"), "--tp", "1,2", "--out", str(d / "out.json"), *flags]
+        (proc,) = background.run_processes([(cmd, dict(env=env, cwd=REPO))], timeout=300)
+        out = d / "out.json"
+        res = json.loads(out.read_text()) if out.exists() else None
+        return proc.returncode, res, proc.stdout, proc.stderr, str(d / "model.json")
+
+
+def _job(name):
+    if name not in _JOBS:
+        _JOBS[name] = background.submit(_check_tp, name)
+    return _JOBS[name]
+
+
+def start_early(items):
+    """Queues the runs that the selected tests assert on."""
+    for item in items:
+        if item.originalname in TESTS:
+            _job(TESTS[item.originalname])
+
+
+def run_check_tp(name):
+    """(exit status, JSON, stdout, model path) of run `name`, once it is done."""
+    rc, res, stdout, stderr, model = _job(name).result()
+    assert rc in (0, 1) and res is not None, stderr[-4000:]
+    return rc, res, stdout, model
 
 
 @pytest.fixture(scope="module")
-def check_run(tmp_path_factory):
-    rc, res, stdout, name = run_check_tp(
-        tmp_path_factory.mktemp("tp"), LLAMA, "--num-prompts", str(NUM_PROMPTS),
-        "--min-prompt-len", "3", "--max-prompt-len", "20", "--max-tokens", str(MAX_TOKENS),
-        "--block-size", "4", "--max-num-seqs", "4", "--max-model-len", "64",
-        "--max-num-batched-tokens", "64")
+def check_run():
+    rc, res, stdout, name = run_check_tp("tp2")
     assert rc == 0, stdout
     return res, stdout, name
 
@@ -87,11 +129,8 @@ def test_check_tp_json_and_tokens_equal_at_tp2(check_run):
     assert "all equal: True" in stdout and f"{NUM_PROMPTS}/{NUM_PROMPTS}" in stdout
 
 
-def test_check_tp_splits_nine_query_heads_two_ways(tmp_path):
-    rc, res, stdout, name = run_check_tp(
-        tmp_path, LLAMA_9_HEADS, "--num-prompts", "2", "--min-prompt-len", "5",
-        "--max-prompt-len", "12", "--max-tokens", str(MAX_TOKENS), "--block-size", "4",
-        "--max-num-seqs", "2", "--max-model-len", "32", "--max-num-batched-tokens", "32")
+def test_check_tp_splits_nine_query_heads_two_ways():
+    rc, res, stdout, name = run_check_tp("nine_heads")
     assert rc == 0, stdout
     model = res["models"][name]
     assert model["config"]["num_heads"] == 9 and model["config"]["num_kv_heads"] == 3
@@ -105,8 +144,8 @@ def test_check_tp_splits_nine_query_heads_two_ways(tmp_path):
     assert res["all_equal"] is True and "all equal: True" in stdout
 
 
-def test_check_tp_reports_a_model_it_cannot_split(tmp_path):
-    rc, res, stdout, name = run_check_tp(tmp_path, dict(LLAMA_9_HEADS, intermediate_size=95))
+def test_check_tp_reports_a_model_it_cannot_split():
+    rc, res, stdout, name = run_check_tp("cannot_split")
     assert rc == 1
     model = res["models"][name]
     assert "must divide the MLP width (95)" in model["runs"]["2"]["error"]

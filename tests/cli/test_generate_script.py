@@ -3,7 +3,7 @@ out, written as requests finish; the closing summary; bad input lines that
 get their own error records while the good ones run; the input format given,
 not guessed; Ctrl-C keeping finished results; --chat.
 
-One engine per scheduling mode serves the whole module (its warm-up compile
+One engine serves the whole module in both scheduling modes (its warm-up
 is most of the cost): `load_llm` is cached, and `load_model` gives the random
 model a tiny byte-level tokenizer with a chat template, so text prompts run.
 """
@@ -39,11 +39,13 @@ def gen():
 
     def load_llm(args, max_num_seqs):
         # NOTE: every test passes the same engine flags (`_flags`), so one
-        # engine per scheduling mode is the engine each run would build.
-        key = args.no_async_scheduling
-        if key not in engines:
-            engines[key] = real_load_llm(args, max_num_seqs)
-        return engines[key]
+        # engine is the engine each run would build, in the run's scheduling
+        # mode (switched on the idle engine: LLMEngine.use_block_manager).
+        if "llm" not in engines:
+            engines["llm"] = real_load_llm(args, max_num_seqs)
+        llm = engines["llm"]
+        llm.engine.use_block_manager(async_scheduling=not args.no_async_scheduling)
+        return llm
 
     mod.load_llm = load_llm
     mod.engines = engines
@@ -200,7 +202,7 @@ def test_ctrl_c_keeps_the_finished_results(gen, model_cfg, tmp_path, monkeypatch
     prompts.write_text("\n".join(json.dumps({"prompt_token_ids": [3 + i] * 40}) for i in range(4)))
     argv = _flags(model_cfg, "--prompts-file", str(prompts), "--max-tokens", "1")
     gen.main(argv + ["--output", str(tmp_path / "warm.jsonl")])  # builds the engine
-    eng = gen.engines[False].engine
+    eng = gen.engines["llm"].engine
     real_step, finished = eng.step, []
 
     def step():

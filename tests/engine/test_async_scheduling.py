@@ -1,7 +1,10 @@
 """Async scheduling: the next step is dispatched before the previous step's
 tokens reach the host (jpaged.engine). It must change nothing but timing:
 every test runs the same requests with async_scheduling on and off and
-compares the outputs, and checks that steps really ran ahead."""
+compares the outputs, and checks that steps really ran ahead. Both modes
+run on one engine per pool size (LLMEngine.use_block_manager switches the
+mode of an idle engine, nothing recompiled: a warm-up per engine is seconds
+of tracing and cache loads)."""
 import numpy as np
 import pytest
 
@@ -17,11 +20,25 @@ def llama():
 
 
 @pytest.fixture(scope="module")
-def pair(llama):
-    """One engine per mode, warmed up once for the module."""
-    return {mode: LLM(llama, use_tqdm_warmup=False, async_scheduling=mode,
-                      **dict(ENGINE, num_gpu_blocks=200))
-            for mode in (True, False)}
+def llm(llama):
+    """The module's engine (ENGINE, a 200-block pool), warmed up once."""
+    return LLM(llama, use_tqdm_warmup=False, **dict(ENGINE, num_gpu_blocks=200))
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(llama):
+    """A pool too small for the preemption test's batch (24 blocks, the size
+    test_engine, test_windows and test_failsafe compile too)."""
+    return LLM(llama, use_tqdm_warmup=False, **dict(ENGINE, num_gpu_blocks=24, swap_space=0.01))
+
+
+def _mode(llm, on, **changes):
+    """The idle engine in async mode `on` (and `changes`): a fresh block
+    manager and scheduler, zeroed stats."""
+    eng = llm.engine
+    assert not eng.has_unfinished_requests() and eng._inflight is None
+    eng.use_block_manager(async_scheduling=on, **changes)
+    return llm
 
 
 def _prompts(seed, lengths):
@@ -30,16 +47,18 @@ def _prompts(seed, lengths):
 
 
 def _summary(outs):
-    """Everything a user sees, logprobs rounded (float sums differ in order)."""
+    """Everything a user sees, logprobs rounded (float sums differ in order);
+    each request by its place in the batch (one LLM numbers the requests of
+    all its runs)."""
     rows = []
-    for o in outs:
+    for i, o in enumerate(outs):
         for c in o.outputs:
             lps = None if c.logprobs is None else [
                 {t: round(v, 4) for t, v in e.items()} for e in c.logprobs]
-            rows.append((o.request_id, o.error, c.index, tuple(c.token_ids), c.finish_reason,
+            rows.append((i, o.error, c.index, tuple(c.token_ids), c.finish_reason,
                          c.stop_reason, round(c.cumulative_logprob, 3), lps))
         if not o.outputs:
-            rows.append((o.request_id, o.error))
+            rows.append((i, o.error))
     return rows
 
 
@@ -49,8 +68,14 @@ def _prompt_logprobs(outs):
         for o in outs]
 
 
-def _generate(llm, prompts, params):
-    llm.engine.stats.reset()
+def _assert_all_freed(llm):
+    bm = llm.engine.block_manager
+    assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+    assert llm.engine._inflight is None
+
+
+def _generate(llm, prompts, params, on, **changes):
+    _mode(llm, on, **changes)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     return outs, llm.engine.stats.snapshot()
 
@@ -71,13 +96,15 @@ MIXED = [
 ]
 
 
-def test_mixed_requests_same_outputs_and_steps_run_ahead(pair):
+def test_mixed_requests_same_outputs_and_steps_run_ahead(llm):
     ps = _prompts(0, [5, 17, 30, 3, 44, 21, 9, 12, 6, 40])
     params = MIXED + [SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
                       for k in (1, 2, 3)]
     ps += _prompts(1, [7, 8, 9])
-    on, on_stats = _generate(pair[True], ps, params)
-    off, off_stats = _generate(pair[False], ps, params)
+    on, on_stats = _generate(llm, ps, params, True)
+    _assert_all_freed(llm)
+    off, off_stats = _generate(llm, ps, params, False)
+    _assert_all_freed(llm)
     assert all(o.error is None for o in on)
     assert _summary(on) == _summary(off)
     # (the two runs may batch a prompt with different others: float sums
@@ -87,34 +114,27 @@ def test_mixed_requests_same_outputs_and_steps_run_ahead(pair):
     assert on_stats["num_steps_ahead"] > on_stats["num_steps"] // 3
     # the capped request ends at max_model_len, whatever ran ahead of it
     assert len(on[9].outputs[0].token_ids) == 64 - 40
-    for llm in pair.values():
-        bm = llm.engine.block_manager
-        assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
-        assert llm.engine._inflight is None
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_tiny_pool_preempts_and_gives_the_same_tokens(llama, mode):
+def test_tiny_pool_preempts_and_gives_the_same_tokens(tiny_pool, mode):
     """A pool too small for the batch: the engine must finish the in-flight
     step before a schedule that preempts, in either preemption mode."""
     ps = _prompts(2, [10, 12, 14, 9, 11, 13])
     sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     runs = {}
     for on in (True, False):
-        llm = LLM(llama, use_tqdm_warmup=False, async_scheduling=on, preemption_mode=mode,
-                  **dict(ENGINE, num_gpu_blocks=24, swap_space=0.01))
-        outs, stats = _generate(llm, ps, sp)
+        outs, stats = _generate(tiny_pool, ps, sp, on, preemption_mode=mode)
         runs[on] = ([o.outputs[0].token_ids for o in outs], stats,
-                    llm.engine.stats.num_preemptions)
-        bm = llm.engine.block_manager
-        assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+                    tiny_pool.engine.stats.num_preemptions)
+        _assert_all_freed(tiny_pool)
     assert runs[True][0] == runs[False][0]
     assert runs[True][2] > 0 and runs[False][2] > 0
     assert runs[True][1]["num_steps_ahead"] > 0
 
 
-def test_abort_while_a_step_is_in_flight(pair):
-    eng = pair[True].engine
+def test_abort_while_a_step_is_in_flight(llm):
+    eng = _mode(llm, True).engine
     ps = _prompts(3, [6, 9, 12])
     sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     for i, p in enumerate(ps):
@@ -129,16 +149,15 @@ def test_abort_while_a_step_is_in_flight(pair):
     while eng.has_unfinished_requests():
         for o in eng.step():
             done[o.request_id] = o
-    assert sorted(done) == ["0", "2"] and eng._inflight is None
-    ref, _ = _generate(pair[False], [ps[0], ps[2]], sp)
+    assert sorted(done) == ["0", "2"]
+    _assert_all_freed(llm)
+    ref, _ = _generate(llm, [ps[0], ps[2]], sp, False)
     assert [done["0"].outputs[0].token_ids, done["2"].outputs[0].token_ids] == \
         [o.outputs[0].token_ids for o in ref]
     assert all(PLACEHOLDER_TOKEN_ID not in o.outputs[0].token_ids for o in done.values())
-    bm = eng.block_manager
-    assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
 
 
-def test_nothing_compiles_after_warm_up(pair, monkeypatch):
+def test_nothing_compiles_after_warm_up(llm, monkeypatch):
     """The previous step's tokens are a device array of one fixed shape and
     placement, so running ahead reuses the warmed-up executables: counted at
     XLA compile requests (cache loads included), not only at traces."""
@@ -151,14 +170,13 @@ def test_nothing_compiles_after_warm_up(pair, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(compiler, "compile_or_get_cached", spy)
-    llm = pair[True]
     ps = _prompts(4, [5, 30, 17, 44, 3, 21, 9, 60])
     sps = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
            SamplingParams(temperature=0.9, seed=3, max_tokens=12)] * 3
     # penalties send their token arrays from the host: the same executables
     sps += [SamplingParams(temperature=0.7, seed=4, repetition_penalty=1.2, max_tokens=10),
             SamplingParams(temperature=0.0, presence_penalty=0.5, max_tokens=10)]
-    outs, stats = _generate(llm, ps, sps)
+    outs, stats = _generate(llm, ps, sps, True)
     assert all(o.error is None for o in outs)
     assert stats["num_steps_ahead"] > 0
     assert calls == []

@@ -11,7 +11,7 @@ import models
 from jpaged import LLM, SamplingParams
 from jpaged.model_runner import SAMPLER_MODES
 from kernels_pallas import AttentionMetadata
-from tiny import ENGINE, LLAMA
+from tiny import ENGINE, LLAMA, lazy_llm
 
 OPT = {"architectures": ["OPTForCausalLM"], "hidden_size": 64, "ffn_dim": 128,
        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 320,
@@ -39,25 +39,56 @@ def make_llm(model, **kw):
 # test_windows and test_failsafe use too, so its steps compile once a session
 # (a pool size is a shape of every compiled step).
 SMALL_POOL = 24
+# EngineConfig fields an idle engine changes without a recompile
+# (LLMEngine.use_block_manager).
+RECONFIGURABLE = ("async_scheduling", "enable_prefix_caching", "enable_chunked_prefill",
+                  "preemption_mode", "max_decode_window")
+
+
+def reconfigure(llm, **changes):
+    """The idle shared engine `llm` with a fresh block manager and scheduler
+    (an empty prefix cache), zeroed stats, and RECONFIGURABLE at its build
+    values except `changes`: a test sees what a new engine of that config
+    would give it, without a warm-up (seconds of tracing and cache loads)."""
+    eng = llm.engine
+    assert not eng.has_unfinished_requests() and not eng._states and eng._inflight is None
+    bm = eng.block_manager
+    assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
+    eng.use_block_manager(**{**llm.built_with, **changes})
+    return llm
+
+
+def shared_llm(model, **kw):
+    """make_llm(model, **kw) that remembers its RECONFIGURABLE values."""
+    llm = make_llm(model, **kw)
+    llm.built_with = {k: getattr(llm.engine.config, k) for k in RECONFIGURABLE}
+    return llm
 
 
 @pytest.fixture(scope="module")
 def llama_llm(llama):
     """One make_llm(llama) (ENGINE, a 200-block pool) for the tests that need
-    only an idle engine of that config: each takes it through `default_llm`,
-    which checks it is idle and zeroes its stats (a warm-up is seconds of
-    tracing and cache loads per engine)."""
-    return make_llm(llama)
+    only an idle engine of that config: each takes it through `default_llm`
+    (`reconfigure`d to that config)."""
+    return shared_llm(llama)
 
 
 @pytest.fixture
 def default_llm(llama_llm):
-    eng = llama_llm.engine
-    assert not eng.has_unfinished_requests() and not eng._states
-    bm = eng.block_manager
-    assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
-    eng.stats.reset()
-    return llama_llm
+    return reconfigure(llama_llm)
+
+
+@pytest.fixture(scope="module")
+def small_pool_llm(llama):
+    """One make_llm(llama, num_gpu_blocks=SMALL_POOL) for the preemption
+    tests, each taking it through `small_llm`."""
+    return shared_llm(llama, num_gpu_blocks=SMALL_POOL)
+
+
+@pytest.fixture
+def small_llm(small_pool_llm):
+    """small_llm(**changes): the small-pool engine `reconfigure`d."""
+    return lambda **changes: reconfigure(small_pool_llm, **changes)
 
 
 _DENSE = {}
@@ -101,7 +132,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 @pytest.mark.parametrize("which", ["llama", "opt"])
 def test_paged_greedy_equals_dense_loop(which, request):
     model = request.getfixturevalue(which)
-    llm = request.getfixturevalue("default_llm") if which == "llama" else make_llm(model)
+    # (OPT: no other test runs an engine of it; it compiles only the steps it runs)
+    llm = request.getfixturevalue("default_llm") if which == "llama" else lazy_llm(
+        model, **dict(ENGINE, num_gpu_blocks=200))
     ps = prompts(np.random.default_rng(0), [3, 9, 17, 30])
     outs = llm.generate(prompt_token_ids=ps, sampling_params=GREEDY, use_tqdm=False)
     for p, o in zip(ps, outs):
@@ -113,11 +146,11 @@ def test_paged_greedy_equals_dense_loop(which, request):
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_tiny_pool_preempts_and_gives_same_tokens(llama, default_llm, mode):
+def test_tiny_pool_preempts_and_gives_same_tokens(default_llm, small_llm, mode):
     ps = prompts(np.random.default_rng(1), [10, 12, 14, 9, 11, 13])
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     big = default_llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
-    llm = make_llm(llama, num_gpu_blocks=SMALL_POOL, preemption_mode=mode)
+    llm = small_llm(preemption_mode=mode)
     small = llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in small] == [o.outputs[0].token_ids for o in big]
     sched = llm.engine.scheduler
@@ -134,7 +167,7 @@ def test_tiny_pool_preempts_and_gives_same_tokens(llama, default_llm, mode):
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
 
 
-def test_an_oversized_recomputed_group_prefills_over_steps(llama, default_llm, monkeypatch):
+def test_an_oversized_recomputed_group_prefills_over_steps(default_llm, small_llm, monkeypatch):
     """Chunked prefill off, recompute preemption, a 24-block pool: groups of 4
     sampled sequences (up to 4 x 26 tokens, more than the 64-token step) are
     preempted and recomputed; the scheduler splits their prefills over steps
@@ -155,8 +188,7 @@ def test_an_oversized_recomputed_group_prefills_over_steps(llama, default_llm, m
         return left
 
     monkeypatch.setattr(Scheduler, "_continue_prefills", spy)
-    llm = make_llm(llama, enable_chunked_prefill=False, num_gpu_blocks=SMALL_POOL,
-                   preemption_mode="recompute")
+    llm = small_llm(enable_chunked_prefill=False, preemption_mode="recompute")
     small = llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
     assert llm.engine.scheduler.stats.num_preemptions > 0
     assert splits and all(0 < n <= 64 for n in splits)
@@ -165,7 +197,7 @@ def test_an_oversized_recomputed_group_prefills_over_steps(llama, default_llm, m
     assert all(len(c.token_ids) == 12 for o in small for c in o.outputs)
 
 
-def test_invariants_checked_after_every_schedule_when_asked(llama, monkeypatch):
+def test_invariants_checked_after_every_schedule_when_asked(small_llm, monkeypatch):
     """JPAGED_CHECK_INVARIANTS=1: the block manager's refcounts and tables
     are checked after every schedule, through preemption and swapping."""
     from jpaged.block_manager import BlockSpaceManager
@@ -174,7 +206,7 @@ def test_invariants_checked_after_every_schedule_when_asked(llama, monkeypatch):
     monkeypatch.setattr(BlockSpaceManager, "check_invariants",
                         lambda self: (calls.append(1), real(self))[1])
     monkeypatch.setenv("JPAGED_CHECK_INVARIANTS", "1")
-    llm = make_llm(llama, num_gpu_blocks=SMALL_POOL, preemption_mode="swap")
+    llm = small_llm(preemption_mode="swap")  # (the scheduler reads the variable)
     ps = prompts(np.random.default_rng(1), [10, 12, 14, 9, 11, 13])
     sps = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
            SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=20, ignore_eos=True)] * 3
@@ -245,14 +277,14 @@ def test_parallel_sampling_is_reproducible_and_batch_invariant(default_llm):
     assert len(toks) == 3 and len({tuple(t) for t in toks}) > 1
 
 
-def test_prefix_caching_same_tokens_and_fewer_prefill_tokens(llama, default_llm):
+def test_prefix_caching_same_tokens_and_fewer_prefill_tokens(default_llm):
     rng = np.random.default_rng(5)
     prefix = rng.integers(3, 320, 24).tolist()
     ps = [prefix + rng.integers(3, 320, n).tolist() for n in (3, 5, 7)]
     results = {}
     for caching in (False, True):
-        # (caching off: the shared engine, its stats zeroed; on: a fresh cache)
-        llm = make_llm(llama, enable_prefix_caching=True) if caching else default_llm
+        # (the shared engine, its stats zeroed; caching on: a fresh, empty cache)
+        llm = reconfigure(default_llm, enable_prefix_caching=caching)
         first = llm.generate(prompt_token_ids=ps[:1], sampling_params=GREEDY, use_tqdm=False)
         rest = llm.generate(prompt_token_ids=ps[1:], sampling_params=GREEDY, use_tqdm=False)
         results[caching] = ([o.outputs[0].token_ids for o in first + rest],
@@ -282,12 +314,13 @@ def test_sharing_uses_fewer_blocks(default_llm, kind):
     assert peak_shared < stats.peak_blocks_used - 15
 
 
-def test_no_compilation_after_warm_up(llama):
-    llm = make_llm(llama, num_gpu_blocks=SMALL_POOL, enable_prefix_caching=True)
+def test_no_compilation_after_warm_up(small_llm):
+    llm = small_llm(enable_prefix_caching=True)
     runner = llm.engine.runner
     traces = runner.num_traces
     # per prefill bucket two forwards (prompt logprobs or not), the prefill
     # sampler's modes, a decode window per size and mode, the diff layouts
+    # (the shared engine's other runs, before this one, traced nothing either)
     assert traces == (2 * len(runner.prefill_buckets) + len(SAMPLER_MODES)
                       + len(runner.window_sizes) * len(SAMPLER_MODES)
                       + len(runner.diff_layouts))
@@ -328,9 +361,9 @@ def test_bad_requests_get_errors_and_others_finish(llama, default_llm):
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_soak_thousand_requests(llama, mode):
+def test_soak_thousand_requests(small_llm, mode):
     rng = np.random.default_rng(10 if mode == "swap" else 11)
-    llm = make_llm(llama, num_gpu_blocks=SMALL_POOL, preemption_mode=mode, max_num_seqs=8)
+    llm = small_llm(preemption_mode=mode)  # (ENGINE's max_num_seqs: 8)
     eng = llm.engine
 
     def batch(k):
@@ -416,7 +449,7 @@ def chatty():
 
 
 def test_text_prompts_stop_strings_and_chat(chatty):
-    llm = make_llm(chatty)
+    llm = lazy_llm(chatty, **dict(ENGINE, num_gpu_blocks=200))  # (its vocabulary: no other test's)
     tok = chatty.tokenizer
     base = llm.generate(["Once upon a time"], SamplingParams(temperature=0.0, max_tokens=12,
                                                            ignore_eos=True), use_tqdm=False)[0]

@@ -9,7 +9,7 @@ import models
 from jpaged import LLM, SamplingParams
 from jpaged.engine import _eos_ids
 from jpaged.sampling_params import RequestOutputKind
-from tiny import ENGINE, LLAMA, tiny_tokenizer
+from tiny import ENGINE, LLAMA, lazy_llm, tiny_tokenizer
 
 PROMPT = [5, 9, 13, 2, 77, 31, 8]
 
@@ -24,12 +24,14 @@ def llm():
 @pytest.fixture(scope="module")
 def eos_llm(llm):
     """The same model declaring two EOS ids: its own greedy tokens 3 and 6
-    (a Llama 3 style config, eos_token_id: [a, b])."""
+    (a Llama 3 style config, eos_token_id: [a, b]). The EOS ids are
+    constants of the decode steps, so its engine compiles only the (greedy)
+    steps its tests run."""
     toks = _greedy(llm).token_ids
     model = llm.engine.model
     cfg = dataclasses.replace(model.config, eos_token_ids=(toks[5], toks[2]))
-    return LLM(dataclasses.replace(model, config=cfg), use_tqdm_warmup=False,
-               **dict(ENGINE, num_gpu_blocks=200)), toks
+    return lazy_llm(dataclasses.replace(model, config=cfg),
+                    **dict(ENGINE, num_gpu_blocks=200)), toks
 
 
 def run(llm, **kw):

@@ -6,15 +6,15 @@ runs happen in one subprocess (this file run as a script with
 XLA_FLAGS=--xla_force_host_platform_device_count=4). It returns what it saw
 as JSON; the tests below assert on it. Checks that need no devices run here.
 
-The subprocess compiles for minutes: tests/conftest.py starts it
-(`start_early`) as soon as the session's tests are collected, so it runs
-beside the tests before these; `tp_run` waits for it.
+The subprocess compiles for minutes, so it (and the two processes of the
+multi-host test) run in tests/background.py's lane, queued (`start_early`)
+as soon as the session's tests are collected: beside the tests before
+these, which wait for them.
 """
 import json
 import os
-import subprocess
+import socket
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -262,46 +262,55 @@ def _env(num_devices):
     return env
 
 
-_WORKER = {}
+_JOBS = {}
 
 
-def start_early():
-    """Starts the worker subprocess (once), its output into temporary files
-    (a pipe nobody reads could fill and stall it) and its compiled steps
-    into a cache directory of its own (nothing this process writes)."""
-    if not _WORKER:
+def _worker_job():
+    """The worker's run in the background lane (queued once), its compiled
+    steps in a cache directory of its own (nothing this process writes)."""
+    import background  # (tests/: not on the path of this file run as a script)
+    if "worker" not in _JOBS:
         env = _env(NUM_DEVICES)
         if env.get("JPAGED_XLA_CACHE", "off").lower() not in ("off", "0", ""):
             env["JPAGED_XLA_CACHE"] = os.path.join(env["JPAGED_XLA_CACHE"], "tp-worker")
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        _WORKER.update(out=out, err=err, proc=subprocess.Popen(
-            [sys.executable, __file__], env=env, stdout=out, stderr=err, text=True))
-    return _WORKER
+        _JOBS["worker"] = background.run([sys.executable, __file__], env=env, timeout=600)
+    return _JOBS["worker"]
 
 
-def stop_early():
-    """Ends a worker still running (a session that stopped before tp_run)."""
-    if _WORKER and _WORKER["proc"].poll() is None:
-        _WORKER["proc"].kill()
-        _WORKER["proc"].wait()
-    for name in ("out", "err"):
-        if _WORKER:
-            _WORKER[name].close()
+def _multihost_job():
+    """The two processes of test_two_processes_share_one_mesh in the lane."""
+    import background
+
+    def commands():
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        return [([sys.executable, __file__, "--multihost"],
+                 dict(env=dict(_env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))))
+                for i in range(2)]
+    if "multihost" not in _JOBS:
+        _JOBS["multihost"] = background.submit(
+            lambda: background.run_processes(commands(), timeout=300))
+    return _JOBS["multihost"]
+
+
+def start_early(items):
+    """Queues the subprocess runs that the selected tests assert on."""
+    if any("tp_run" in item.fixturenames for item in items):
+        _worker_job()
+    if any(item.originalname == "test_two_processes_share_one_mesh" for item in items):
+        _multihost_job()
+
+
+def _last_json_line(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def tp_run():
-    worker = start_early()
-    try:
-        worker["proc"].wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        stop_early()
-        raise
-    with worker["out"] as out, worker["err"] as err:
-        out.seek(0)
-        err.seek(0)
-        assert worker["proc"].returncode == 0, err.read()[-4000:]
-        return json.loads(out.read().strip().splitlines()[-1])
+    return _last_json_line(_worker_job().result())
 
 
 def test_worker_sees_four_devices(tp_run):
@@ -458,22 +467,7 @@ def test_two_processes_share_one_mesh(tp_run):
     """The README's multi-host start-up, on one machine: two processes with 2
     CPU devices each, jax.distributed.initialize from the JAX_* variables,
     one tp=4 mesh across both; a small pool forces swapping."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for i in range(2):
-        env = dict(_env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--multihost"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-4000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = [_last_json_line(p) for p in _multihost_job().result()]
     assert [r["process"] for r in results] == [0, 1]
     for r in results:
         assert r["num_devices"] == 4 and r["num_local_devices"] == 2 and r["pool_devices"] == 4
