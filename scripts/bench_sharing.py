@@ -43,6 +43,9 @@ def parse_args(argv):
                    help="hand out only this many GiB of the pool's blocks (default: all); "
                         "keeps the compiled steps of a larger --kv-cache-gib (e.g. "
                         "bench_throughput's) while memory bounds the batch")
+    p.add_argument("--profile-host", default=None, metavar="PATH",
+                   help="profile the host side of the beam search runs, shared and unshared "
+                        "(cProfile, two files: PATH.beam and PATH.unshared)")
     add_output_args(p, "sharing")
     args = p.parse_args(argv)
     try:
@@ -64,7 +67,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     from jpaged import SamplingParams
-    from jpaged.bench.harness import (default_out, engine_from_args, format_table,
+    from jpaged.bench.harness import (HostProfile, default_out, engine_from_args, format_table,
                                       progress_line, result_header, run_offline, use_system,
                                       write_result)
     from jpaged.bench.workloads import PREFIX_LENS, Request, make_workload, shared_prefix
@@ -126,17 +129,23 @@ def main(argv=None):
             "parallel", n, shared, unshared, f"{n} independent requests per prompt")
 
     result["beam_search"] = {}
+    profiles = {kind: HostProfile(args.profile_host and f"{args.profile_host}.{kind}")
+                for kind in ("beam", "unshared")}
     for k in args.beams:
-        shared = run(reqs, [SamplingParams(n=k, use_beam_search=True, temperature=0.0,
-                                           max_tokens=r.output_len, ignore_eos=True)
-                            for r in reqs], f"beam width {k}")
+        with profiles["beam"]:
+            shared = run(reqs, [SamplingParams(n=k, use_beam_search=True, temperature=0.0,
+                                               max_tokens=r.output_len, ignore_eos=True)
+                                for r in reqs], f"beam width {k}")
         split = [Request(list(r.prompt_token_ids), r.output_len) for r in reqs for _ in range(k)]
-        unshared = run(split, [SamplingParams(temperature=0.0, max_tokens=r.output_len,
-                                              ignore_eos=True) for r in split],
-                       f"beam width {k}, unshared")
+        with profiles["unshared"]:
+            unshared = run(split, [SamplingParams(temperature=0.0, max_tokens=r.output_len,
+                                                  ignore_eos=True) for r in split],
+                           f"beam width {k}, unshared")
         result["beam_search"][str(k)] = compare(
             "beam", k, shared, unshared,
             f"{k} independent greedy sequences per prompt (a beam search's memory without sharing)")
+    for profile in profiles.values():
+        profile.write()
 
     result["shared_prefix"] = {}
     base = make_workload(args.workload, args.num_prefix_requests, vocab, args.seed + 1,

@@ -158,8 +158,8 @@ def main(argv=None):
               f"{r.get('output_tokens_per_s') or r.get('error') or r.get('skipped')}", flush=True)
 
     from jpaged import SamplingParams
-    from jpaged.bench.harness import (LABELS, default_out, engine_from_args, format_table,
-                                      progress_line, result_header, run_offline, use_system,
+    from jpaged.bench.harness import (LABELS, HostProfile, default_out, engine_from_args,
+                                      format_table, progress_line, result_header, run_offline, use_system,
                                       write_result)
     result = result_header("scripts/bench_throughput.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
@@ -188,23 +188,11 @@ def main(argv=None):
     run_offline(engine, requests[:64], params[:64], progress=False, desc="warm run")
     for system in [s for s in args.systems if s not in HF_SYSTEMS]:
         use_system(engine, system)
-        profiler = None
-        if args.profile_host and system == "jpaged":
-            import cProfile
-            profiler = cProfile.Profile()
-            profiler.enable()
-        systems[system] = run_offline(engine, requests, params, progress=not args.no_progress,
-                                      desc=LABELS[system])
-        if profiler is not None:
-            import io
-            import pstats
-            profiler.disable()
-            text = io.StringIO()
-            stats = pstats.Stats(profiler, stream=text)
-            stats.sort_stats("tottime").print_stats(45)
-            stats.sort_stats("cumulative").print_stats(45)
-            with open(args.profile_host, "w") as f:
-                f.write(text.getvalue())
+        profile = HostProfile(args.profile_host if system == "jpaged" else None)
+        with profile:
+            systems[system] = run_offline(engine, requests, params,
+                                          progress=not args.no_progress, desc=LABELS[system])
+        profile.write()
         progress_line(system, systems[system])
         record()
     record()

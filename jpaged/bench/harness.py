@@ -314,6 +314,37 @@ def run_offline(engine, requests, params, *, sharing=False, progress=True, desc=
                 **engine_counters(engine), **probe.summary())
 
 
+class HostProfile:
+    """cProfile over chosen runs of a benchmark (`with prof:` around each),
+    written as two tables, by own time and by cumulative time. Off (a no-op)
+    when path is None."""
+
+    def __init__(self, path: str | None, lines: int = 45):
+        import cProfile
+        self.path, self.lines = path, lines
+        self._profile = cProfile.Profile() if path else None
+
+    def __enter__(self):
+        if self._profile is not None:
+            self._profile.enable()
+        return self
+
+    def __exit__(self, *exc):
+        if self._profile is not None:
+            self._profile.disable()
+
+    def write(self) -> None:
+        if self._profile is None:
+            return
+        import io
+        import pstats
+        text = io.StringIO()
+        stats = pstats.Stats(self._profile, stream=text)
+        stats.sort_stats("tottime").print_stats(self.lines)
+        stats.sort_stats("cumulative").print_stats(self.lines)
+        pathlib.Path(self.path).write_text(text.getvalue())
+
+
 def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
     """Requests arrive at `arrivals` (seconds) on a simulated clock that
     advances by each step's measured wall time and jumps over idle gaps.

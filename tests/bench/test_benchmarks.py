@@ -135,10 +135,14 @@ def test_bench_sharing_and_plots(files):
     argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
             "--num-requests", "4", "--num-prefix-requests", "8", "--parallel", "2,4",
             "--beams", "2", "--prefix-scale", "0.1", "--usable-kv-gib", "0.0001",
-            *ENGINE_ARGS, "--out", str(out)]
+            *ENGINE_ARGS, "--profile-host", str(files / "host"), "--out", str(out)]
     script("bench_sharing").main(argv)
     res = json.loads(out.read_text())
     header_ok(res, argv)
+    # the beam runs' host profiles, each of the engine's steps
+    for kind in ("beam", "unshared"):
+        text = (files / f"host.{kind}").read_text()
+        assert "function calls" in text and "engine.py" in text and "(step)" in text
     # 1280-byte blocks (2 layers x K,V x 2 heads x 4 slots x 10 dims x f32):
     # 0.0001 GiB holds 83, plus the null block
     assert res["engine"]["usable_blocks"] == 84 and res["engine"]["num_gpu_blocks"] == 200
