@@ -34,11 +34,17 @@ def unpack(packed: int) -> tuple[int, int]:
     return packed >> PARENT_SHIFT, packed & TOKEN_MASK
 
 
+_F32 = struct.Struct("f")
+
+
+def _f32(x: float) -> float:
+    return _F32.unpack(_F32.pack(x))[0]
+
+
 def add32(a: float, b: float) -> float:
     """a + b in float32, as the device adds (one addition rounded through
     float64 is correctly rounded: 53 >= 2 * 24 + 2 bits)."""
-    f32 = lambda x: struct.unpack("f", struct.pack("f", x))[0]  # noqa: E731
-    return f32(f32(a) + f32(b))
+    return _f32(_f32(a) + _f32(b))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,19 +78,23 @@ def replay_step(hyps: dict, proposals, width: int, lengths: tuple[int, int], sp,
     """
     out_len, length = lengths
     col = length // block_size  # the block of the new tokens (position `length`)
-    running = []
+    running, ended = [], False
     for parent, token, lp in proposals:
+        how = ends(token, out_len, length, sp, eos_token_ids, max_model_len)
+        if how is None and len(running) == width:
+            continue  # (a continuing proposal past the width: dropped)
         h = hyps[parent]
         new = Hyp(h.origin, h.tokens + (token,), h.logprobs + (lp,), h.cumulative + lp,
                   add32(h.cum32, lp), h.table)
-        how = ends(token, out_len, length, sp, eos_token_ids, max_model_len)
-        if how is not None:
+        if how is None:
+            running.append(new)
+        else:
             finished.append((length_normalized(new.cumulative, out_len + 1, sp.length_penalty),
                              (new, how)))
-        elif len(running) < width:
-            running.append(new)
-    finished.sort(key=lambda f: -f[0])
-    del finished[width:]
+            ended = True
+    if ended:
+        finished.sort(key=lambda f: -f[0])
+        del finished[width:]
     if not running or is_done(finished[-1][0] if finished else None, len(finished),
                               (running[0].cumulative, out_len + 1), sp, width, max_model_len):
         return {}, True
@@ -92,7 +102,10 @@ def replay_step(hyps: dict, proposals, width: int, lengths: tuple[int, int], sp,
     out = {}
     for r, h in zip(ranks, running):
         own = hyps[r].table if r in hyps else h.table  # (a fork: its parent's blocks)
-        out[r] = dataclasses.replace(h, table=h.table[:col] + own[col:])
+        if own is not h.table:
+            h = Hyp(h.origin, h.tokens, h.logprobs, h.cumulative, h.cum32,
+                    h.table[:col] + own[col:])
+        out[r] = h
     return out, False
 
 

@@ -158,9 +158,18 @@ class Sequence:
         return self.status >= _FIRST_FINISHED  # (the finished statuses come last)
 
     def fork(self, new_seq_id: int) -> "Sequence":
-        """A deep copy under a new id (the block manager's fork shares the blocks)."""
-        child = copy.deepcopy(self)
+        """An independent copy under a new id (the block manager's fork
+        shares the blocks): its lists and logprobs entries are its own.
+        Copied field by field: copy.deepcopy was a third of a beam search's
+        host time."""
+        child = copy.copy(self)
         child.seq_id = new_seq_id
+        child.prompt_token_ids = list(self.prompt_token_ids)
+        child.output_token_ids = list(self.output_token_ids)
+        child.output_logprobs = [dict(e) if isinstance(e, dict) else e
+                                 for e in self.output_logprobs]
+        if self.tokens is not None:
+            child.tokens = list(self.tokens)
         return child
 
     def __repr__(self) -> str:
