@@ -114,12 +114,18 @@ def check_all(log):
 
 # ----------------------------------------------------------------- timing ---
 
+class TimingError(RuntimeError):
+    """A slope that is not a time: the run of more input sets was no slower."""
+
+
 def time_sets(fn, sets, reps, shared=(), return_first=False):
     """Median seconds per call of fn(*shared, *s), from the slope between
     running len(sets)//2 and len(sets) input sets inside one jit (shared
     arrays, e.g. the pool, are arguments: never baked in as constants).
     return_first: also return fn's output on sets[0] (from the warm-up, so
-    checking it costs no compile of its own)."""
+    checking it costs no compile of its own). Raises TimingError when the
+    median slope is not positive (the entry then reports the failure, never
+    a negative time)."""
     half = len(sets) // 2
     f_half = jax.jit(lambda sh, ss: [fn(*sh, *s) for s in ss])
     f_full = jax.jit(lambda sh, ss: [fn(*sh, *s) for s in ss])
@@ -127,20 +133,33 @@ def time_sets(fn, sets, reps, shared=(), return_first=False):
     for _ in range(2):
         first = jax.block_until_ready(f_half(shared, a))[0]
         jax.block_until_ready(f_full(shared, b))
-    samples = []
+    calls = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(f_half(shared, a))
         t1 = time.perf_counter()
         jax.block_until_ready(f_full(shared, b))
         t2 = time.perf_counter()
-        samples.append(((t2 - t1) - (t1 - t0)) / (len(b) - len(a)))
-    t = float(np.median(samples))
+        calls.append((t1 - t0, t2 - t1))
+    t = slope(calls, len(a), len(b))
     return (t, first) if return_first else t
 
 
+def slope(calls, num_few: int, num_many: int) -> float:
+    """Median seconds per input set from (time of num_few sets, time of
+    num_many sets) pairs; TimingError unless positive."""
+    t = float(np.median([(many - few) / (num_many - num_few) for few, many in calls]))
+    if not t > 0:
+        few_us, many_us = (float(np.median(c)) * 1e6 for c in zip(*calls))
+        raise TimingError(
+            f"{num_many} input sets ran no slower than {num_few} (median {many_us:.1f} us "
+            f"against {few_us:.1f} us over {len(calls)} reps): the slope, {t * 1e6:.1f} us, "
+            "is no time")
+    return t
+
+
 def copy_ceiling(reps):
-    n = (1 << 29) if not TINY else (1 << 16)  # 1 GiB of bf16 per buffer
+    n = (1 << 29) if not TINY else (1 << 20)  # 1 GiB of bf16 per buffer (--tiny: 2 MiB)
     sets = [(jax.random.normal(jax.random.key(i), (n,), jnp.bfloat16),) for i in range(4)]
     t = time_sets(lambda x: x * 2, sets, reps)
     return 2 * n * 2 / t / 1e12  # TB/s, read + write
@@ -603,8 +622,10 @@ def main(argv=None):
         sys.exit(1)
 
     result["copy_tbps"] = copy_ceiling(args.reps)
-    result["matmul_tflops"] = matmul_rate(args.reps, 128 if TINY else 8192)
-    log(f"copy ceiling {result['copy_tbps']:.3f} TB/s (read+write); bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s")
+    # (--tiny: large enough that two more calls take well over a CPU's timing noise)
+    result["matmul_tflops"] = matmul_rate(args.reps, 384 if TINY else 8192)
+    log(f"copy ceiling {result['copy_tbps']:.3f} TB/s (read+write); "
+        f"bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s")
 
     shapes = DECODE_SHAPES if args.shapes == "all" else (
         [] if args.shapes == "none" else [s for s in DECODE_SHAPES if s[0] in args.shapes.split(",")])
@@ -640,7 +661,8 @@ def main(argv=None):
     save(result)
 
     log("")
-    log(f"== {device}: copy {result['copy_tbps']:.2f} TB/s, matmul {result['matmul_tflops']:.0f} TFLOP/s ==")
+    log(f"== {device}: copy {result['copy_tbps']:.2f} TB/s, "
+        f"matmul {result['matmul_tflops']:.0f} TFLOP/s ==")
     if result["decode"]:
         log(f"{'decode shape':22s} {'ours TB/s':>9s} {'jax TB/s':>9s} {'x jax':>6s} {'dense TB/s':>10s}  best tuning")
     for r in result["decode"]:

@@ -54,7 +54,16 @@ def test_quick_has_no_prefill_sweep(bk, tmp_path):
     bk.main(["--tiny", "--quick", "--shapes", "none", "--no-ragged", "--reps", "1",
              "--out", str(out)])
     res = json.loads(out.read_text())
-    assert "prefill_sweep" not in res and res["decode"] == [] and res["matmul_tflops"]
+    assert "prefill_sweep" not in res and res["decode"] == []
+    assert res["matmul_tflops"] > 0 and res["copy_tbps"] > 0
+
+
+def test_a_slope_that_is_no_time_is_an_error(bk):
+    """A run of more input sets that was no slower (the H200's cuDNN entry
+    of 64x128 mixed hd64 g1 once read -147.7 us) is reported, never timed."""
+    assert bk.slope([(2e-3, 5e-3), (2e-3, 6e-3), (3e-3, 5e-3)], 2, 4) == pytest.approx(1.5e-3)
+    with pytest.raises(bk.TimingError, match=r"4 input sets ran no slower than 2 .*-147\.7 us"):
+        bk.slope([(1.0e-3, 0.7046e-3)] * 3, 2, 4)
 
 
 def test_mosaic_skip_reason_names_the_shape(bk):
