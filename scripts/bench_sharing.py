@@ -16,6 +16,8 @@ benchmarks/results/sharing-<device>.json (or --out), prints a table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import pathlib
 
 
 def parse_args(argv):
@@ -46,6 +48,9 @@ def parse_args(argv):
     p.add_argument("--profile-host", default=None, metavar="PATH",
                    help="profile the host side of the beam search runs, shared and unshared "
                         "(cProfile, two files: PATH.beam and PATH.unshared)")
+    p.add_argument("--profile-device", default=None, metavar="DIR",
+                   help="trace the beam search runs with jax.profiler under DIR and record "
+                        "their device time per jitted function and kernel in the JSON")
     add_output_args(p, "sharing")
     args = p.parse_args(argv)
     try:
@@ -62,6 +67,27 @@ def parse_args(argv):
     if args.usable_kv_gib is not None and not args.usable_kv_gib > 0:
         p.error("--usable-kv-gib must be > 0")
     return args
+
+
+@contextlib.contextmanager
+def device_trace(directory, name, into: dict):
+    """jax.profiler's trace of the block under directory/name, reduced to
+    device time per jitted function and kernel into into[name]; nothing
+    when directory is None."""
+    if directory is None:
+        yield
+        return
+    import jax
+
+    from jpaged.bench.step_profile import kernel_totals
+    path = pathlib.Path(directory) / name
+    jax.profiler.start_trace(str(path))
+    try:
+        yield
+    finally:
+        jax.profiler.stop_trace()
+    files = sorted(path.glob("plugins/profile/*/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    into[name] = kernel_totals(files[-1]) if files else dict(error=f"no trace under {path}")
 
 
 def main(argv=None):
@@ -132,18 +158,22 @@ def main(argv=None):
     profiles = {kind: HostProfile(args.profile_host and f"{args.profile_host}.{kind}")
                 for kind in ("beam", "unshared")}
     for k in args.beams:
-        with profiles["beam"]:
+        device_profile = {}
+        with profiles["beam"], device_trace(args.profile_device, f"beam{k}", device_profile):
             shared = run(reqs, [SamplingParams(n=k, use_beam_search=True, temperature=0.0,
                                                max_tokens=r.output_len, ignore_eos=True)
                                 for r in reqs], f"beam width {k}")
         split = [Request(list(r.prompt_token_ids), r.output_len) for r in reqs for _ in range(k)]
-        with profiles["unshared"]:
+        with profiles["unshared"], device_trace(args.profile_device, f"beam{k}-unshared",
+                                                   device_profile):
             unshared = run(split, [SamplingParams(temperature=0.0, max_tokens=r.output_len,
                                                   ignore_eos=True) for r in split],
                            f"beam width {k}, unshared")
-        result["beam_search"][str(k)] = compare(
+        entry = result["beam_search"][str(k)] = compare(
             "beam", k, shared, unshared,
             f"{k} independent greedy sequences per prompt (a beam search's memory without sharing)")
+        if device_profile:
+            entry["device_profile"] = device_profile
     for profile in profiles.values():
         profile.write()
 

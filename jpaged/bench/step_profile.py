@@ -256,23 +256,19 @@ def _stats(event) -> dict:
         return {k: v for k, v in event.stats}
 
 
-def kernel_events(xplane_path, module_name: str) -> tuple[list[dict], dict]:
-    """(events, info): every kernel / thunk event of ``module_name`` in the
-    trace as dict(hlo_op, kernel, duration_ns); info names the plane and
-    lines read and the modules seen.
-
-    GPU: the first device plane's "Stream #..." lines (kernels; the derived
-    "XLA Ops" line would count them twice). TPU: its "XLA Ops" line. CPU:
-    the host plane's thunk events. Events without an hlo_op stat (markers,
-    the host's Python) are left out.
-    """
+def _device_events(xplane_path):
+    """(plane, lines read, {module: [dict(hlo_op, kernel, duration_ns)]}) of
+    the trace: the first device plane's "Stream #..." lines on a GPU (the
+    derived "XLA Ops" line would count them twice), a TPU's "XLA Ops" line,
+    else the host plane's thunks; events without an hlo_op stat (markers,
+    the host's Python) are left out."""
     from jax.profiler import ProfileData
     data = ProfileData.from_file(str(xplane_path))
     planes = list(data.planes)
     device = sorted((p for p in planes if p.name.startswith("/device:")), key=lambda p: p.name)
     plane = device[0] if device else next((p for p in planes if p.name == "/host:CPU"), None)
     if plane is None:
-        return [], dict(plane=None, planes=[p.name for p in planes], num_events=0)
+        return None, [p.name for p in planes], {}
     lines = list(plane.lines)
     chosen = ([ln for ln in lines if ln.name.startswith("Stream")]
               or [ln for ln in lines if ln.name == "XLA Ops"] or lines)
@@ -283,17 +279,49 @@ def kernel_events(xplane_path, module_name: str) -> tuple[list[dict], dict]:
             op = stats.get("hlo_op") or (event.name if line.name == "XLA Ops" else None)
             if op is None:
                 continue
-            by_module[str(stats.get("hlo_module", module_name))].append(
+            by_module[str(stats.get("hlo_module", ""))].append(
                 dict(hlo_op=str(op), kernel=event.name, duration_ns=float(event.duration_ns)))
+    return plane.name, sorted({ln.name for ln in chosen}), by_module
+
+
+def kernel_events(xplane_path, module_name: str) -> tuple[list[dict], dict]:
+    """(events, info): every kernel / thunk event of ``module_name`` in the
+    trace as dict(hlo_op, kernel, duration_ns) (see _device_events); info
+    names the plane and lines read and the modules seen."""
+    plane, lines, by_module = _device_events(xplane_path)
+    if plane is None:
+        return [], dict(plane=None, planes=lines, num_events=0)
+    if "" in by_module:  # events that name no module: this one's
+        by_module[module_name].extend(by_module.pop(""))
     used = module_name
     if module_name not in by_module and by_module:
         # NOTE: a module name the runtime spells differently; take the busiest.
         used = max(by_module, key=lambda m: len(by_module[m]))
     events = by_module.get(used, [])
-    info = dict(plane=plane.name, lines=sorted({ln.name for ln in chosen})[:8],
-                num_events=len(events), module=used,
+    info = dict(plane=plane, lines=lines[:8], num_events=len(events), module=used,
                 modules={m: len(e) for m, e in sorted(by_module.items())[:8]})
     return events, info
+
+
+def kernel_totals(xplane_path, limit: int = 30) -> dict:
+    """A whole program's device time from its trace (an engine run, not one
+    compiled step): per jitted module and per (module, kernel), calls and
+    milliseconds, the busiest first (`limit` kernel rows)."""
+    plane, lines, by_module = _device_events(xplane_path)
+    modules, kernels = [], collections.defaultdict(lambda: [0, 0.0])
+    for module, events in by_module.items():
+        modules.append(dict(module=module or "?", calls=len(events),
+                            ms=sum(e["duration_ns"] for e in events) / 1e6))
+        for e in events:
+            row = kernels[(module or "?", e["kernel"])]
+            row[0] += 1
+            row[1] += e["duration_ns"] / 1e6
+    total = sum(m["ms"] for m in modules)
+    rows = sorted(({"module": m, "kernel": k, "calls": c, "ms": ms,
+                    "pct": 100 * ms / total if total else 0.0}
+                   for (m, k), (c, ms) in kernels.items()), key=lambda r: -r["ms"])
+    return dict(plane=plane, device_ms=total, modules=sorted(modules, key=lambda m: -m["ms"]),
+                kernels=rows[:limit])
 
 
 def _group_name(op_name: str, fallback: str) -> str:

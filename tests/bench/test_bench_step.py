@@ -287,6 +287,22 @@ ENTRY %main.9 (x: bf16[256,2048], w: bf16[2048,2560], u: bf16[2048,5632], pool: 
 """
 
 
+def test_kernel_totals_of_a_whole_run(tmp_path):
+    """An engine run's trace: device time per module and per kernel, the
+    busiest first (the XLA Ops line not counted again)."""
+    from jax.profiler import ProfileData
+    path = tmp_path / "gpu.xplane.pb"
+    path.write_bytes(ProfileData.text_proto_to_serialized_xspace(GPU_TRACE))
+    t = step_profile.kernel_totals(path, limit=3)
+    assert t["plane"] == "/device:GPU:0" and t["device_ms"] == pytest.approx(0.019)
+    assert [(m["module"], m["calls"]) for m in t["modules"]] == [("jit_loop", 4), ("jit_other", 1)]
+    assert [m["ms"] for m in t["modules"]] == pytest.approx([0.010, 0.009])
+    assert [(k["module"], k["kernel"], k["calls"]) for k in t["kernels"]] == [
+        ("jit_other", "fusion_3", 1), ("jit_loop", "sm90_xmma_gemm_bf16bf16_bf16f32", 1),
+        ("jit_loop", "paged_attention", 1)]
+    assert t["kernels"][0]["pct"] == pytest.approx(100 * 9 / 19)
+
+
 def test_gpu_trace_and_hlo_reduce(tmp_path):
     from jax.profiler import ProfileData
     path = tmp_path / "gpu.xplane.pb"

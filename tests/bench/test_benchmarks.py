@@ -135,7 +135,8 @@ def test_bench_sharing_and_plots(files):
     argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
             "--num-requests", "4", "--num-prefix-requests", "8", "--parallel", "2,4",
             "--beams", "2", "--prefix-scale", "0.1", "--usable-kv-gib", "0.0001",
-            *ENGINE_ARGS, "--profile-host", str(files / "host"), "--out", str(out)]
+            *ENGINE_ARGS, "--profile-host", str(files / "host"),
+            "--profile-device", str(files / "traces"), "--out", str(out)]
     script("bench_sharing").main(argv)
     res = json.loads(out.read_text())
     header_ok(res, argv)
@@ -143,6 +144,10 @@ def test_bench_sharing_and_plots(files):
     for kind in ("beam", "unshared"):
         text = (files / f"host.{kind}").read_text()
         assert "function calls" in text and "engine.py" in text and "(step)" in text
+    # and their device time (CPU: the host plane's XLA thunks), per jitted function
+    for name, t in res["beam_search"]["2"]["device_profile"].items():
+        assert name in ("beam2", "beam2-unshared") and t["device_ms"] > 0
+        assert t["kernels"] and sum(m["ms"] for m in t["modules"]) == pytest.approx(t["device_ms"])
     # 1280-byte blocks (2 layers x K,V x 2 heads x 4 slots x 10 dims x f32):
     # 0.0001 GiB holds 83, plus the null block
     assert res["engine"]["usable_blocks"] == 84 and res["engine"]["num_gpu_blocks"] == 200
