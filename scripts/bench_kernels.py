@@ -673,7 +673,9 @@ def main(argv=None):
         o, j = best(r["ours"], "tbps"), best(r["jax_pallas"], "tbps")
         ot = o["tbps"] if o else float("nan")
         jt = j["tbps"] if j else float("nan")
-        log(f"{r['shape']['name']:22s} {ot:9.3f} {jt:9.3f} {ot/jt:6.2f} {r['dense_xla'].get('tbps', float('nan')):10.3f}  {o['tuning'] if o else '-'}")
+        dense = r["dense_xla"].get("tbps", float("nan"))  # (nan: its timing failed)
+        log(f"{r['shape']['name']:22s} {ot:9.3f} {jt:9.3f} {ot/jt:6.2f} {dense:10.3f}  "
+            f"{o['tuning'] if o else '-'}")
     if "ragged" in result:
         o = best(result["ragged"]["triton"], "tflops")
         if o:

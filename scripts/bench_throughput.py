@@ -159,8 +159,8 @@ def main(argv=None):
 
     from jpaged import SamplingParams
     from jpaged.bench.harness import (LABELS, HostProfile, default_out, engine_from_args,
-                                      format_table, progress_line, result_header, run_offline, use_system,
-                                      write_result)
+                                      format_table, progress_line, result_header, run_offline,
+                                      use_system, write_result)
     result = result_header("scripts/bench_throughput.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   tensor_parallel_size=args.tensor_parallel_size, workload=workload.summary())
