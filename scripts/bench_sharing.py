@@ -77,17 +77,18 @@ def device_trace(directory, name, into: dict):
     if directory is None:
         yield
         return
-    import jax
-
-    from jpaged.bench.step_profile import kernel_totals
-    path = pathlib.Path(directory) / name
-    jax.profiler.start_trace(str(path))
+    from jpaged.bench.step_profile import kernel_totals, traced
+    ran = False
     try:
-        yield
-    finally:
-        jax.profiler.stop_trace()
-    files = sorted(path.glob("plugins/profile/*/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
-    into[name] = kernel_totals(files[-1]) if files else dict(error=f"no trace under {path}")
+        with traced(pathlib.Path(directory) / name) as trace:
+            yield
+            ran = True
+    except RuntimeError as e:
+        if not ran:  # (the run's own error)
+            raise
+        into[name] = dict(error=str(e))  # no trace written: recorded, the run goes on
+        return
+    into[name] = kernel_totals(trace.path)
 
 
 def main(argv=None):

@@ -27,6 +27,7 @@ index removed), with time per step, bytes, GB/s and TFLOP/s.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import pathlib
 import re
@@ -398,6 +399,28 @@ def _rates(row: dict, nbytes: float, flops: float) -> dict:
     return row
 
 
+class _Trace:
+    path: pathlib.Path | None = None
+
+
+@contextlib.contextmanager
+def traced(directory):
+    """jax.profiler's trace of the block under `directory`; the yielded
+    object's ``path`` is then the .xplane.pb it wrote (RuntimeError if none)."""
+    import jax
+    directory = pathlib.Path(directory)
+    trace = _Trace()
+    jax.profiler.start_trace(str(directory))
+    try:
+        yield trace
+    finally:
+        jax.profiler.stop_trace()
+    files = sorted(directory.glob("plugins/profile/*/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {directory}")
+    trace.path = files[-1]
+
+
 def profile(compiled, args_fn, *, num_calls: int, steps_per_call: int = 1,
             pool: PoolInfo | None = None, trace_dir: str | None = None) -> dict:
     """Runs ``compiled(*args_fn(previous_result))`` num_calls times under
@@ -420,20 +443,14 @@ def profile(compiled, args_fn, *, num_calls: int, steps_per_call: int = 1,
     directory = pathlib.Path(trace_dir or tempfile.mkdtemp(prefix="jpaged-profile-"))
     result = None
     walls = []
-    jax.profiler.start_trace(str(directory))
-    try:
+    with traced(directory) as trace:
         for _ in range(num_calls):
             t = time.perf_counter()
             result = compiled(*args_fn(result))
             jax.block_until_ready(result)
             walls.append(time.perf_counter() - t)
-    finally:
-        jax.profiler.stop_trace()
-    files = sorted(directory.glob("plugins/profile/*/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {directory}")
-    events, info = kernel_events(files[-1], module.name)
+    events, info = kernel_events(trace.path, module.name)
     table = reduce_trace(module, events, num_calls * steps_per_call, pool)
-    return dict(table, module=module.name, trace=dict(info, file=str(files[-1])),
+    return dict(table, module=module.name, trace=dict(info, file=str(trace.path)),
                 wall_ms_per_call=1e3 * float(np.median(walls)), result=result)
 
