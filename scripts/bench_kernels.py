@@ -123,9 +123,11 @@ def time_sets(fn, sets, reps, shared=(), return_first=False):
     running len(sets)//2 and len(sets) input sets inside one jit (shared
     arrays, e.g. the pool, are arguments: never baked in as constants).
     return_first: also return fn's output on sets[0] (from the warm-up, so
-    checking it costs no compile of its own). Raises TimingError when the
-    median slope is not positive (the entry then reports the failure, never
-    a negative time)."""
+    checking it costs no compile of its own). A median slope that is not
+    positive (noise larger than the work: a busy host, a tiny shape) is
+    measured again with the reps so far kept (ROUNDS in all); TimingError
+    when it is still not positive (the entry then reports the failure,
+    never a negative time)."""
     half = len(sets) // 2
     f_half = jax.jit(lambda sh, ss: [fn(*sh, *s) for s in ss])
     f_full = jax.jit(lambda sh, ss: [fn(*sh, *s) for s in ss])
@@ -133,16 +135,37 @@ def time_sets(fn, sets, reps, shared=(), return_first=False):
     for _ in range(2):
         first = jax.block_until_ready(f_half(shared, a))[0]
         jax.block_until_ready(f_full(shared, b))
-    calls = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f_half(shared, a))
-        t1 = time.perf_counter()
-        jax.block_until_ready(f_full(shared, b))
-        t2 = time.perf_counter()
-        calls.append((t1 - t0, t2 - t1))
-    t = slope(calls, len(a), len(b))
+
+    def measure():
+        calls = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f_half(shared, a))
+            t1 = time.perf_counter()
+            jax.block_until_ready(f_full(shared, b))
+            t2 = time.perf_counter()
+            calls.append((t1 - t0, t2 - t1))
+        return calls
+
+    t = measured_slope(measure, len(a), len(b))
     return (t, first) if return_first else t
+
+
+ROUNDS = 3  # rounds of reps time_sets takes before a slope that is no time is an error
+
+
+def measured_slope(measure, num_few: int, num_many: int, rounds: int = ROUNDS) -> float:
+    """slope() of the (few, many) pairs measure() returns, measuring again
+    (all pairs kept, so the median is over more reps) while the slope is not
+    positive; the last round's TimingError is raised."""
+    calls = []
+    for r in range(rounds):
+        calls += measure()
+        try:
+            return slope(calls, num_few, num_many)
+        except TimingError:
+            if r == rounds - 1:
+                raise
 
 
 def slope(calls, num_few: int, num_many: int) -> float:

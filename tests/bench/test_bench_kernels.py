@@ -24,7 +24,7 @@ def bk():
 
 def test_prefill_sweep_tiny(bk, tmp_path, capsys):
     out = tmp_path / "kernels.json"
-    # reps are cheap here (compiles dominate); 9 keep the timing slope positive on a busy CPU
+    # reps are cheap here (compiles dominate); a slope that noise makes no time is measured again
     bk.main(["--tiny", "--shapes", "none", "--no-ragged", "--reps", "9", "--out", str(out)])
     res = json.loads(out.read_text())
     rows = res["prefill_sweep"]
@@ -64,6 +64,21 @@ def test_a_slope_that_is_no_time_is_an_error(bk):
     assert bk.slope([(2e-3, 5e-3), (2e-3, 6e-3), (3e-3, 5e-3)], 2, 4) == pytest.approx(1.5e-3)
     with pytest.raises(bk.TimingError, match=r"4 input sets ran no slower than 2 .*-147\.7 us"):
         bk.slope([(1.0e-3, 0.7046e-3)] * 3, 2, 4)
+
+
+def test_a_noisy_slope_is_measured_again(bk):
+    """A round whose slope is no time (noise larger than the work) is
+    measured again with its reps kept; only ROUNDS such rounds are an error."""
+    rounds = iter([[(2e-3, 1e-3)] * 3, [(2e-3, 6e-3)] * 4])
+    calls = []
+    measure = lambda: calls.append(1) or next(rounds)
+    # 3 bad pairs then 4 good: the median of the 7 is a good one (2 ms over 2 sets)
+    assert bk.measured_slope(measure, 2, 4) == pytest.approx(2e-3) and len(calls) == 2
+    bad = lambda: calls.append(1) or [(2e-3, 1e-3)] * 3
+    calls.clear()
+    with pytest.raises(bk.TimingError, match=r"over 9 reps"):
+        bk.measured_slope(bad, 2, 4, rounds=3)
+    assert len(calls) == 3
 
 
 def test_mosaic_skip_reason_names_the_shape(bk):
