@@ -243,9 +243,10 @@ def beam_select(state: SlotState, live, topk_ids, topk_lps, eos_ids: tuple[int, 
     proposing = (peers >= 0) & live[pc]
     cand = jnp.where(proposing[:, :, None],
                      state.cum_logprob[pc][:, :, None] + topk_lps[pc], -jnp.inf)
-    # NOTE: top_k keeps the lower index first among equal values: rank, then
-    # the rank's own order (the host's replay reads this order, never redoes it)
-    vals, idx = jax.lax.top_k(cand.reshape(S, -1), C)
+    # NOTE: exact_top_k keeps the lower index first among equal values: rank,
+    # then the rank's own order (the host's replay reads this order, never
+    # redoes it); no sort (XLA's top_k is one on the GPU)
+    vals, idx = sampler_lib.exact_top_k(cand.reshape(S, -1), C)
     parent_rank, j = idx // C, idx % C
     parent_slot = jnp.take_along_axis(pc, parent_rank, axis=1)
     token = topk_ids[parent_slot, j]

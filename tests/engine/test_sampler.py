@@ -258,6 +258,34 @@ def test_logprobs_match_log_softmax():
     np.testing.assert_allclose(lp_k, np.take_along_axis(ref, want_ids[:, :4], -1), rtol=1e-5)
 
 
+_exact_top_k = jax.jit(smp.exact_top_k, static_argnums=1)
+
+
+@pytest.mark.parametrize("m", [5, 200, 256, 257, 4097, 49152])
+def test_exact_top_k_is_a_stable_top_k(m):
+    """Rows ranked whole (m <= RANK_MAX) and cut down by chunks (a real
+    vocabulary): the values and indices of a stable descending sort, ties
+    (rounded values), -inf runs and the padding's place included."""
+    rng = np.random.default_rng(m)
+    R = 3
+    x = rng.normal(size=(3 * R, m)).astype(np.float32)
+    x[R:2 * R] = np.round(x[R:2 * R] * 2) / 2  # many equal values
+    x[2 * R:][rng.random((R, m)) < 0.95] = -np.inf
+    x[-1, :] = -np.inf  # a row with nothing but -inf: the lowest indices, in order
+    for k in sorted({0, 1, min(m, 5), min(m, 20)}):
+        want = np.argsort(-x, axis=1, kind="stable")[:, :k]
+        vals, ids = _exact_top_k(jnp.asarray(x), k)
+        np.testing.assert_array_equal(ids, want, err_msg=f"m={m} k={k}")
+        np.testing.assert_array_equal(vals, np.take_along_axis(x, want, 1))
+        assert ids.dtype == jnp.int32 and vals.shape == (3 * R, k)
+    if m == 5:
+        with pytest.raises(ValueError, match=r"k=6 must be in \[0, 5\]"):
+            smp.exact_top_k(jnp.zeros((1, 5)), 6)
+    if m == 4097:
+        with pytest.raises(ValueError, match=r"k=129 must be in \[0, 128\]"):
+            smp.exact_top_k(jnp.zeros((1, m)), 129)
+
+
 def test_prompt_logprobs_with_padding():
     rng = np.random.default_rng(6)
     T, V = 7, 20
