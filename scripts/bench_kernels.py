@@ -7,7 +7,10 @@ settings, on the same inputs converted to its [Hkv, pages, page_size, D]
 layout outside the timed region; a dense contiguous-cache XLA attention of
 the same shape), ragged prefill attention (the Triton kernel's tunings on
 8 x 512 new tokens over 0-1536 cached; useful FLOPs / time vs the matmul
-rate) and the prefill sweep. Prints tables last and writes
+rate), the prefill sweep and, with --topk, the sampler's top-k
+(jpaged.sampler.exact_top_k against jax.lax.top_k on the same rows: the
+vocabulary's top 20 at 256 rows, and beam search's 200 candidates).
+Prints tables last and writes
 benchmarks/results/kernels-<device>.json (or --out).
 
 The prefill sweep ("prefill_sweep" in the JSON): three batches (8 x 512
@@ -56,6 +59,7 @@ import jax.numpy as jnp
 from kernels_pallas import reference
 from kernels_pallas import gpu as kgpu
 from kernels_pallas.gpu import ragged_paged_attention_mgpu as mgpu
+from jpaged import sampler
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import kernel_cases as kc  # noqa: E402  (shared cases, not an installed module)
@@ -179,6 +183,42 @@ def slope(calls, num_few: int, num_many: int) -> float:
             f"against {few_us:.1f} us over {len(calls)} reps): the slope, {t * 1e6:.1f} us, "
             "is no time")
     return t
+
+
+# (name, rows, row length, k): the vocabularies of llama (32000), SmolLM2
+# (49152) and OPT (50272) at 256 decode rows, and beam_select's candidates
+TOPK_SHAPES = (("llama_vocab", 256, 32000, 20), ("smollm2_vocab", 256, 49152, 20),
+               ("opt_vocab", 256, 50272, 20), ("beam_candidates", 256, 200, 20))
+TOPK_SHAPES_TINY = (("tiny_vocab", 8, 4096, 20), ("tiny_candidates", 8, 200, 20))
+
+
+def bench_topk(reps, log):
+    """exact_top_k and lax.top_k on the same f32 rows (normal values rounded
+    to bf16, so ties occur as in a bf16 model's logprobs): us of each and
+    x_lax (lax.top_k's time / ours); ours is checked equal to a stable sort."""
+    rows = []
+    for name, r, m, k in TOPK_SHAPES_TINY if TINY else TOPK_SHAPES:
+        sets = [(jax.random.normal(jax.random.key(i), (r, m)).astype(jnp.bfloat16)
+                 .astype(jnp.float32),) for i in range(4)]
+        res = dict(name=name, rows=r, length=m, k=k)
+        x = np.asarray(sets[0][0])
+        want = np.argsort(-x, axis=1, kind="stable")[:, :k]
+        for impl, fn in (("exact", lambda x: sampler.exact_top_k(x, k)),
+                         ("lax", lambda x: jax.lax.top_k(x, k))):
+            try:
+                t, (vals, ids) = time_sets(fn, sets, reps, return_first=True)
+                res[impl] = dict(us=t * 1e6)
+                if impl == "exact":
+                    res[impl]["equal_to_stable_sort"] = bool(np.array_equal(np.asarray(ids), want))
+            except Exception:
+                res[impl] = dict(error=traceback.format_exc())
+        if "us" in res["exact"] and "us" in res["lax"]:
+            res["x_lax"] = res["lax"]["us"] / res["exact"]["us"]
+        log(f"  topk {name:16s} {r} x {m} k={k}: exact {res['exact'].get('us', float('nan')):8.1f} us"
+            f" (stable-sort equal: {res['exact'].get('equal_to_stable_sort')}), lax "
+            f"{res['lax'].get('us', float('nan')):8.1f} us")
+        rows.append(res)
+    return rows
 
 
 def copy_ceiling(reps):
@@ -608,6 +648,8 @@ def main(argv=None):
     ap.add_argument("--time-limit", type=float, default=0,
                     help="seconds from the start after which no further prefill sweep shape "
                          "starts (those left are recorded as skipped); 0: no limit")
+    ap.add_argument("--topk", action="store_true",
+                    help="also time the sampler's top-k (exact_top_k against lax.top_k)")
     ap.add_argument("--tiny", action="store_true",
                     help="CPU smoke test of this script: tiny shapes, interpret mode, no checks")
     args = ap.parse_args(argv)
@@ -685,6 +727,9 @@ def main(argv=None):
                 matmul_tflops=result["matmul_tflops"], interpret=TINY))
             save(result)
 
+    if args.topk:
+        log("topk")
+        result["topk"] = bench_topk(args.reps, log)
     save(result)
 
     log("")

@@ -13,6 +13,7 @@
 #   sharing     bench_sharing.py (parallel n, beams, prefix caching)
 #   sharing-profile  beam width 4 alone, shared and unshared, under cProfile (beam-host.*)
 #               and jax.profiler (device time per jitted function and kernel, in the JSON)
+#   topk        bench_kernels.py --topk: exact_top_k against lax.top_k (vocabularies, beam candidates)
 #   latency     bench_latency.py at 2-32 req/s: windows on and off (TTFT, TPOT)
 #   throughput-w16  the 2 GiB run with windows of up to 16 steps
 #   serving     bench_serving.py over HTTP (needs the .whl wheels: starlette, uvicorn, ...)
@@ -52,6 +53,8 @@ for s in "$@"; do
         --kv-cache-gib 2 --usable-kv-gib 0.25 --num-requests 60 --parallel '' --shots '' \
         --beams 4 --profile-host "$OUT/beam-host" --profile-device /tmp/jpaged-beam-traces \
         --out "$OUT/sharing-profile.json" ;;
+    topk) run topk 120 python3 scripts/bench_kernels.py --commit "${JPAGED_COMMIT:-unknown}" \
+        --no-check --quick --shapes none --no-ragged --topk --out "$OUT/kernels-topk.json" ;;
     latency) run latency 230 python3 scripts/bench_latency.py $COMMON --kv-cache-gib 2 \
         --workload $W --rates 2,8,16,32 --duration 6 --min-requests 20 --time-limit 150 \
         --systems jpaged,jpaged-window1 --out "$OUT/latency.json" ;;

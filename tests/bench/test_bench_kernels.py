@@ -103,3 +103,16 @@ def test_gpu_sweep_shapes(bk):
     assert batches == {(1, 4096, 0, 0), (8, 512, 0, 1536), (64, 128, 0, 1920)}
     # 1 x 4096 causal: 4096 * 4097 / 2 pairs
     assert bk.useful_flops([4096], [0], 32, 128) == 4 * 128 * 32 * 4096 * 4097 // 2
+
+
+def test_topk_tiny(bk, tmp_path):
+    """--topk times exact_top_k beside lax.top_k on the same rows; ours is
+    checked against a stable sort of those rows."""
+    out = tmp_path / "kernels.json"
+    bk.main(["--tiny", "--quick", "--shapes", "none", "--no-ragged", "--topk", "--reps", "5",
+             "--out", str(out)])
+    rows = json.loads(out.read_text())["topk"]
+    assert [r["name"] for r in rows] == [s[0] for s in bk.TOPK_SHAPES_TINY]
+    for r in rows:
+        assert r["exact"]["equal_to_stable_sort"] is True, r
+        assert r["exact"]["us"] > 0 and r["lax"]["us"] > 0 and r["x_lax"] > 0
