@@ -85,6 +85,12 @@ class CacheConfig:
 class ParallelConfig:
     """How the model is split over devices (EngineConfig.parallel_config)."""
     tensor_parallel_size: int
+    data_parallel_size: int
+
+    @property
+    def num_devices(self) -> int:
+        """Devices the engine uses: tensor_parallel_size per replica."""
+        return self.tensor_parallel_size * self.data_parallel_size
 
 
 def _check_budget(budget: int, max_model_len: int, max_num_seqs: int, chunked: bool) -> None:
@@ -120,6 +126,12 @@ class EngineConfig:
       watermark: fraction of device blocks kept free when admitting, in [0, 1).
       seed: seed of the sampler's default random stream.
       tensor_parallel_size: devices the model is sharded over, >= 1.
+      data_parallel_size: independent engine replicas, >= 1, each with its
+        own tensor_parallel_size devices (replica r: devices r * tp to
+        (r + 1) * tp - 1, so tp x dp must not exceed the devices), its own
+        KV pool of num_gpu_blocks blocks and its own scheduler; requests
+        go to the replica with the fewest unfinished requests
+        (jpaged.data_parallel). One host only.
       attention_backend: "auto", "reference", "gpu" or "tpu".
       async_scheduling: schedule and dispatch the next step while the
         device still runs the current one, when nothing needs the current
@@ -159,6 +171,7 @@ class EngineConfig:
     watermark: float = 0.01
     seed: int = 0
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     attention_backend: str = "auto"
     async_scheduling: bool = True
     max_decode_window: int = 16
@@ -187,6 +200,7 @@ class EngineConfig:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
         _check_int("seed", self.seed, 0)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        _check_int("data_parallel_size", self.data_parallel_size, 1)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
@@ -219,7 +233,8 @@ class EngineConfig:
                               for f in dataclasses.fields(CacheConfig)})
 
     def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size)
+        return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                              data_parallel_size=self.data_parallel_size)
 
     def get_scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         """The scheduler's config once the model's context length is known."""

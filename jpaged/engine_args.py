@@ -28,10 +28,14 @@ _FLAG_HELP = {
     "tensor_parallel_size": "devices the model and KV pool are split over (heads, MLP "
                             "columns, vocabulary); must divide the MLP width; query heads "
                             "that don't split evenly are padded with zero heads",
+    "data_parallel_size": "independent engine replicas, each on its own "
+                          "--tensor-parallel-size devices (replica r: devices r*tp to "
+                          "(r+1)*tp-1) with its own KV pool of --num-gpu-blocks; each request "
+                          "goes to the replica with the fewest unfinished requests; one host only",
 }
 _CHOICES = {"dtype": config_lib.DTYPES, "attention_backend": config_lib.ATTENTION_BACKENDS,
             "preemption_mode": [m for m in config_lib.PREEMPTION_MODES if m is not None]}
-_TP_GROUP = {"tensor_parallel_size"}
+_PARALLEL_GROUP = {"tensor_parallel_size", "data_parallel_size"}
 
 
 def field_docs() -> dict[str, str]:
@@ -57,20 +61,21 @@ def _flag_type(f: dataclasses.Field):
 def add_engine_args(parser: argparse.ArgumentParser, *,
                     max_num_seqs_help: str = "most sequences in one step (every batch-size "
                                              "bucket up to it is compiled at start-up)"):
-    """Adds the "model and engine" and "tensor parallelism" groups: a flag per
+    """Adds the "model and engine" and "parallelism" groups: a flag per
     EngineConfig field (--field-name; a field that is on by default gets
     --no-field-name), its help from the field's doc, its default the
     field's unless _FLAG_DEFAULTS says otherwise; and --random-weights.
 
-    Returns: (model_group, tp_group), so a script can add its own flags to them.
+    Returns: (model_group, parallel_group), so a script can add its own flags to them.
     """
     defaults = EngineConfig()
     docs = field_docs()
     helps = dict(_FLAG_HELP, max_num_seqs=max_num_seqs_help)
     m = parser.add_argument_group("model and engine")
-    t = parser.add_argument_group("tensor parallelism (README, \"Tensor parallelism\")")
+    t = parser.add_argument_group("parallelism (README, \"Tensor parallelism\" and "
+                                  "\"Data parallelism\")")
     for f in dataclasses.fields(EngineConfig):
-        group = t if f.name in _TP_GROUP else m
+        group = t if f.name in _PARALLEL_GROUP else m
         flag = "--" + f.name.replace("_", "-")
         default = _FLAG_DEFAULTS.get(f.name, getattr(defaults, f.name))
         doc = helps.get(f.name, docs[f.name]).rstrip(".")

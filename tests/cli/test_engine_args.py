@@ -31,12 +31,23 @@ def test_flags_round_trip_to_the_config():
     args = _parser().parse_args(
         ["--max-num-seqs", "4", "--no-async-scheduling", "--enable-prefix-caching",
          "--max-model-len", "0", "--preemption-mode", "swap", "--watermark", "0.05",
-         "--decode-window-idle-s", "0", "--max-decode-window", "4", "--dtype", "float32"])
+         "--decode-window-idle-s", "0", "--max-decode-window", "4", "--dtype", "float32",
+         "--tensor-parallel-size", "2", "--data-parallel-size", "3"])
     cfg = EngineConfig(**llm_kwargs(args))
     assert (cfg.max_num_seqs, cfg.async_scheduling, cfg.enable_prefix_caching,
             cfg.max_model_len, cfg.preemption_mode, cfg.watermark, cfg.decode_window_idle_s,
             cfg.max_decode_window, cfg.dtype) == (4, False, True, None, "swap", 0.05, 0.0, 4,
                                                   "float32")
+    assert (cfg.tensor_parallel_size, cfg.data_parallel_size) == (2, 3)
+
+
+def test_parallel_flags_share_a_group():
+    p = _parser()
+    group = next(g for g in p._action_groups if g.title.startswith("parallelism"))
+    assert {a.dest for a in group._group_actions} >= {"tensor_parallel_size",
+                                                      "data_parallel_size"}
+    assert "fewest unfinished requests" in next(
+        a.help for a in group._group_actions if a.dest == "data_parallel_size")
 
 
 @pytest.mark.parametrize("argv, match", [(["--dtype", "int8"], "invalid choice"),

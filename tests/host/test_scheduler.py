@@ -316,11 +316,13 @@ def test_engine_config_defaults_and_resolution():
         EngineConfig(max_num_batched_tokens=128).get_scheduler_config(2048)
     # The sub-configs the components take whole carry the engine's values.
     c = EngineConfig(block_size=8, swap_space=1.5, enable_prefix_caching=True, watermark=0.1,
-                     num_gpu_blocks=40, gpu_memory_utilization=0.5, tensor_parallel_size=2)
+                     num_gpu_blocks=40, gpu_memory_utilization=0.5, tensor_parallel_size=2,
+                     data_parallel_size=3)
     assert c.cache_config() == CacheConfig(block_size=8, num_gpu_blocks=40,
                                            gpu_memory_utilization=0.5, swap_space=1.5,
                                            enable_prefix_caching=True, watermark=0.1)
-    assert c.parallel_config() == ParallelConfig(tensor_parallel_size=2)
+    assert c.parallel_config() == ParallelConfig(tensor_parallel_size=2, data_parallel_size=3)
+    assert c.parallel_config().num_devices == 6
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -340,6 +342,8 @@ def test_engine_config_defaults_and_resolution():
     (dict(watermark=1.0), r"watermark must be in \[0, 1\)"),
     (dict(seed=-3), "seed must be an int >= 0"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1"),
+    (dict(data_parallel_size=0), "data_parallel_size must be an int >= 1, got 0"),
+    (dict(data_parallel_size=2.0), "data_parallel_size must be an int >= 1, got 2.0"),
     (dict(attention_backend="cuda"), "attention_backend must be one of"),
     (dict(max_model_len=4096, max_num_batched_tokens=2048, enable_chunked_prefill=False),
      r"max_num_batched_tokens \(2048\) must be >="),
