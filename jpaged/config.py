@@ -87,11 +87,6 @@ class ParallelConfig:
     tensor_parallel_size: int
     data_parallel_size: int
 
-    @property
-    def num_devices(self) -> int:
-        """Devices the engine uses: tensor_parallel_size per replica."""
-        return self.tensor_parallel_size * self.data_parallel_size
-
 
 def _check_budget(budget: int, max_model_len: int, max_num_seqs: int, chunked: bool) -> None:
     # NOTE: without chunked prefill a prompt is computed in one step, so the
