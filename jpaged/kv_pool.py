@@ -43,7 +43,10 @@ class KVPool:
     """Device KV blocks (block 0: the null block) and host swap blocks."""
 
     def __init__(self, model, num_blocks: int, block_size: int, num_cpu_blocks: int,
-                 max_copies: int, dtype, mesh=None, backend: str = "auto"):
+                 max_copies: int, dtype, device, mesh=None, backend: str = "auto"):
+        """model: a LoadedModel placed where the pool goes (its kv_sharding);
+        device: the pool's device, or with a mesh the first of its devices
+        that this process drives (host<->device staging)."""
         self.model = model
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -57,7 +60,7 @@ class KVPool:
         self.cpu_cache = None
         # Device<->host transfers go through page-locked memory where the
         # platform offers it (on an H100: ~52 GB/s against ~7 GB/s pageable).
-        self._device = jax.local_devices()[0]
+        self._device = device
         self.pinned_host = any(m.kind == "pinned_host"
                                for m in self._device.addressable_memories())
         self.swap_buckets = (pow2_buckets(1, min(MAX_SWAP_CHUNK, num_cpu_blocks))
@@ -165,7 +168,7 @@ class KVPool:
         if self.mesh is not None:  # jit spreads host data over the mesh (every host's too)
             return data
         if not self.pinned_host:
-            return jnp.asarray(data)
+            return jax.device_put(data, self._device)
         staged = jax.device_put(data, jax.sharding.SingleDeviceSharding(
             self._device, memory_kind="pinned_host"))
         return jax.device_put(staged, jax.sharding.SingleDeviceSharding(self._device))

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged import device_batch, slots as slots_lib
+from jpaged import device_batch, parallel, slots as slots_lib
 from jpaged import sampler as sampler_lib
 from jpaged.config import CacheConfig, ParallelConfig, SchedulerConfig
 from jpaged.kv_pool import KVPool, bucket, pow2_buckets
@@ -192,19 +192,36 @@ class ModelRunner:
 
     def __init__(self, model, cache: CacheConfig, scheduler: SchedulerConfig,
                  parallel_config: ParallelConfig, *, attention_backend: str,
-                 max_decode_window: int, eos_token_ids, kv_dtype=None):
+                 max_decode_window: int, eos_token_ids, kv_dtype=None, devices=None):
         """cache, scheduler, parallel_config: the engine's sub-configs, each
-        whole (jpaged.config; every default is EngineConfig's)."""
+        whole (jpaged.config; every default is EngineConfig's).
+
+        devices: the tensor_parallel_size devices this runner's params, KV
+          pool and slot state live on (a data-parallel replica's group,
+          parallel.replica_devices); None: the first tensor_parallel_size of
+          jax.devices(), and at tensor_parallel_size 1 this process's first
+          device (each process of a multi-host run then runs an engine of
+          its own). At tensor_parallel_size 1 every array is committed to
+          that one device, so every jitted step runs there.
+        """
         tensor_parallel_size = parallel_config.tensor_parallel_size
         block_size, max_model_len = cache.block_size, scheduler.max_model_len
         max_num_seqs = scheduler.max_num_seqs
         max_num_batched_tokens = scheduler.max_num_batched_tokens
         self.tensor_parallel_size = tensor_parallel_size
+        if devices is None:
+            devices = (jax.local_devices()[:1] if tensor_parallel_size == 1
+                       else parallel.replica_devices(tensor_parallel_size)[0])
+        assert len(devices) == tensor_parallel_size, "one device per tensor-parallel shard"
+        self.devices = list(devices)
+        # the first device this process drives: its memory statistics, host staging
+        self.device = next(d for d in self.devices if d.process_index == jax.process_index())
         self.mesh = None
         if tensor_parallel_size > 1:  # params and pool sharded over a "tp" mesh
-            from jpaged import parallel
-            self.mesh = parallel.make_mesh(tensor_parallel_size)
+            self.mesh = parallel.make_mesh(tensor_parallel_size, self.devices)
             model = parallel.shard_model(model, self.mesh)
+        else:
+            model = parallel.place_model(model, self.device)
         self.model = model
         self.attention_backend = attention_backend
         self.block_size = block_size
@@ -228,16 +245,18 @@ class ModelRunner:
         self.num_cpu_blocks = int(cache.swap_space * (1 << 30) // self.bytes_per_block)
         self.pool = KVPool(model, self.num_gpu_blocks, block_size, self.num_cpu_blocks,
                            max_copies=max_num_seqs, dtype=jnp.dtype(kv_dtype or model.dtype),
-                           mesh=self.mesh, backend=attention_backend)
+                           mesh=self.mesh, device=self.device, backend=attention_backend)
         self.window_sizes = pow2_buckets(1, max_decode_window)
         self.prefill_buckets = pow2_buckets(
             min(MIN_PREFILL_BUCKET, max_num_batched_tokens), max_num_batched_tokens)
         self.diff_layouts = slots_lib.diff_layouts(max_num_seqs, self.max_blocks_per_seq,
                                                    max_decode_window, block_size)
+        # the slot state: replicated over the mesh (and pinned so in the
+        # steps), or committed to the one device
         self._state_sharding = None
+        self._state_placement = jax.sharding.SingleDeviceSharding(self.device)
         if self.mesh is not None:
-            from jpaged import parallel
-            self._state_sharding = parallel.replicated(self.mesh)
+            self._state_sharding = self._state_placement = parallel.replicated(self.mesh)
         self.state = self._new_state()
         self.num_traces = 0
         self.warmup_seconds = None
@@ -256,14 +275,15 @@ class ModelRunner:
         return self.pool.arrays
 
     def _new_state(self):
-        return device_batch.init_state(self.max_num_seqs, self.max_blocks_per_seq,
-                                       self.vocab_size, self._state_sharding)
+        with jax.default_device(self.device):  # (built there: no copy on another device)
+            return device_batch.init_state(self.max_num_seqs, self.max_blocks_per_seq,
+                                           self.vocab_size, self._state_placement)
 
     # ------------------------------------------------------------ sizing
     def _profile_num_blocks(self, utilization: float) -> int:
         """Blocks that fit in `utilization` of the device memory left after
         the weights, keeping room for the largest step's activations."""
-        stats = jax.local_devices()[0].memory_stats() or {}
+        stats = self.device.memory_stats() or {}
         limit = stats.get("bytes_limit")
         if not limit:  # no memory statistics (CPU): a pool of NO_STATS_KV_BYTES
             return max(2, NO_STATS_KV_BYTES // self.bytes_per_block)

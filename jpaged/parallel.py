@@ -37,6 +37,10 @@ Multi-host: call ``jax.distributed.initialize`` (``initialize_distributed``)
 in every process before anything touches jax; ``jax.devices()`` then lists
 every host's devices and the mesh spans them (see README, "Tensor
 parallelism").
+
+Data parallelism (jpaged.data_parallel) runs one engine per group of
+``replica_devices``, each with a mesh of its own (or, at tensor_parallel_size
+1, its one device: ``place_model``).
 """
 from __future__ import annotations
 
@@ -66,24 +70,53 @@ SHARDING_RULES = (
 KV_CACHE_SPEC = P(None, None, TP_AXIS, None, None)  # [2, blocks, KV HEADS, block_size, head_dim]
 
 
-def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
-    """A 1-D mesh named "tp" over the first ``tensor_parallel_size`` devices;
-    after jax.distributed.initialize, over all devices of all processes."""
+def replica_devices(tensor_parallel_size: int, data_parallel_size: int = 1,
+                    devices=None) -> list[list]:
+    """The devices of each engine replica: replica r gets
+    ``devices[r * tp:(r + 1) * tp]`` (default: ``jax.devices()``, in jax's
+    order). Data parallelism (jpaged.data_parallel) runs one engine per group.
+
+    Returns:
+      data_parallel_size lists of tensor_parallel_size devices each.
+    Raises:
+      ValueError when tp x dp exceeds the devices (on CPU, with the
+      XLA_FLAGS that makes more), and after jax.distributed.initialize
+      (several processes) unless dp is 1 and tp spans every device of every
+      process: every process runs the same steps of one engine, and
+      data parallelism across hosts is not supported yet.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
-    if tensor_parallel_size > len(devices):
+    tp, dp = tensor_parallel_size, data_parallel_size
+    for name, value in (("tensor_parallel_size", tp), ("data_parallel_size", dp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if tp * dp > len(devices):
         hint = ""
         if devices and devices[0].platform == "cpu":
             hint = (f"; on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count="
-                    f"{tensor_parallel_size} before jax starts")
-        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs that many devices, "
-                         f"but jax sees {len(devices)}{hint}")
-    if jax.process_count() > 1 and tensor_parallel_size != len(devices):
-        raise ValueError(f"with {jax.process_count()} processes, tensor_parallel_size must be "
-                         f"the number of devices of all of them ({len(devices)}), got "
-                         f"{tensor_parallel_size}: every process runs the same steps")
-    return Mesh(np.array(devices[:tensor_parallel_size]), (TP_AXIS,))
+                    f"{tp * dp} before jax starts")
+        need = (f"tensor_parallel_size={tp} needs that many devices" if dp == 1 else
+                f"tensor_parallel_size={tp} x data_parallel_size={dp} needs {tp * dp} devices")
+        raise ValueError(f"{need}, but jax sees {len(devices)}{hint}")
+    if jax.process_count() > 1:
+        if dp > 1:
+            raise ValueError(f"data_parallel_size={dp} with {jax.process_count()} processes: "
+                             "data parallelism across hosts is not supported yet; run "
+                             "data_parallel_size=1 with a tensor_parallel_size spanning every "
+                             "host, or an independent engine (its own command and prompts) "
+                             "on each host")
+        if tp != len(devices):
+            raise ValueError(f"with {jax.process_count()} processes, tensor_parallel_size must "
+                             f"be the number of devices of all of them ({len(devices)}), got "
+                             f"{tp}: every process runs the same steps")
+    return [devices[r * tp:(r + 1) * tp] for r in range(dp)]
+
+
+def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
+    """A 1-D mesh named "tp" over the first ``tensor_parallel_size`` of
+    ``devices`` (default: jax.devices()); after jax.distributed.initialize,
+    over all devices of all processes (replica_devices' rules and errors)."""
+    return Mesh(np.array(replica_devices(tensor_parallel_size, 1, devices)[0]), (TP_AXIS,))
 
 
 def sharded_heads(config, tp: int) -> tuple[int, int]:
@@ -256,6 +289,16 @@ def shard_model(model, mesh: Mesh):
     return dataclasses.replace(model, config=sharded, params=params, module=module,
                                _jit_apply=None,
                                kv_sharding=NamedSharding(mesh, KV_CACHE_SPEC))
+
+
+def place_model(model, device):
+    """The twin of a models.LoadedModel on one device (a data-parallel
+    replica at tensor_parallel_size 1): params committed to ``device`` (the
+    same arrays when they are there already, else a copy), its KV pool
+    built there (kv_sharding), so every jitted step runs there."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return dataclasses.replace(model, params=jax.device_put(model.params, sharding),
+                               _jit_apply=None, kv_sharding=sharding)
 
 
 def _place(tree, shardings):

@@ -237,7 +237,8 @@ class LoadedModel:
       architecture: HF architecture name, e.g. "LlamaForCausalLM".
       dtype:        "float32" | "bfloat16" | "float16".
       kv_sharding:  where the KV pool lives: None (the first device) or a
-                    jax.sharding.Sharding (tensor parallelism, jpaged.parallel).
+                    jax.sharding.Sharding (tensor parallelism, or the one
+                    device of a data-parallel replica: jpaged.parallel).
     """
     config: Any
     hf_config: dict
