@@ -95,16 +95,24 @@ class LLMEngine:
     """Adds requests, steps the schedule -> execute -> update loop."""
 
     def __init__(self, config: EngineConfig, model=None, warm_up: bool = True,
-                 progress: bool = True, block_manager_factory=None):
+                 progress: bool = True, block_manager_factory=None, devices=None):
         """block_manager_factory: optional callable with BlockSpaceManager's
         signature (block_size, num_gpu_blocks, num_cpu_blocks, watermark=,
         enable_prefix_caching=) returning a compatible manager, e.g. the
-        contiguous-reservation baseline of jpaged.bench.reservation."""
+        contiguous-reservation baseline of jpaged.bench.reservation.
+        devices: the devices this engine runs on (ModelRunner's; a
+        data-parallel replica's group); None: the first ones.
+
+        One engine is one replica: config.data_parallel_size must be 1
+        (jpaged.data_parallel.DataParallelEngine runs several; LLM picks it).
+        """
+        if config.data_parallel_size != 1:
+            raise ValueError(f"LLMEngine runs one replica, got data_parallel_size="
+                             f"{config.data_parallel_size}: use jpaged.data_parallel."
+                             "DataParallelEngine (LLM picks it)")
         enable_compilation_cache()
         if model is None:
-            import models
-            model = models.load_model(config.model, dtype=_resolve_dtype(config.dtype),
-                                      attention_backend=config.attention_backend)
+            model = load_model(config)
         self.model = model
         self.tokenizer = model.tokenizer
         sched_config = config.get_scheduler_config(model.config.max_position_embeddings)
@@ -116,7 +124,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, config.cache_config(), sched_config, config.parallel_config(),
             attention_backend=config.attention_backend,
-            max_decode_window=config.max_decode_window, eos_token_ids=self.eos_token_ids)
+            max_decode_window=config.max_decode_window, eos_token_ids=self.eos_token_ids,
+            devices=devices)
         self.block_manager = self._new_block_manager(block_manager_factory,
                                                      self.runner.num_gpu_blocks)
         self.stats = EngineStats()  # every counter (jpaged.stats)
@@ -299,6 +308,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         """Whether step() has more to do or to return."""
         return bool(self._outputs) or self.scheduler.has_unfinished_seqs()
+
+    def has_unfinished_seqs(self) -> bool:
+        """Whether step() has more to do (outputs kept for return aside)."""
+        return self.scheduler.has_unfinished_seqs()
 
     def keep_outputs(self, outputs: list[RequestOutput]) -> None:
         """Hands finished outputs back: the next step() returns them again
@@ -730,6 +743,14 @@ def _eos_ids(model) -> frozenset[int]:
     if not eos and model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
         eos = (model.tokenizer.eos_token_id,)
     return frozenset(eos)
+
+
+def load_model(config: EngineConfig):
+    """The models.LoadedModel that config.model names, in config.dtype (its
+    params on this process's first device)."""
+    import models
+    return models.load_model(config.model, dtype=_resolve_dtype(config.dtype),
+                             attention_backend=config.attention_backend)
 
 
 def _resolve_dtype(dtype: str) -> str:

@@ -6,6 +6,7 @@ import itertools
 
 from jpaged import inputs
 from jpaged.config import EngineConfig
+from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -27,7 +28,12 @@ class LLM:
         ``models.LoadedModel`` (e.g. from ``models.random_model``).
       **kwargs: any EngineConfig field (dtype, block_size, max_num_seqs,
         max_model_len, num_gpu_blocks, gpu_memory_utilization, swap_space,
-        preemption_mode, enable_prefix_caching, seed, ...).
+        preemption_mode, enable_prefix_caching, seed, tensor_parallel_size,
+        data_parallel_size, ...).
+
+    ``engine`` is an LLMEngine, or with data_parallel_size > 1 a
+    jpaged.data_parallel.DataParallelEngine (the same request API over its
+    replicas); generate() and chat() behave the same either way.
     """
 
     def __init__(self, model="smollm2-135m", *, use_tqdm_warmup: bool = True, **kwargs):
@@ -35,7 +41,8 @@ class LLM:
         if not isinstance(model, str):
             loaded, model = model, getattr(model, "name", "custom")
         self.config = EngineConfig(model=model, **kwargs)
-        self.engine = LLMEngine(self.config, model=loaded, progress=use_tqdm_warmup)
+        engine_cls = LLMEngine if self.config.data_parallel_size == 1 else DataParallelEngine
+        self.engine = engine_cls(self.config, model=loaded, progress=use_tqdm_warmup)
         self._counter = itertools.count()
 
     def get_tokenizer(self):
@@ -147,7 +154,7 @@ class LLM:
                     else:
                         others.append(out)
                 self.engine.keep_outputs(others)
-                if len(done) < len(ids) and not self.engine.scheduler.has_unfinished_seqs():
+                if len(done) < len(ids) and not self.engine.has_unfinished_seqs():
                     raise RuntimeError("the engine lost requests of this call: "
                                        f"{sorted(mine - done.keys())[:5]}")
         return [done[i] for i in ids]

@@ -56,14 +56,17 @@ def parse_list(text: str, allowed=None, kind=str) -> list:
 
 
 def build_engine(model, *, kv_cache_gib=None, progress=True, **config):
-    """An LLMEngine on a loaded model, warmed up (every bucket compiled).
+    """An LLMEngine on a loaded model, warmed up (every bucket compiled); with
+    data_parallel_size > 1 a DataParallelEngine of such replicas.
 
     config: EngineConfig fields (its defaults for the others; None leaves a
     field at its default).
-    kv_cache_gib: size the KV pool in GiB (all layers, all devices together)
-    instead of from gpu_memory_utilization; num_gpu_blocks overrides both.
+    kv_cache_gib: size the KV pool in GiB (all layers, a replica's devices
+    together; each replica has one) instead of from gpu_memory_utilization;
+    num_gpu_blocks overrides both.
     """
     from jpaged.config import EngineConfig
+    from jpaged.data_parallel import DataParallelEngine
     from jpaged.engine import LLMEngine
     config = EngineConfig(model="random",
                           **{k: v for k, v in config.items() if v is not None})
@@ -72,7 +75,8 @@ def build_engine(model, *, kv_cache_gib=None, progress=True, **config):
             raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib}")
         config = dataclasses.replace(config, num_gpu_blocks=1 + int(
             kv_cache_gib * (1 << 30) // model.kv_bytes_per_block(config.block_size)))
-    return LLMEngine(config, model=model, progress=progress)
+    engine_cls = LLMEngine if config.data_parallel_size == 1 else DataParallelEngine
+    return engine_cls(config, model=model, progress=progress)
 
 
 # ------------------------------------------------------------------ flags
@@ -96,11 +100,13 @@ def positive_int(text: str) -> int:
 
 def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: str = "",
                     max_num_seqs_help="sequences per step, at most",
-                    max_model_len_help="context limit") -> None:
+                    max_model_len_help="context limit", data_parallel: bool = False) -> None:
     """The engine and KV pool flags engine_from_args reads (--block-size,
     --max-num-seqs, --max-model-len, --max-num-batched-tokens, --kv-cache-gib,
     --num-gpu-blocks, --gpu-memory-utilization, --swap-space,
-    --tensor-parallel-size).
+    --tensor-parallel-size; --data-parallel-size with data_parallel, for a
+    script that reads its engine through replicas() and the engine's
+    request API only).
 
     kv_cache_gib_note: the script's reason for its pool size, put into the
     --kv-cache-gib help (e.g. "; sharing pays off when ...").
@@ -128,6 +134,12 @@ def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: s
     p.add_argument("--tensor-parallel-size", type=positive_int, default=d.tensor_parallel_size,
                    help="devices the model and KV pool are split over (the first N devices; "
                         "--kv-cache-gib is the pool over all of them)")
+    if data_parallel:
+        p.add_argument("--data-parallel-size", type=positive_int, default=d.data_parallel_size,
+                       help="independent engine replicas, each on its own "
+                            "--tensor-parallel-size devices with its own KV pool (--kv-cache-gib "
+                            "or --num-gpu-blocks each); requests go to the replica with the "
+                            "fewest unfinished ones")
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill",
                    action="store_false", default=d.enable_chunked_prefill,
                    help="steps all prefill (whole prompts) or all decode; the system "
@@ -146,11 +158,13 @@ def engine_from_args(args, hf_config: dict):
     add_model_args / add_engine_args / add_output_args ask for.
 
     Returns: (model, engine, info); info is the result JSON's "engine" entry:
-      warmup_seconds, compiles_at_warmup (engine.runner.num_traces after
-      warm-up), num_gpu_blocks, max_num_seqs, max_model_len,
-      tensor_parallel_size.
+      warmup_seconds, compiles_at_warmup (runner.num_traces after warm-up;
+      with data parallelism, both summed over the replicas, which warm up
+      one after another), num_gpu_blocks (per replica), max_num_seqs (per
+      replica), max_model_len, tensor_parallel_size, data_parallel_size.
     """
     import models
+    from jpaged.data_parallel import replicas
     from jpaged.engine import enable_compilation_cache
     enable_compilation_cache()  # the model's init compiles too
     t0 = time.perf_counter()
@@ -165,20 +179,30 @@ def engine_from_args(args, hf_config: dict):
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           swap_space=args.swap_space, progress=not args.no_progress,
                           tensor_parallel_size=args.tensor_parallel_size,
+                          data_parallel_size=getattr(args, "data_parallel_size", None),
                           max_decode_window=args.max_decode_window,
                           enable_chunked_prefill=getattr(args, "enable_chunked_prefill", None))
-    print(f"[{time.strftime('%H:%M:%S')}] engine ready: warm-up "
-          f"{engine.runner.warmup_seconds:.1f} s, {engine.runner.num_traces} compiles, "
-          f"{engine.runner.num_gpu_blocks} blocks", flush=True)
-    info = dict(warmup_seconds=engine.runner.warmup_seconds,
-                compiles_at_warmup=engine.runner.num_traces,
-                num_gpu_blocks=engine.runner.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
+    runners = [e.runner for e in replicas(engine)]
+    warmup_seconds = sum(r.warmup_seconds for r in runners)
+    num_traces = num_compiles(engine)
+    print(f"[{time.strftime('%H:%M:%S')}] engine ready: warm-up {warmup_seconds:.1f} s, "
+          f"{num_traces} compiles, {runners[0].num_gpu_blocks} blocks"
+          f"{f' x {len(runners)} replicas' if len(runners) > 1 else ''}", flush=True)
+    info = dict(warmup_seconds=warmup_seconds, compiles_at_warmup=num_traces,
+                num_gpu_blocks=runners[0].num_gpu_blocks, max_num_seqs=args.max_num_seqs,
                 max_model_len=engine.config.max_model_len,
                 max_decode_window=engine.config.max_decode_window,
                 max_num_batched_tokens=engine.config.max_num_batched_tokens,
                 enable_chunked_prefill=engine.config.enable_chunked_prefill,
-                tensor_parallel_size=args.tensor_parallel_size)
+                tensor_parallel_size=args.tensor_parallel_size,
+                data_parallel_size=engine.config.data_parallel_size)
     return model, engine, info
+
+
+def num_compiles(engine) -> int:
+    """Steps the engine's runners have compiled (summed over replicas)."""
+    from jpaged.data_parallel import replicas
+    return sum(e.runner.num_traces for e in replicas(engine))
 
 
 def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):
@@ -202,6 +226,7 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     block included), as a smaller pool would, with the compiled steps of
     the full one; default the whole pool.
     """
+    from jpaged.data_parallel import replicas
     factory = block_manager_factory(system, engine.config.max_model_len, enable_prefix_caching)
     # "jpaged-sync": jpaged waiting for each step's tokens (no host/device overlap);
     # "jpaged-window1": decode windows off (one decode step per jitted call);
@@ -211,7 +236,8 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     engine.use_block_manager(
         factory, num_blocks, enable_prefix_caching=enable_prefix_caching,
         async_scheduling=system != "jpaged-sync",
-        max_decode_window=1 if system == "jpaged-window1" else max(engine.runner.window_sizes),
+        max_decode_window=(1 if system == "jpaged-window1"
+                           else max(replicas(engine)[0].runner.window_sizes)),
         enable_chunked_prefill=chunked)
 
 
@@ -221,7 +247,9 @@ class Probe:
 
     Tracks peak concurrent sequences, KV waste at the step of peak block use
     (slots allocated but holding no token, % of the pool), and, with
-    ``sharing``, block-table entries vs distinct blocks over all steps.
+    ``sharing``, block-table entries vs distinct blocks over all steps. With
+    data parallelism every figure is over all replicas together (their
+    sequences, blocks and pools added up).
     """
 
     def __init__(self, engine, sharing: bool = False):
@@ -234,20 +262,24 @@ class Probe:
         self.peak_saved_pct = 0.0
 
     def after_step(self) -> None:
+        from jpaged.data_parallel import replicas
         t0 = time.perf_counter()
-        eng = self.engine
-        bm = eng.block_manager
-        seqs = [s for g in eng.scheduler.running for s in g.get_seqs(SequenceStatus.RUNNING)]
-        self.peak_seqs = max(self.peak_seqs, len(seqs))
-        used = bm.get_num_total_gpu_blocks() - bm.get_num_free_gpu_blocks()
+        running = [(e.block_manager, [s for g in e.scheduler.running
+                                      for s in g.get_seqs(SequenceStatus.RUNNING)])
+                   for e in replicas(self.engine)]
+        self.peak_seqs = max(self.peak_seqs, sum(len(seqs) for _, seqs in running))
+        used = sum(bm.get_num_total_gpu_blocks() - bm.get_num_free_gpu_blocks()
+                   for bm, _ in running)
         if used > self.peak_blocks:
             self.peak_blocks = used
-            in_use, filled, pool = kv_slot_usage(bm, seqs)
+            in_use, filled, pool = (sum(x) for x in zip(*(kv_slot_usage(bm, seqs)
+                                                           for bm, seqs in running)))
             self.at_peak = dict(kv_waste_pct=100.0 * (in_use - filled) / pool,
                                 kv_filled_pct=100.0 * filled / pool,
                                 kv_free_pct=100.0 * (pool - in_use) / pool)
         if self.sharing:
-            entries, distinct = bm.get_block_usage()
+            entries, distinct = (sum(x) for x in zip(*(bm.get_block_usage()
+                                                       for bm, _ in running)))
             self.entries += entries
             self.distinct += distinct
             if entries:
@@ -265,9 +297,18 @@ class Probe:
 
 
 def engine_counters(engine) -> dict:
-    """Step, preemption and timing counters of the engine's current system."""
+    """Step, preemption and timing counters of the engine's current system
+    (with data parallelism: summed over the replicas, steps counted per
+    replica, plus "replicas": each one's requests, generated tokens and
+    steps)."""
     st = engine.stats.snapshot()
     steps = max(1, st["num_steps"])
+    per_replica = {}
+    if engine.config.data_parallel_size > 1:
+        per_replica["replicas"] = [
+            dict(num_requests=n, generated_tokens=e.stats.num_generated_tokens,
+                 num_steps=e.stats.num_steps)
+            for n, e in zip(engine.num_requests, engine.engines)]
     return dict(num_steps=st["num_steps"], decode_steps=st["num_decode_steps"],
                 steps_dispatched_ahead=st["num_steps_ahead"],
                 preemptions=st["num_preemptions"],
@@ -277,7 +318,7 @@ def engine_counters(engine) -> dict:
                 dispatch_ms_per_step=1e3 * st["dispatch_seconds"] / steps,
                 generated_tokens=st["num_generated_tokens"],
                 prefill_tokens=st["num_prefill_tokens"],
-                cached_prompt_tokens=st["num_cached_prompt_tokens"])
+                cached_prompt_tokens=st["num_cached_prompt_tokens"], **per_replica)
 
 
 def run_offline(engine, requests, params, *, sharing=False, progress=True, desc="requests",
