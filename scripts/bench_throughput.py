@@ -17,15 +17,20 @@ policies run fewer requests at once (2 GiB holds ~93k tokens of the 1.1B
 Llama shape: Orca-Max ~45 requests, jpaged up to --max-num-seqs).
 
 Tensor parallelism: --tensor-parallel-size N splits the model and the KV pool
-over N devices; --scaling-baseline names the result JSON of a run at another
+over N devices. Data parallelism: --data-parallel-size M runs M independent
+replicas (M x N devices), each with a KV pool of --kv-cache-gib (or
+--num-gpu-blocks), the requests dealt to the least-loaded one; every system
+runs on them. --scaling-baseline names the result JSON of a run at another
 size (same model, workload and pool) and records the speedup and scaling
-efficiency (speedup x baseline size / N) of each system against it.
+efficiency (speedup x baseline devices / devices, devices = N x M) of each
+system against it.
 
-Writes benchmarks/results/throughput-<device>.json (throughput-<device>-tp<N>.json
-for N > 1; or --out): device, commit, command, tensor_parallel_size, per
-system output tokens/s, requests/s, peak concurrent sequences, KV waste at
-peak, preemptions/swaps, host and device ms per step, plus warm-up time and
-compile counts; prints a table last.
+Writes benchmarks/results/throughput-<device>.json (with -tp<N> and -dp<M>
+for N, M > 1; or --out): device, commit, command, tensor_parallel_size,
+data_parallel_size, per system output tokens/s, requests/s, peak concurrent
+sequences, KV waste at peak, preemptions/swaps, host and device ms per step
+(and, with M > 1, each replica's requests, tokens and steps), plus warm-up
+time and compile counts; prints a table last.
 """
 from __future__ import annotations
 
@@ -67,9 +72,9 @@ def parse_args(argv):
                         "(one decode step per call), jpaged-nochunk (chunked prefill off), "
                         "hf-generate, hf-generate-batch")
     add_engine_args(p, kv_cache_gib_default=2.0,
-                    max_num_seqs_help="sequences per step, at most (every system)",
+                    max_num_seqs_help="sequences per step, at most (every system; per replica)",
                     max_model_len_help="context limit; Orca-Max reserves this many tokens "
-                                       "per request")
+                                       "per request", data_parallel=True)
     p.add_argument("--hf-num-requests", type=int, default=64,
                    help="HF systems run the first N requests of the same workload (they are "
                         "slow; tokens/s compare across systems)")
@@ -77,8 +82,9 @@ def parse_args(argv):
     p.add_argument("--hf-timeout", type=float, default=200,
                    help="seconds the HF child process may run before it is stopped")
     p.add_argument("--scaling-baseline", default=None,
-                   help="result JSON of this script at another --tensor-parallel-size (same "
-                        "model, workload, pool): record speedup and scaling efficiency vs it")
+                   help="result JSON of this script at another --tensor-parallel-size or "
+                        "--data-parallel-size (same model, workload, pool): record speedup and "
+                        "scaling efficiency vs it")
     add_output_args(p, "throughput")
     args = p.parse_args(argv)
     if args.scaling_baseline is not None and not os.path.isfile(args.scaling_baseline):
@@ -159,28 +165,28 @@ def main(argv=None):
 
     from jpaged import SamplingParams
     from jpaged.bench.harness import (LABELS, HostProfile, default_out, engine_from_args,
-                                      format_table, progress_line, result_header, run_offline,
-                                      use_system, write_result)
+                                      format_table, num_compiles, progress_line, result_header,
+                                      run_offline, use_system, write_result)
+    tp, dp = args.tensor_parallel_size, args.data_parallel_size
     result = result_header("scripts/bench_throughput.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
-                  tensor_parallel_size=args.tensor_parallel_size, workload=workload.summary())
+                  tensor_parallel_size=tp, data_parallel_size=dp, workload=workload.summary())
     t0 = time.perf_counter()
     model, engine, info = engine_from_args(args, hf_config)
     traces_after_warmup = info["compiles_at_warmup"]
-    result["engine"] = dict(
+    result["engine"] = dict(  # (kv_pool_gib: one replica's)
         startup_seconds=time.perf_counter() - t0, **info, block_size=args.block_size,
-        kv_pool_gib=engine.runner.num_gpu_blocks
-        * model.kv_bytes_per_block(args.block_size) / (1 << 30))
+        kv_pool_gib=info["num_gpu_blocks"] * model.kv_bytes_per_block(args.block_size) / (1 << 30))
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
               for r in requests]
-    tp = args.tensor_parallel_size  # tp > 1 gets its own file: tp1 and tp2 runs stay side by side
-    out = args.out or default_out("throughput", result["device"], f"tp{tp}" if tp > 1 else "")
+    # each size gets its own file: tp1, tp2, dp2 runs stay side by side
+    tag = "-".join(f"{name}{n}" for name, n in (("tp", tp), ("dp", dp)) if n > 1)
+    out = args.out or default_out("throughput", result["device"], tag)
     systems = dict(hf_results)
     result["systems"] = systems
 
     def record():  # what is known so far, ratios included: a run stopped later keeps it
-        result["engine"]["compiles_after_warmup"] = (engine.runner.num_traces
-                                                     - traces_after_warmup)
+        result["engine"]["compiles_after_warmup"] = num_compiles(engine) - traces_after_warmup
         add_speedups(systems)
         write_result(result, out)
     # NOTE: a short run first, so the first system timed pays no first-call costs
@@ -215,13 +221,16 @@ def main(argv=None):
 
     rows = [dict(r, system=LABELS[name], status=r.get("skipped") and "skipped"
                  or r.get("error") and "error" or "ok") for name, r in systems.items()]
-    print(f"\n{result['device']}  tp {tp}  model {args.model} ({args.dtype}, random weights)  "
-          f"workload {workload.name} x{len(requests)}  pool {engine.runner.num_gpu_blocks} "
-          f"blocks  warm-up {engine.runner.warmup_seconds:.1f} s, "
+    print(f"\n{result['device']}  tp {tp}  dp {dp}  model {args.model} ({args.dtype}, random "
+          f"weights)  workload {workload.name} x{len(requests)}  pool {info['num_gpu_blocks']} "
+          f"blocks{f' per replica' if dp > 1 else ''}  warm-up {info['warmup_seconds']:.1f} s, "
           f"{traces_after_warmup} compiles (+{result['engine']['compiles_after_warmup']} after)")
     for name, r in systems.items():
         if "skipped" in r or "error" in r:
             print(f"  {LABELS[name]}: {r.get('skipped') or r.get('error')}")
+        elif "replicas" in r:
+            print(f"  {LABELS[name]}: requests per replica "
+                  f"{[x['num_requests'] for x in r['replicas']]}")
     print(format_table(rows, [
         ("system", "system", ""), ("status", "", ""), ("num_requests", "reqs", "d"),
         ("output_tokens_per_s", "out tok/s", ",.0f"), ("requests_per_s", "req/s", ".2f"),
@@ -230,21 +239,25 @@ def main(argv=None):
         ("preemptions", "preempt", "d"), ("host_ms_per_step", "host ms/step", ".2f"),
         ("vs_ceiling", "x ceiling", ".2f")]))
     for name, r in result.get("scaling", {}).get("systems", {}).items():
-        print(f"  {LABELS[name]}: {r['speedup']:.2f}x the tp {result['scaling']['baseline_tp']} "
-              f"run, scaling efficiency {100 * r['efficiency']:.0f}%")
+        sc = result["scaling"]
+        print(f"  {LABELS[name]}: {r['speedup']:.2f}x the tp {sc['baseline_tp']} dp "
+              f"{sc['baseline_dp']} run, scaling efficiency {100 * r['efficiency']:.0f}%")
     print(f"wrote {out}")
     return result
 
 
 def scaling(result: dict, baseline_path: str) -> dict:
     """Speedup and scaling efficiency of each system against a result JSON of
-    this script at another tensor-parallel size; notes what differs between
-    the two runs besides the size (model, dtype, workload, pool)."""
+    this script at another tensor- or data-parallel size (efficiency:
+    speedup x baseline devices / devices, devices = tp x dp); notes what
+    differs between the two runs besides the sizes (model, dtype, workload,
+    pool)."""
     with open(baseline_path) as f:
         base = json.load(f)
-    tp, base_tp = result["tensor_parallel_size"], base.get("tensor_parallel_size", 1)
-    out = dict(baseline=baseline_path, baseline_tp=base_tp, baseline_commit=base.get("commit"),
-               systems={})
+    base_tp, base_dp = base.get("tensor_parallel_size", 1), base.get("data_parallel_size", 1)
+    devices = result["tensor_parallel_size"] * result["data_parallel_size"]
+    out = dict(baseline=baseline_path, baseline_tp=base_tp, baseline_dp=base_dp,
+               baseline_commit=base.get("commit"), systems={})
     keys = [("model",), ("dtype",), ("workload",), ("engine", "num_gpu_blocks"),
             ("engine", "max_num_seqs"), ("engine", "max_num_batched_tokens")]
     differs = []
@@ -262,7 +275,8 @@ def scaling(result: dict, baseline_path: str) -> dict:
             speedup = r["output_tokens_per_s"] / b
             out["systems"][name] = dict(baseline_output_tokens_per_s=b,
                                         output_tokens_per_s=r["output_tokens_per_s"],
-                                        speedup=speedup, efficiency=speedup * base_tp / tp)
+                                        speedup=speedup,
+                                        efficiency=speedup * base_tp * base_dp / devices)
     return out
 
 

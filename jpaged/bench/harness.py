@@ -113,6 +113,8 @@ def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: s
     """
     from jpaged.config import EngineConfig
     d, p = EngineConfig(), parser
+    if data_parallel:
+        kv_cache_gib_note += "; each replica's with --data-parallel-size"
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help=max_num_seqs_help)
     # (the benchmarks' context limit, not EngineConfig's "the model's own")

@@ -1,5 +1,5 @@
-"""scripts/check_tp.py on 2 virtual CPU devices, and the tensor-parallel
-flags of scripts/bench_throughput.py.
+"""scripts/check_tp.py on 2 virtual CPU devices, and the tensor- and
+data-parallel flags of scripts/bench_throughput.py (and its scaling figures).
 
 jax fixes its CPU device count when its backend starts, so check_tp runs in
 a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=2; those
@@ -176,16 +176,19 @@ def test_check_tp_bad_flags(capsys):
     assert mod.parse_args(["--tp", "2,1,2"]).tp == [1, 2]
 
 
-def test_bench_throughput_tensor_parallel_flag(capsys):
+def test_bench_throughput_parallel_flags(capsys):
     mod = script("bench_throughput")
     assert mod.parse_args([]).tensor_parallel_size == 1
     assert mod.parse_args(["--tensor-parallel-size", "2"]).tensor_parallel_size == 2
-    for bad in ("0", "-2", "two"):
-        with pytest.raises(SystemExit):
-            mod.parse_args(["--tensor-parallel-size", bad])
-        err = capsys.readouterr().err
-        assert "--tensor-parallel-size" in err
-        assert ("must be an int >= 1" if bad != "two" else "is not an int") in err
+    assert mod.parse_args([]).data_parallel_size == 1
+    assert mod.parse_args(["--data-parallel-size", "2"]).data_parallel_size == 2
+    for flag in ("--tensor-parallel-size", "--data-parallel-size"):
+        for bad in ("0", "-2", "two"):
+            with pytest.raises(SystemExit):
+                mod.parse_args([flag, bad])
+            err = capsys.readouterr().err
+            assert flag in err
+            assert ("must be an int >= 1" if bad != "two" else "is not an int") in err
 
 
 def test_bench_throughput_scaling_vs_baseline(tmp_path):
@@ -195,12 +198,21 @@ def test_bench_throughput_scaling_vs_baseline(tmp_path):
                 tensor_parallel_size=1, commit="abc",
                 systems=dict(jpaged=dict(output_tokens_per_s=1000.0)))
     (tmp_path / "tp1.json").write_text(json.dumps(base))
-    mine = dict(base, tensor_parallel_size=2, engine=dict(engine, num_gpu_blocks=200),
+    mine = dict(base, tensor_parallel_size=2, data_parallel_size=1,
+                engine=dict(engine, num_gpu_blocks=200),
                 systems=dict(jpaged=dict(output_tokens_per_s=1500.0)))
     s = mod.scaling(mine, str(tmp_path / "tp1.json"))
-    assert s["baseline_tp"] == 1 and s["baseline_commit"] == "abc"
+    assert s["baseline_tp"] == 1 and s["baseline_dp"] == 1 and s["baseline_commit"] == "abc"
     assert s["systems"]["jpaged"]["speedup"] == 1.5
     assert s["systems"]["jpaged"]["efficiency"] == 0.75
     assert s["differs"] == ["engine.num_gpu_blocks"]
+    # data parallelism: 2 replicas x 2 devices against the 1-device baseline (a
+    # baseline written before data_parallel_size existed counts as dp 1)
+    mine = dict(base, tensor_parallel_size=2, data_parallel_size=2,
+                systems=dict(jpaged=dict(output_tokens_per_s=3000.0)))
+    s = mod.scaling(mine, str(tmp_path / "tp1.json"))
+    assert s["systems"]["jpaged"]["speedup"] == 3.0
+    assert s["systems"]["jpaged"]["efficiency"] == 0.75
+    assert "differs" not in s
     with pytest.raises(SystemExit):
         mod.parse_args(["--scaling-baseline", str(tmp_path / "missing.json")])
