@@ -98,6 +98,16 @@ def add_engine_args(parser: argparse.ArgumentParser, *,
     return m, t
 
 
+def check_one_replica(parser: argparse.ArgumentParser, args) -> None:
+    """parser.error for --data-parallel-size > 1 in a script that drives one
+    engine replica (the server and its benchmark: serving through several
+    replicas is not built yet)."""
+    if args.data_parallel_size > 1:
+        parser.error(f"--data-parallel-size {args.data_parallel_size}: the server runs one "
+                     "engine replica; data parallelism is offline only for now (LLM.generate, "
+                     "scripts/generate.py, scripts/bench_throughput.py)")
+
+
 def load_model(args):
     """--model as LLM takes it: a name or path, or random weights of its shape."""
     if not args.random_weights:

@@ -64,7 +64,7 @@ class ServerThread:
 
 
 def parse_args(argv=None):
-    from jpaged.engine_args import add_engine_args
+    from jpaged.engine_args import add_engine_args, check_one_replica
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p, max_num_seqs_help="most sequences in one step (default: "
@@ -88,7 +88,9 @@ def parse_args(argv=None):
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info logs every request)")
     s.add_argument("--no-progress", action="store_true", help="hide the warm-up progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_one_replica(p, args)
+    return args
 
 
 def main(argv=None):

@@ -39,7 +39,7 @@ import numpy as np
 
 def parse_args(argv=None):
     from jpaged.bench.harness import parse_list
-    from jpaged.engine_args import add_engine_args
+    from jpaged.engine_args import add_engine_args, check_one_replica
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
@@ -64,6 +64,7 @@ def parse_args(argv=None):
         p.error("--request-rates must be > 0 (or inf)")
     if args.num_requests < 1:
         p.error("--num-requests must be >= 1")
+    check_one_replica(p, args)
     return args
 
 

@@ -267,7 +267,9 @@ def main(argv=None):
         llm = load_llm(args, max_num_seqs)
         eng = llm.engine
         t_ready = time.perf_counter()
-        traces_at_warmup = eng.runner.num_traces
+        from jpaged.data_parallel import replicas  # (jax has started by now)
+        runners = [e.runner for e in replicas(eng)]  # (one, or one per data-parallel replica)
+        traces_at_warmup = sum(r.num_traces for r in runners)
         tok = llm.get_tokenizer()
         if args.chat and (tok is None or not getattr(tok, "chat_template", None)):
             sys.exit("--chat: this model has no chat template")
@@ -303,15 +305,16 @@ def main(argv=None):
             sink.close()
     if not is_writer:
         return
-    st = eng.stats.snapshot()
+    st = eng.stats.snapshot()  # (data parallelism: the replicas' counters added up)
     elapsed = t_done - t_ready
-    pool = eng.runner.num_gpu_blocks - 1
+    pool = sum(r.num_gpu_blocks - 1 for r in runners)
     steps = max(1, st["num_steps"])
     print(f"\nrequests: {num_written} ({num_rejected} rejected) | "
           f"generated tokens: {num_generated} | {num_generated / max(elapsed, 1e-9):.1f} tokens/s "
           f"over {elapsed:.2f} s | "
-          f"start-up {t_ready - t0:.1f} s (warm-up {eng.runner.warmup_seconds or 0:.1f} s, "
-          f"{traces_at_warmup} compiles, {eng.runner.num_traces - traces_at_warmup} after) | "
+          f"start-up {t_ready - t0:.1f} s (warm-up "
+          f"{sum(r.warmup_seconds or 0 for r in runners):.1f} s, {traces_at_warmup} compiles, "
+          f"{sum(r.num_traces for r in runners) - traces_at_warmup} after) | "
           f"{st['num_steps']} steps ({st['num_steps_ahead']} dispatched ahead): host "
           f"{1e3 * st['host_seconds'] / steps:.2f} ms/step, waiting for the device "
           f"{1e3 * st['device_seconds'] / steps:.2f} ms/step | peak KV usage "

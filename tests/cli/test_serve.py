@@ -161,6 +161,19 @@ def test_cli_flags_take_the_config_defaults():
     assert args.block_size == 4 and args.max_num_seqs == 8
 
 
+def test_serving_scripts_reject_data_parallelism(capsys):
+    spec = importlib.util.spec_from_file_location("bench_serving_flags",
+                                                  REPO / "scripts" / "bench_serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for parse in (parse_args, bench.parse_args):
+        assert parse(["--data-parallel-size", "1"]).data_parallel_size == 1
+        with pytest.raises(SystemExit):
+            parse(["--data-parallel-size", "2"])
+        assert "--data-parallel-size 2: the server runs one engine replica" in \
+            capsys.readouterr().err
+
+
 def test_server_modules_import_without_jax():
     """The server's modules and the benchmark's client process start no jax
     (nor transformers): the engine is built by the caller."""
