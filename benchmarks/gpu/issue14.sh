@@ -10,7 +10,10 @@
 #   generate    the README main job: generate.py, SmolLM2 shape, 300 x 128 -> 128
 #   step        bench_step.py: 1.1B and SmolLM2 shapes, 256 x 512, K=16, three variants
 #   profile     profile_step.py on the 1.1B shape
-#   sharing     bench_sharing.py (parallel n, beams, prefix caching)
+#   sharing     bench_sharing.py (parallel n, beams, prefix caching): 300 / 600 requests in a
+#               0.25 GiB pool, so memory bounds the batch (the paper's setting)
+#   sharing-small  the same at 60 / 120 requests (every sequence fits at once: the runs last
+#               as long as the longest request, whatever is shared; the figures before 2026-12-02 (5))
 #   sharing-profile  beam width 4 alone, shared and unshared, under cProfile (beam-host.*)
 #               and jax.profiler (device time per jitted function and kernel, in the JSON)
 #   topk        bench_kernels.py --topk: exact_top_k against lax.top_k (vocabularies, beam candidates)
@@ -47,8 +50,11 @@ for s in "$@"; do
     profile) run profile 200 python3 scripts/profile_step.py --model llama-1.1b --num-seqs 256 \
         --context 512 --steps 4 --prefill-seqs 1 --prefill-len 2048 --out "$OUT/profile.json" ;;
     sharing) run sharing 240 python3 scripts/bench_sharing.py $COMMON --kv-cache-gib 2 \
-        --usable-kv-gib 0.25 --num-requests 60 --num-prefix-requests 120 \
+        --usable-kv-gib 0.25 --num-requests 300 --num-prefix-requests 600 \
         --out "$OUT/sharing.json" ;;
+    sharing-small) run sharing-small 200 python3 scripts/bench_sharing.py $COMMON --kv-cache-gib 2 \
+        --usable-kv-gib 0.25 --num-requests 60 --num-prefix-requests 120 \
+        --out "$OUT/sharing-small.json" ;;
     sharing-profile) run sharing-profile 150 python3 scripts/bench_sharing.py $COMMON \
         --kv-cache-gib 2 --usable-kv-gib 0.25 --num-requests 60 --parallel '' --shots '' \
         --beams 4 --profile-host "$OUT/beam-host" --profile-device /tmp/jpaged-beam-traces \
