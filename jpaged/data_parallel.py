@@ -26,12 +26,24 @@ Nothing is shared between replicas at run time: no collective crosses them.
   replicas before it returned in this step come back from the next one.
 - Request ids are unique across replicas.
 
-Several hosts (jax.distributed): not supported yet; replica_devices raises
-for data_parallel_size > 1 with several processes.
+Several processes (jax.distributed, one per host): every replica's group
+lies within one process (replica_devices), and each process builds only
+the replicas on its own devices (``replica_ids``: their global indices).
+The request API (add_request, step, ...) stays per process: a request
+added in one process runs on that process's replicas only, and ``stats``
+and ``num_requests`` count that process's replicas. LLM.generate splits a
+batch that every process receives alike with ``own_indices`` (request i to
+process i % P, no communication needed) and returns the full list in every
+process through ``gather_outputs``, a collective: a process that fails or
+stops before it leaves the others waiting there, as a multi-host tensor
+parallel step's collectives would.
 """
 from __future__ import annotations
 
 import dataclasses
+import pickle
+
+import numpy as np
 
 from jpaged import inputs, parallel
 from jpaged.config import EngineConfig
@@ -43,23 +55,37 @@ from jpaged.stats import EngineStats
 
 class DataParallelEngine:
     """LLMEngine's request API (add_request, step, abort_request, ...) over
-    config.data_parallel_size replicas (``engines``).
+    config.data_parallel_size replicas (``engines``: those on this
+    process's devices, ``replica_ids`` their indices among all).
 
     Args:
       config: the EngineConfig of every replica, data_parallel_size > 1
         among its fields; replica r draws the default seeds of its requests
-        from the stream of seed + r.
+        from the stream of seed + r (r counted over every process's).
       model, warm_up, progress, block_manager_factory: as LLMEngine's, for
         each replica (model: loaded once, placed per replica).
     Raises:
       ValueError when tensor_parallel_size x data_parallel_size exceeds the
-      devices jax sees, or with several processes (replica_devices).
+      devices jax sees, with several processes when a replica's devices
+      span processes (replica_devices) or this process holds no replica.
     """
 
     def __init__(self, config: EngineConfig, model=None, warm_up: bool = True,
                  progress: bool = True, block_manager_factory=None):
+        import jax
         num = config.data_parallel_size
         groups = parallel.replica_devices(config.tensor_parallel_size, num)
+        self.process_index, self.num_processes = jax.process_index(), jax.process_count()
+        # NOTE: replica_devices keeps each group within one process
+        self.replica_ids = [r for r, g in enumerate(groups)
+                            if g[0].process_index == self.process_index]
+        if not self.replica_ids:
+            raise ValueError(
+                f"process {self.process_index} holds no replica: tensor_parallel_size="
+                f"{config.tensor_parallel_size} x data_parallel_size={num} covers only "
+                f"{config.tensor_parallel_size * num} of the {len(jax.devices())} "
+                "devices; with several processes give every process at least one replica "
+                "(tp x dp = all devices)")
         enable_compilation_cache()
         if model is None:
             model = load_model(config)
@@ -68,14 +94,15 @@ class DataParallelEngine:
         self.engines = [
             LLMEngine(dataclasses.replace(config, data_parallel_size=1, seed=config.seed + r),
                       model=model, warm_up=warm_up, progress=progress,
-                      block_manager_factory=block_manager_factory, devices=devices)
-            for r, devices in enumerate(groups)]
+                      block_manager_factory=block_manager_factory, devices=groups[r])
+            for r in self.replica_ids]
         # the resolved config (max_model_len, token budget) of every replica
         self.config = dataclasses.replace(self.engines[0].config, data_parallel_size=num,
                                           seed=config.seed)
-        self.num_requests = [0] * num   # requests added to each replica (since use_block_manager)
-        self._owner: dict[str, int] = {}  # request id -> its replica, until handed back finished
-        self._load = [0] * num            # per replica: the ids _owner gives it
+        local = len(self.engines)
+        self.num_requests = [0] * local   # added to each of engines (since use_block_manager)
+        self._owner: dict[str, int] = {}  # request id -> its index in engines, until finished
+        self._load = [0] * local          # per replica: the ids _owner gives it
         self._outputs: list[RequestOutput] = []  # for the next step() to return
 
     # ------------------------------------------------------------ requests
@@ -133,6 +160,34 @@ class DataParallelEngine:
     def keep_outputs(self, outputs: list[RequestOutput]) -> None:
         """Hands finished outputs back: the next step() returns them again."""
         self._outputs.extend(outputs)
+
+    # ------------------------------------------------------------ processes
+    def own_indices(self, num: int) -> range:
+        """Which of a batch of num requests, given alike to every process,
+        this process serves: i with i % num_processes == process_index (all
+        of them with one process). The same everywhere, so no process needs
+        to ask another."""
+        return range(self.process_index, num, self.num_processes)
+
+    def gather_outputs(self, outputs: list[RequestOutput], num: int) -> list[RequestOutput]:
+        """The whole batch's outputs in input order, in every process, from
+        each process's ``outputs`` for its ``own_indices(num)`` (in that
+        order). With several processes, a collective that every process
+        must call for the same batch (it waits for all of them); with one,
+        ``outputs`` itself."""
+        assert len(outputs) == len(self.own_indices(num))
+        if self.num_processes == 1:
+            return outputs
+        from jax.experimental import multihost_utils
+        data = np.frombuffer(pickle.dumps(outputs), np.uint8)
+        sizes = multihost_utils.process_allgather(np.array([data.size], np.int64))  # [P, 1]
+        padded = np.zeros(int(sizes.max()), np.uint8)
+        padded[:data.size] = data
+        everyone = multihost_utils.process_allgather(padded)  # u8[P, max size]
+        per_process = [pickle.loads(everyone[p, :int(sizes[p, 0])].tobytes())
+                       for p in range(self.num_processes)]
+        return [per_process[i % self.num_processes][i // self.num_processes]
+                for i in range(num)]
 
     def _release(self, request_id: str) -> None:
         r = self._owner.pop(request_id, None)

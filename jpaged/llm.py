@@ -66,6 +66,13 @@ class LLM:
           is queued then. On any exception from the run, KeyboardInterrupt
           included, this call's requests are aborted (their blocks freed)
           before it propagates, so the next call starts clean.
+
+        With data parallelism over several processes (jax.distributed),
+        every process must make the same calls with the same prompts (as
+        for multi-host tensor parallelism): each checks every request,
+        runs request i when i % num_processes is its process index, and
+        returns every process's outputs, gathered (a collective: a process
+        that raises or stops before it leaves the others waiting there).
         """
         vocab = self.engine.model.config.vocab_size
         if (prompts is None) == (prompt_token_ids is None):
@@ -106,13 +113,21 @@ class LLM:
                 toks.append(self.engine.prepare_request(rid, text, sp, t))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
+        # NOTE: with several processes each serves its own share (own_indices).
+        own = (self.engine.own_indices(len(ids)) if isinstance(self.engine, DataParallelEngine)
+               else range(len(ids)))
+        own_ids = [ids[i] for i in own]
         try:
-            for rid, (text, _), t, sp in zip(ids, items, toks, sampling_params):
-                self.engine.add_request(rid, text, sp, prompt_token_ids=t)
-            return self._run(ids, use_tqdm)
+            for i in own:
+                self.engine.add_request(ids[i], items[i][0], sampling_params[i],
+                                        prompt_token_ids=toks[i])
+            outputs = self._run(own_ids, use_tqdm)
         except BaseException:
-            self.engine.abort_request(ids)
+            self.engine.abort_request(own_ids)
             raise
+        if isinstance(self.engine, DataParallelEngine):
+            outputs = self.engine.gather_outputs(outputs, len(ids))
+        return outputs
 
     def chat(self, messages, sampling_params=None, *, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:

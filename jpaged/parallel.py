@@ -40,7 +40,8 @@ parallelism").
 
 Data parallelism (jpaged.data_parallel) runs one engine per group of
 ``replica_devices``, each with a mesh of its own (or, at tensor_parallel_size
-1, its one device: ``place_model``).
+1, its one device: ``place_model``); with several processes each group lies
+within one process, which runs only its own groups' replicas.
 """
 from __future__ import annotations
 
@@ -74,16 +75,22 @@ def replica_devices(tensor_parallel_size: int, data_parallel_size: int = 1,
                     devices=None) -> list[list]:
     """The devices of each engine replica: replica r gets
     ``devices[r * tp:(r + 1) * tp]`` (default: ``jax.devices()``, in jax's
-    order). Data parallelism (jpaged.data_parallel) runs one engine per group.
+    order, which lists the devices process by process). Data parallelism
+    (jpaged.data_parallel) runs one engine per group.
+
+    After jax.distributed.initialize (several processes): with dp 1, tp must
+    span every device of every process (one engine whose steps every
+    process runs); with dp > 1, every group must lie within one process
+    (each process runs the replicas on its own devices, and nothing crosses
+    between replicas), so tp must divide each process's device count.
 
     Returns:
       data_parallel_size lists of tensor_parallel_size devices each.
     Raises:
       ValueError when tp x dp exceeds the devices (on CPU, with the
-      XLA_FLAGS that makes more), and after jax.distributed.initialize
-      (several processes) unless dp is 1 and tp spans every device of every
-      process: every process runs the same steps of one engine, and
-      data parallelism across hosts is not supported yet.
+      XLA_FLAGS that makes more), or with several processes when dp is 1 and
+      tp is not the number of all devices, or dp > 1 and a group spans
+      processes.
     """
     devices = list(jax.devices() if devices is None else devices)
     tp, dp = tensor_parallel_size, data_parallel_size
@@ -98,18 +105,23 @@ def replica_devices(tensor_parallel_size: int, data_parallel_size: int = 1,
         need = (f"tensor_parallel_size={tp} needs that many devices" if dp == 1 else
                 f"tensor_parallel_size={tp} x data_parallel_size={dp} needs {tp * dp} devices")
         raise ValueError(f"{need}, but jax sees {len(devices)}{hint}")
+    groups = [devices[r * tp:(r + 1) * tp] for r in range(dp)]
     if jax.process_count() > 1:
-        if dp > 1:
-            raise ValueError(f"data_parallel_size={dp} with {jax.process_count()} processes: "
-                             "data parallelism across hosts is not supported yet; run "
-                             "data_parallel_size=1 with a tensor_parallel_size spanning every "
-                             "host, or an independent engine (its own command and prompts) "
-                             "on each host")
-        if tp != len(devices):
+        if dp == 1 and tp != len(devices):
             raise ValueError(f"with {jax.process_count()} processes, tensor_parallel_size must "
                              f"be the number of devices of all of them ({len(devices)}), got "
-                             f"{tp}: every process runs the same steps")
-    return [devices[r * tp:(r + 1) * tp] for r in range(dp)]
+                             f"{tp}: every process runs the same steps (or use "
+                             "data_parallel_size > 1: one replica per group of devices within "
+                             "a host)")
+        for r, group in enumerate(groups if dp > 1 else ()):
+            owners = sorted({d.process_index for d in group})
+            if len(owners) > 1:
+                raise ValueError(
+                    f"replica {r}'s devices span processes {', '.join(map(str, owners))} "
+                    f"(tensor_parallel_size={tp}, data_parallel_size={dp}): with several "
+                    "processes each replica must fit one host's devices (tensor_parallel_size "
+                    "<= the local device count, dividing it)")
+    return groups
 
 
 def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:

@@ -7,11 +7,14 @@ XLA_FLAGS=--xla_force_host_platform_device_count=4, queued in
 tests/background.py's lane (`start_early`). It returns what it saw as JSON;
 the tests below assert on it. Its engines compile each step on first use
 (warm_up=False): a warm-up would compile every bucket once per replica.
-Checks that need no devices run in this process.
+Checks that need no devices run in this process. The multi-host run (two
+processes of 2 CPU devices each, jax.distributed on one machine, as in
+test_tensor_parallel.py) is this file run with --multihost, twice.
 """
 import functools
 import json
 import os
+import socket
 import sys
 import types
 from unittest import mock
@@ -183,6 +186,40 @@ def _worker() -> dict:
     return out
 
 
+def _multihost_worker() -> dict:
+    """One of two processes with 2 CPU devices each: LLM.generate at dp 4 x
+    tp 1 (two replicas in each process) and dp 2 x tp 2 (one in each), the
+    batch with a too-long prompt in the middle; then dp 2 x tp 1, whose two
+    replicas both lie in process 0."""
+    import jax
+    import models
+    import jpaged.llm
+    from jpaged import LLM, EngineConfig
+    from jpaged.data_parallel import DataParallelEngine
+    model = models.random_model(LLAMA, seed=1)
+    prompts = _prompts()
+    batch = prompts[:4] + _prompts((TOO_LONG,), seed=1) + prompts[4:]
+    lazy = functools.partial(DataParallelEngine, warm_up=False)
+    out = dict(process=jax.process_index(), local=[d.id for d in jax.local_devices()])
+    for name, tp, dp in (("dp4", 1, 4), ("dp2_tp2", 2, 2)):
+        with mock.patch.object(jpaged.llm, "DataParallelEngine", lazy):
+            llm = LLM(model, use_tqdm_warmup=False, tensor_parallel_size=tp,
+                      data_parallel_size=dp, **ENGINE)
+        outs = llm.generate(prompt_token_ids=batch, sampling_params=_greedy(), use_tqdm=False)
+        out[name] = dict(
+            tokens=[o.outputs[0].token_ids if o.error is None else None for o in outs],
+            errors=[o.error for o in outs], prompts=[o.prompt_token_ids for o in outs],
+            replica_ids=llm.engine.replica_ids, num_requests=llm.engine.num_requests,
+            pools=[p["pool"] for p in _placement(llm.engine)], **_idle(llm.engine))
+    try:
+        DataParallelEngine(EngineConfig(model="tiny", data_parallel_size=2, **ENGINE),
+                           model=model, warm_up=False, progress=False)
+        out["no_replica"] = None
+    except ValueError as e:
+        out["no_replica"] = str(e)
+    return out
+
+
 # ---------------------------------------------------------------- the tests
 
 
@@ -203,10 +240,32 @@ def _worker_job():
     return _JOBS["worker"]
 
 
+def _multihost_job():
+    """The two processes of test_two_processes_split_one_batch in the lane."""
+    import background
+
+    def commands():
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                   JAX_NUM_PROCESSES="2")
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            " --xla_force_host_platform_device_count=2").strip()
+        return [([sys.executable, __file__, "--multihost"],
+                 dict(env=dict(env, JAX_PROCESS_ID=str(i)))) for i in range(2)]
+    if "multihost" not in _JOBS:
+        _JOBS["multihost"] = background.submit(
+            lambda: background.run_processes(commands(), timeout=300))
+    return _JOBS["multihost"]
+
+
 def start_early(items):
-    """Queues the subprocess run that the selected tests assert on."""
+    """Queues the subprocess runs that the selected tests assert on."""
     if any("dp_run" in item.fixturenames for item in items):
         _worker_job()
+    if any(item.originalname == "test_two_processes_split_one_batch" for item in items):
+        _multihost_job()
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +348,38 @@ def test_more_replicas_than_devices_names_both_sizes(dp_run):
         "CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=6 before jax starts")
 
 
+def test_two_processes_split_one_batch(dp_run):
+    """The README's multi-host start-up with data parallelism, on one
+    machine: every process gets the same batch, runs request i when i % 2 is
+    its index and returns every output, in input order; a replica spanning
+    no device of process 1 leaves it none, which is an error there."""
+    results = []
+    for proc in _multihost_job().result():
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert [r["process"] for r in results] == [0, 1]
+    too_long = len(PROMPT_LENS) // 2
+    for case, replica_ids, num_requests in (("dp4", ([0, 1], [2, 3]), ([3, 2], [2, 2])),
+                                            ("dp2_tp2", ([0], [1]), ([5], [4]))):
+        for r, ids, counts in zip(results, replica_ids, num_requests):
+            run = r[case]
+            assert run["tokens"][:too_long] + run["tokens"][too_long + 1:] == dp_run["dp1"]
+            assert [len(p) for p in run["prompts"]] == [*PROMPT_LENS[:too_long], TOO_LONG,
+                                                        *PROMPT_LENS[too_long:]]
+            assert "max_model_len" in run["errors"][too_long]
+            assert run["replica_ids"] == ids
+            assert run["num_requests"] == counts  # its share: requests 0, 2, ... or 1, 3, ...
+            local = r["local"]
+            assert run["pools"] == ([[d] for d in local] if case == "dp4" else [local])
+            assert not run["front"] and not any(run["replicas"]) and all(run["free"])
+        assert results[0][case]["errors"] == results[1][case]["errors"]
+    assert results[0]["no_replica"] is None
+    assert results[1]["no_replica"] == (
+        "process 1 holds no replica: tensor_parallel_size=1 x data_parallel_size=2 covers "
+        "only 2 of the 4 devices; with several processes give every process at least one "
+        "replica (tp x dp = all devices)")
+
+
 # Checks that need no extra devices run in this process.
 
 
@@ -307,17 +398,28 @@ def test_too_few_devices_in_this_process():
 def test_replica_device_groups_and_multi_host_rule():
     import jax
     from jpaged import parallel
-    devices = list("abcdef")
-    assert parallel.replica_devices(2, 3, devices) == [["a", "b"], ["c", "d"], ["e", "f"]]
-    assert parallel.replica_devices(1, 2, devices) == [["a"], ["b"]]
+    # 2 processes of 3 devices each: a, b, c on process 0; d, e, f on process 1
+    devices = [types.SimpleNamespace(name=c, process_index=i // 3)
+               for i, c in enumerate("abcdef")]
+
+    def names(groups):
+        return ["".join(d.name for d in g) for g in groups]
+    assert names(parallel.replica_devices(2, 3, devices)) == ["ab", "cd", "ef"]
+    assert names(parallel.replica_devices(1, 2, devices)) == ["a", "b"]
     with mock.patch.object(jax, "process_count", return_value=2):
-        with pytest.raises(ValueError, match="data_parallel_size=2 with 2 processes: data "
-                                             "parallelism across hosts is not supported yet"):
-            parallel.replica_devices(3, 2, devices)
+        with pytest.raises(ValueError, match=r"replica 1's devices span processes 0, 1 "
+                                             r"\(tensor_parallel_size=2, data_parallel_size=3\): "
+                                             r"with several processes each replica must fit one "
+                                             r"host's devices"):
+            parallel.replica_devices(2, 3, devices)
+        assert names(parallel.replica_devices(3, 2, devices)) == ["abc", "def"]
+        assert names(parallel.replica_devices(1, 6, devices)) == list("abcdef")
+        # both on process 0: process 1 holds none, which DataParallelEngine refuses
+        assert names(parallel.replica_devices(1, 2, devices)) == ["a", "b"]
         with pytest.raises(ValueError, match=r"tensor_parallel_size must be the number of "
                                              r"devices of all of them \(6\), got 3"):
             parallel.replica_devices(3, 1, devices)
-        assert parallel.replica_devices(6, 1, devices) == [devices]
+        assert names(parallel.replica_devices(6, 1, devices)) == ["abcdef"]
     with pytest.raises(ValueError, match="data_parallel_size must be an int >= 1, got 0"):
         parallel.replica_devices(1, 0, devices)
 
@@ -330,4 +432,9 @@ def test_one_engine_is_one_replica():
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker()))
+    if "--multihost" in sys.argv:
+        from jpaged.parallel import initialize_distributed
+        initialize_distributed()  # from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+        print(json.dumps(_multihost_worker()))
+    else:
+        print(json.dumps(_worker()))
