@@ -169,12 +169,13 @@ class DataParallelEngine:
         to ask another."""
         return range(self.process_index, num, self.num_processes)
 
-    def gather_outputs(self, outputs: list[RequestOutput], num: int) -> list[RequestOutput]:
+    def gather_outputs(self, outputs: list, num: int) -> list:
         """The whole batch's outputs in input order, in every process, from
         each process's ``outputs`` for its ``own_indices(num)`` (in that
-        order). With several processes, a collective that every process
-        must call for the same batch (it waits for all of them); with one,
-        ``outputs`` itself."""
+        order; RequestOutputs, or any picklable record per request:
+        scripts/generate.py gathers its output records). With several
+        processes, a collective that every process must call for the same
+        batch (it waits for all of them); with one, ``outputs`` itself."""
         assert len(outputs) == len(self.own_indices(num))
         if self.num_processes == 1:
             return outputs

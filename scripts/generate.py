@@ -10,6 +10,10 @@ Examples:
 Several hosts (run on every host, process ids 0 .. N-1; README, "Tensor parallelism"):
   python scripts/generate.py --prompt "Hello" --tensor-parallel-size 16 \
       --coordinator-address host0:1234 --num-processes 2 --process-id 0
+With --data-parallel-size instead (README, "Data parallelism"), each host runs
+the prompts i with i % N == its process id on its own replicas; process 0
+writes its records as they finish and the others' once every host is done
+(its closing summary counts its own replicas' steps and blocks).
 
 Input: a text file (or --stdin) holds one prompt per non-blank line, taken
 verbatim; a .jsonl file (or --input-format jsonl) one {"prompt": "..."} or
@@ -238,7 +242,7 @@ def main(argv=None):
         from jpaged.parallel import initialize_distributed
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         import jax
-        is_writer = jax.process_index() == 0  # every process runs the same schedule
+        is_writer = jax.process_index() == 0  # (data parallelism: it gathers the others')
     sink = open_output(args.output) if is_writer else None
     from tqdm import tqdm
     inputs = read_inputs(args)
@@ -257,6 +261,12 @@ def main(argv=None):
             sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
             sink.flush()
 
+    kept = []  # this process's records (data parallelism over processes: for the gather)
+
+    def finish(rec):
+        kept.append(rec)
+        write(rec)
+
     max_num_seqs = args.max_num_seqs
     if max_num_seqs is None:
         wanted = len(inputs) * max(args.n, args.best_of or 1, args.beam_width)
@@ -267,14 +277,17 @@ def main(argv=None):
         llm = load_llm(args, max_num_seqs)
         eng = llm.engine
         t_ready = time.perf_counter()
-        from jpaged.data_parallel import replicas  # (jax has started by now)
+        from jpaged.data_parallel import DataParallelEngine, replicas  # (jax has started)
+        # data parallelism over several processes: each runs its own share of the inputs
+        split = isinstance(eng, DataParallelEngine) and eng.num_processes > 1
+        own = eng.own_indices(len(inputs)) if split else range(len(inputs))
         runners = [e.runner for e in replicas(eng)]  # (one, or one per data-parallel replica)
         traces_at_warmup = sum(r.num_traces for r in runners)
         tok = llm.get_tokenizer()
         if args.chat and (tok is None or not getattr(tok, "chat_template", None)):
             sys.exit("--chat: this model has no chat template")
         by_id = {str(x.index): x for x in inputs}
-        for x in inputs:  # all queued before the first step, so they share every step
+        for x in (inputs[i] for i in own):  # all queued before the first step: they share it
             if x.error is None:
                 prompt = x.prompt
                 if args.chat and x.prompt_token_ids is None:
@@ -286,11 +299,15 @@ def main(argv=None):
                 except ValueError as e:
                     x.error = f"{x.where}: {e}"
             if x.error is not None:
-                write(record(x))
+                finish(record(x))
         while eng.has_unfinished_requests():
             for out in eng.step():
                 pending.discard(out.request_id)
-                write(record(by_id[out.request_id], out))
+                finish(record(by_id[out.request_id], out))
+        if split:  # a collective: every process gets here with its share's records
+            for rec in eng.gather_outputs(sorted(kept, key=lambda r: r["index"]), len(inputs)):
+                if rec["index"] not in own:
+                    write(rec)
         t_done = time.perf_counter()
     except KeyboardInterrupt:
         bar.close()
