@@ -126,7 +126,8 @@ class EngineConfig:
         (r + 1) * tp - 1, so tp x dp must not exceed the devices), its own
         KV pool of num_gpu_blocks blocks and its own scheduler; requests
         go to the replica with the fewest unfinished requests
-        (jpaged.data_parallel). One host only.
+        (jpaged.data_parallel). Across hosts (jax.distributed), the
+        replicas of all hosts, each within one host.
       attention_backend: "auto", "reference", "gpu" or "tpu".
       async_scheduling: schedule and dispatch the next step while the
         device still runs the current one, when nothing needs the current

@@ -31,7 +31,9 @@ _FLAG_HELP = {
     "data_parallel_size": "independent engine replicas, each on its own "
                           "--tensor-parallel-size devices (replica r: devices r*tp to "
                           "(r+1)*tp-1) with its own KV pool of --num-gpu-blocks; each request "
-                          "goes to the replica with the fewest unfinished requests; one host only",
+                          "goes to the replica with the fewest unfinished requests; with several "
+                          "hosts, the replicas of all of them (each within one host; "
+                          "prompt i runs on host i % N)",
 }
 _CHOICES = {"dtype": config_lib.DTYPES, "attention_backend": config_lib.ATTENTION_BACKENDS,
             "preemption_mode": [m for m in config_lib.PREEMPTION_MODES if m is not None]}
