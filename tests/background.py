@@ -10,6 +10,8 @@ beside the tests before theirs, and a test waits for its job's result.
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import socket
 import subprocess
 import tempfile
 import threading
@@ -19,6 +21,27 @@ _LANE = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="background"
 _PROCS: list[subprocess.Popen] = []
 _LOCK = threading.Lock()
 _STOPPED = threading.Event()
+
+
+def cpu_env(num_devices: int, **overrides) -> dict:
+    """This process's environment for a subprocess whose jax sees
+    num_devices virtual CPU devices (plus `overrides`)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **overrides)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={num_devices}").strip()
+    return env
+
+
+def distributed_commands(cmd, num_processes: int, num_devices: int) -> list:
+    """run_processes' commands for one jax.distributed run of `cmd` on this
+    machine: num_processes processes of num_devices CPU devices each,
+    joined through JAX_COORDINATOR_ADDRESS at a free local port."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = cpu_env(num_devices, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                  JAX_NUM_PROCESSES=str(num_processes))
+    return [(cmd, dict(env=dict(env, JAX_PROCESS_ID=str(i)))) for i in range(num_processes)]
 
 
 def submit(fn, *args, **kwargs) -> concurrent.futures.Future:

@@ -8,7 +8,6 @@ session's tests are collected, and their tests wait for them.
 """
 import importlib.util
 import json
-import os
 import pathlib
 import sys
 import tempfile
@@ -64,9 +63,7 @@ def _check_tp(name):
     with tempfile.TemporaryDirectory(prefix=f"check-tp-{name}-") as tmp:
         d = pathlib.Path(tmp)
         (d / "model.json").write_text(json.dumps(config))
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JPAGED_XLA_CACHE="off")
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                            " --xla_force_host_platform_device_count=2").strip()
+        env = background.cpu_env(2, JPAGED_XLA_CACHE="off")
         cmd = [sys.executable, str(REPO / "scripts" / "check_tp.py"), "--model",
                str(d / "model.json"), "--tp", "1,2", "--out", str(d / "out.json"), *flags]
         (proc,) = background.run_processes([(cmd, dict(env=env, cwd=REPO))], timeout=300)

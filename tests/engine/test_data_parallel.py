@@ -14,7 +14,6 @@ test_tensor_parallel.py) is this file run with --multihost, twice.
 import functools
 import json
 import os
-import socket
 import sys
 import types
 from unittest import mock
@@ -231,9 +230,7 @@ def _worker_job():
     steps in a cache directory of its own."""
     import background  # (tests/: not on the path of this file run as a script)
     if "worker" not in _JOBS:
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                            f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
+        env = background.cpu_env(NUM_DEVICES)
         if env.get("JPAGED_XLA_CACHE", "off").lower() not in ("off", "0", ""):
             env["JPAGED_XLA_CACHE"] = os.path.join(env["JPAGED_XLA_CACHE"], "dp-worker")
         _JOBS["worker"] = background.run([sys.executable, __file__], env=env, timeout=300)
@@ -243,20 +240,10 @@ def _worker_job():
 def _multihost_job():
     """The two processes of test_two_processes_split_one_batch in the lane."""
     import background
-
-    def commands():
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            port = s.getsockname()[1]
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   JAX_NUM_PROCESSES="2")
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                            " --xla_force_host_platform_device_count=2").strip()
-        return [([sys.executable, __file__, "--multihost"],
-                 dict(env=dict(env, JAX_PROCESS_ID=str(i)))) for i in range(2)]
     if "multihost" not in _JOBS:
         _JOBS["multihost"] = background.submit(
-            lambda: background.run_processes(commands(), timeout=300))
+            lambda: background.run_processes(background.distributed_commands(
+                [sys.executable, __file__, "--multihost"], 2, 2), timeout=300))
     return _JOBS["multihost"]
 
 

@@ -13,7 +13,6 @@ these, which wait for them.
 """
 import json
 import os
-import socket
 import sys
 
 import numpy as np
@@ -254,14 +253,6 @@ def _multihost_worker() -> dict:
 # ---------------------------------------------------------------- the tests
 
 
-def _env(num_devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={num_devices}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 _JOBS = {}
 
 
@@ -270,7 +261,7 @@ def _worker_job():
     steps in a cache directory of its own (nothing this process writes)."""
     import background  # (tests/: not on the path of this file run as a script)
     if "worker" not in _JOBS:
-        env = _env(NUM_DEVICES)
+        env = background.cpu_env(NUM_DEVICES)
         if env.get("JPAGED_XLA_CACHE", "off").lower() not in ("off", "0", ""):
             env["JPAGED_XLA_CACHE"] = os.path.join(env["JPAGED_XLA_CACHE"], "tp-worker")
         _JOBS["worker"] = background.run([sys.executable, __file__], env=env, timeout=600)
@@ -280,18 +271,10 @@ def _worker_job():
 def _multihost_job():
     """The two processes of test_two_processes_share_one_mesh in the lane."""
     import background
-
-    def commands():
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            port = s.getsockname()[1]
-        return [([sys.executable, __file__, "--multihost"],
-                 dict(env=dict(_env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))))
-                for i in range(2)]
     if "multihost" not in _JOBS:
         _JOBS["multihost"] = background.submit(
-            lambda: background.run_processes(commands(), timeout=300))
+            lambda: background.run_processes(background.distributed_commands(
+                [sys.executable, __file__, "--multihost"], 2, 2), timeout=300))
     return _JOBS["multihost"]
 
 
