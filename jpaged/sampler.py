@@ -220,7 +220,12 @@ def exact_top_k(x, k: int):
                          f"the row's length, {m}, and RANK_MAX // 2)")
     if k == 0:
         return jnp.zeros((R, 0), x.dtype), jnp.zeros((R, 0), jnp.int32)
-    idx = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (R, m))
+    # NOTE: no index array until the first level has chosen its chunks: a
+    # padded iota is a constant that XLA folds into a literal of R x m ints
+    # and then carries into the kernels (on the GPU, minutes of compile per
+    # prefill bucket at a 50k vocabulary); indices computed from the choice
+    # are not constants.
+    idx = None
     while x.shape[1] > RANK_MAX:
         m = x.shape[1]
         chunk = -(-m // RANK_MAX)
@@ -228,13 +233,18 @@ def exact_top_k(x, k: int):
         pad = ((0, 0), (0, n * chunk - m))
         # padding: -inf with indices past the row's, so it ranks after any real -inf
         xs = jnp.pad(x, pad, constant_values=-jnp.inf).reshape(R, n, chunk)
-        ids = jnp.pad(idx, pad, constant_values=jnp.iinfo(jnp.int32).max).reshape(R, n, chunk)
         chosen = _ranks(jnp.max(xs, axis=2), jnp.arange(n, dtype=jnp.int32)) < k  # [R, n]
         at = jnp.where(chosen, jnp.cumsum(chosen, axis=1) - 1, k)  # the chosen, in chunk order
         sel = jnp.zeros((R, k), jnp.int32).at[jnp.arange(R)[:, None], at].set(
             jnp.arange(n, dtype=jnp.int32)[None, :], mode="drop")
         x = jnp.take_along_axis(xs, sel[:, :, None], axis=1).reshape(R, k * chunk)
-        idx = jnp.take_along_axis(ids, sel[:, :, None], axis=1).reshape(R, k * chunk)
+        if idx is None:  # entry j of chunk c is entry c * chunk + j of the row (>= m: padding)
+            idx = (sel[:, :, None] * chunk + jnp.arange(chunk, dtype=jnp.int32)).reshape(R, k * chunk)
+        else:
+            ids = jnp.pad(idx, pad, constant_values=jnp.iinfo(jnp.int32).max).reshape(R, n, chunk)
+            idx = jnp.take_along_axis(ids, sel[:, :, None], axis=1).reshape(R, k * chunk)
+    if idx is None:
+        idx = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (R, m))
     rank = _ranks(x, idx)
     rows = jnp.arange(R)[:, None]
     vals = jnp.zeros((R, k), x.dtype).at[rows, rank].set(x, mode="drop")
