@@ -345,6 +345,13 @@ def prompt_logprobs(logits, next_token_ids, k: int) -> PromptLogprobs:
     Returns:
       PromptLogprobs (a tuple: token_logprobs, token_ranks, topk ids, topk logprobs).
     """
-    logprobs, top_ids, top_lp = compute_logprobs_topk(logits, k)
+    # NOTE: lax.top_k (a sort), not exact_top_k: a prompt's rows are a
+    # prefill's tokens, up to thousands a step, where exact_top_k's GPU
+    # compile time is unmeasured. With it here, the H200 sharing bench
+    # (1.1B) ran past 240 s with XLA's slow-compile alarms on the prefill
+    # forward, whose only top-k is this one (b5d2033), and past 330 s at
+    # 79220c8; its warm-up took 54 s with lax.top_k (37b7b15).
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logprobs, k)
     lp, rank = _gather_logprob_rank(logprobs, next_token_ids.astype(jnp.int32))
-    return PromptLogprobs(lp, rank, top_ids, top_lp)
+    return PromptLogprobs(lp, rank, top_ids.astype(jnp.int32), top_lp)
