@@ -261,6 +261,11 @@ class LLMEngine:
         return request_id in self._requests or any(
             o.request_id == request_id for o in self._outputs)
 
+    def get_request(self, request_id: str) -> SequenceGroup | None:
+        """The unfinished request's SequenceGroup (read it, never change it),
+        or None once it has finished (or was never added)."""
+        return self._requests.get(request_id)
+
     def use_block_manager(self, block_manager_factory=None, num_blocks: int | None = None,
                           **config_changes) -> None:
         """Gives the idle engine a fresh block manager (from the factory, as
@@ -273,7 +278,8 @@ class LLMEngine:
         config_changes: EngineConfig fields that need no recompile
           (async_scheduling, max_decode_window up to the compiled one,
           enable_prefix_caching, preemption_mode, enable_chunked_prefill: off
-          needs a token budget that holds max_model_len).
+          needs a token budget that holds max_model_len,
+          long_prefill_token_threshold).
         """
         if self.has_unfinished_requests():
             raise RuntimeError("use_block_manager() needs an idle engine")
@@ -283,7 +289,7 @@ class LLMEngine:
             raise ValueError(f"num_blocks must be in [2, {pool}] (the pool), got {num_blocks}")
         unknown = set(config_changes) - {"async_scheduling", "max_decode_window",
                                          "enable_prefix_caching", "enable_chunked_prefill",
-                                         "preemption_mode"}
+                                         "preemption_mode", "long_prefill_token_threshold"}
         if unknown:
             raise ValueError(f"use_block_manager() cannot change {sorted(unknown)} "
                              "(they need another model runner)")
@@ -294,7 +300,8 @@ class LLMEngine:
         self.config = dataclasses.replace(self.config, **config_changes)
         sched_config = dataclasses.replace(  # (validated: the budget rule of the mode)
             self.scheduler.config, enable_chunked_prefill=self.config.enable_chunked_prefill,
-            preemption_mode=self.config.preemption_mode)
+            preemption_mode=self.config.preemption_mode,
+            long_prefill_token_threshold=self.config.long_prefill_token_threshold)
         self.block_manager = self._new_block_manager(block_manager_factory, num_blocks)
         self.scheduler = Scheduler(sched_config, self.block_manager, self.stats)
         self.stats.reset()

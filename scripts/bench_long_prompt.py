@@ -26,7 +26,7 @@ def _generated(engine, ids) -> list[int]:
     step still on the device, placeholders on the host, do not count)."""
     out = []
     for rid in ids:
-        g = engine._requests.get(rid)
+        g = engine.get_request(rid)
         if g is None:
             out.append(-1)
             continue
@@ -107,7 +107,7 @@ def main(argv=None):
     prefill_tokens = engine.stats.num_prefill_tokens
 
     def long_done():  # its one token reached the host: it finished
-        return "long" not in engine._requests
+        return engine.get_request("long") is None
     during, ttft, steps, longest = _tpot(engine, ids, long_done)
     prefilled = engine.stats.num_prefill_tokens - prefill_tokens
     engine.abort_request(ids)
