@@ -26,6 +26,7 @@ import collections
 import enum
 
 from jpaged.block_allocator import BlockAllocator
+from jpaged.config import EngineConfig
 from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
@@ -66,10 +67,18 @@ class BlockSpaceManager:
       watermark: fraction of device blocks admission keeps free, in [0, 1),
         so running sequences can grow without immediate preemption.
       enable_prefix_caching: reuse computed full blocks across requests.
+    (The defaults are EngineConfig's.)
     """
 
+    # The device pool's allocator, built as BlockAllocator is: (device,
+    # block_size, num_blocks, reserve_null_block, enable_caching). A subclass
+    # with its own allocation policy names its own (the reservation
+    # baseline's contiguous runs, jpaged.bench.reservation).
+    gpu_allocator_cls = BlockAllocator
+
     def __init__(self, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int,
-                 watermark: float = 0.01, enable_prefix_caching: bool = False):
+                 watermark: float = EngineConfig.watermark,
+                 enable_prefix_caching: bool = EngineConfig.enable_prefix_caching):
         if not isinstance(watermark, (int, float)) or not 0 <= watermark < 1:
             raise ValueError(f"watermark must be in [0, 1), got {watermark!r}")
         if not isinstance(num_gpu_blocks, int) or num_gpu_blocks < 2:
@@ -87,8 +96,8 @@ class BlockSpaceManager:
         self._num_cached_tokens: dict[int, int] = {}    # seq_id -> prompt tokens hit at allocate
 
     def _new_gpu_allocator(self, num_blocks: int) -> BlockAllocator:
-        return BlockAllocator("gpu", self.block_size, num_blocks, reserve_null_block=True,
-                              enable_caching=self.enable_prefix_caching)
+        return self.gpu_allocator_cls("gpu", self.block_size, num_blocks, reserve_null_block=True,
+                                      enable_caching=self.enable_prefix_caching)
 
     # -- allocation for a prefill -----------------------------------------
 

@@ -20,8 +20,8 @@ K/V, as a share of the pool. Host core: stdlib only.
 """
 from __future__ import annotations
 
-from jpaged.block_allocator import BlockAllocator
 from jpaged.block_manager import tokens_to_cover, AllocStatus, BlockSpaceManager
+from jpaged.config import EngineConfig
 from jpaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 POLICIES = ("max", "pow2", "oracle")
@@ -40,18 +40,30 @@ def reserved_len(policy: str, true_len: int, max_model_len: int) -> int:
     return min(max_model_len, true_len)
 
 
-class ContiguousBlockAllocator(BlockAllocator):
+class ContiguousBlockAllocator:
     """A device pool that hands out runs of consecutive block ids (first fit).
 
-    Block 0 stays the null block. No prefix caching. ``allocate()`` is a run
-    of one, so the manager's generic paths (swap-in) still work.
+    The BlockAllocator interface that BlockSpaceManager uses, over its own
+    free map, built with BlockAllocator's arguments (the manager's
+    ``gpu_allocator_cls``). Block 0 stays the null block. No prefix
+    caching. ``allocate()`` is a run of one, so the manager's generic paths
+    (swap-in) still work.
     """
 
-    def __init__(self, block_size: int, num_blocks: int):
-        super().__init__("gpu", block_size, num_blocks, reserve_null_block=True)
+    def __init__(self, device: str, block_size: int, num_blocks: int, reserve_null_block: bool,
+                 enable_caching: bool = False):
+        if device != "gpu" or not reserve_null_block:
+            raise ValueError("a contiguous pool is the device pool, with block 0 the null block")
+        if enable_caching:
+            raise ValueError("the reservation baseline has no prefix caching")
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        self.device, self.block_size, self.num_blocks = device, block_size, num_blocks
+        self.first_block_id = 1
+        self.num_usable_blocks = num_blocks - 1
+        self._ref_counts = [0] * num_blocks
         self._free_map = bytearray(b"\x00") + bytearray(b"\x01") * (num_blocks - 1)  # 1 = free
         self._num_free = num_blocks - 1
-        self._free_ids = None  # the map replaces the base class's free list
 
     def allocate_range(self, num: int) -> list[int] | None:
         """num consecutive free block ids (lowest first fit), refcount 1, or None."""
@@ -69,9 +81,6 @@ class ContiguousBlockAllocator(BlockAllocator):
     def has_free_run(self, num: int) -> bool:
         return self._free_map.find(b"\x01" * num, 1) >= 0
 
-    def largest_free_run(self) -> int:
-        return max((len(r) for r in self._free_map[1:].split(b"\x00")), default=0)
-
     def allocate(self) -> int | None:
         run = self.allocate_range(1)
         return run[0] if run else None
@@ -85,11 +94,27 @@ class ContiguousBlockAllocator(BlockAllocator):
             self._free_map[block_id] = 1
             self._num_free += 1
 
+    def incref(self, block_id: int) -> None:
+        self._check_id(block_id)
+        if self._ref_counts[block_id] <= 0:
+            raise ValueError(f"incref of free gpu block {block_id}")
+        self._ref_counts[block_id] += 1
+
+    def get_ref_count(self, block_id: int) -> int:
+        self._check_id(block_id)
+        return self._ref_counts[block_id]
+
     def get_num_free_blocks(self) -> int:
         return self._num_free
 
     def get_free_block_ids(self) -> set[int]:
         return {i for i, f in enumerate(self._free_map) if f}
+
+    def get_num_cached_blocks(self) -> int:
+        return 0  # (no prefix caching)
+
+    def reset_cache(self) -> None:
+        """Nothing is cached (the engine calls it after losing its KV pool)."""
 
     def check_invariants(self) -> None:
         if self._free_map[0] or self._ref_counts[0]:
@@ -100,6 +125,10 @@ class ContiguousBlockAllocator(BlockAllocator):
             if bool(self._free_map[b]) == (self._ref_counts[b] > 0):
                 raise AssertionError(f"gpu block {b}: free map {self._free_map[b]} but "
                                      f"refcount {self._ref_counts[b]}")
+
+    def _check_id(self, block_id: int) -> None:
+        if not 1 <= block_id < self.num_blocks:
+            raise ValueError(f"gpu block id {block_id} outside [1, {self.num_blocks})")
 
 
 class ReservationBlockManager(BlockSpaceManager):
@@ -112,8 +141,11 @@ class ReservationBlockManager(BlockSpaceManager):
     search: the baseline has no sharing); others raise ValueError.
     """
 
+    gpu_allocator_cls = ContiguousBlockAllocator
+
     def __init__(self, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int,
-                 watermark: float = 0.01, enable_prefix_caching: bool = False, *,
+                 watermark: float = EngineConfig.watermark,
+                 enable_prefix_caching: bool = EngineConfig.enable_prefix_caching, *,
                  policy: str, max_model_len: int):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -124,9 +156,6 @@ class ReservationBlockManager(BlockSpaceManager):
         super().__init__(block_size, num_gpu_blocks, num_cpu_blocks, watermark, False)
         self.policy = policy
         self.max_model_len = max_model_len
-
-    def _new_gpu_allocator(self, num_blocks: int) -> ContiguousBlockAllocator:
-        return ContiguousBlockAllocator(self.block_size, num_blocks)
 
     def num_reserved_blocks(self, seq: Sequence, seq_group: SequenceGroup) -> int:
         """Blocks seq's region takes: its policy's reservation, never less than it holds."""

@@ -58,6 +58,7 @@ def test_reserves_up_front_and_never_allocates_on_append(policy, blocks):
     seq.num_computed_tokens = 18
     in_use, filled, pool = kv_slot_usage(bm, [seq])
     assert (in_use, filled, pool) == (blocks * BS, 18, 64 * BS)
+    assert bm.reset_prefix_cache()  # (the engine's, after a lost KV pool: nothing cached)
     bm.free(seq)
     assert bm.get_num_free_gpu_blocks() == 64
     bm.check_invariants()
@@ -91,12 +92,12 @@ def test_pool_fills_by_reservation_and_fragments():
 
 
 def test_contiguous_allocator_first_fit():
-    a = ContiguousBlockAllocator(BS, 11)
+    a = ContiguousBlockAllocator("gpu", BS, 11, reserve_null_block=True)
     assert a.allocate_range(3) == [1, 2, 3]
     assert a.allocate_range(4) == [4, 5, 6, 7]
     for b in (2, 3):
         a.free(b)
-    assert a.largest_free_run() == 3 and a.get_num_free_blocks() == 5
+    assert a.get_num_free_blocks() == 5 and a.has_free_run(3) and not a.has_free_run(4)
     assert a.allocate_range(3) == [8, 9, 10]
     assert a.allocate_range(3) is None
     assert a.allocate_range(2) == [2, 3]
