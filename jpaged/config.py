@@ -49,6 +49,9 @@ class SchedulerConfig:
       enable_chunked_prefill: a step holds every decoding sequence's token
         and prompt chunks up to max_num_batched_tokens (else it is all
         prefill, whole prompts, or all decode).
+      long_prefill_token_threshold: with chunked prefill, a group's prompt
+        chunk in one step is at most this many tokens (0: no cap but the
+        budget).
     """
     # (no defaults: EngineConfig.get_scheduler_config resolves every field)
     max_num_seqs: int
@@ -56,6 +59,7 @@ class SchedulerConfig:
     max_model_len: int
     preemption_mode: str | None
     enable_chunked_prefill: bool
+    long_prefill_token_threshold: int
 
     def __post_init__(self):
         _check_int("max_num_seqs", self.max_num_seqs, 1)
@@ -65,6 +69,7 @@ class SchedulerConfig:
         if not isinstance(self.enable_chunked_prefill, bool):
             raise ValueError(f"enable_chunked_prefill must be a bool, got "
                              f"{self.enable_chunked_prefill!r}")
+        _check_long_prefill(self.long_prefill_token_threshold, self.enable_chunked_prefill)
         _check_budget(self.max_num_batched_tokens, self.max_model_len, self.max_num_seqs,
                       self.enable_chunked_prefill)
 
@@ -86,6 +91,13 @@ class ParallelConfig:
     """How the model is split over devices (EngineConfig.parallel_config)."""
     tensor_parallel_size: int
     data_parallel_size: int
+
+
+def _check_long_prefill(threshold: int, chunked: bool) -> None:
+    _check_int("long_prefill_token_threshold", threshold, 0)
+    if threshold and not chunked:
+        raise ValueError(f"long_prefill_token_threshold ({threshold}) caps the chunks of "
+                         "chunked prefill: it needs enable_chunked_prefill (0 turns it off)")
 
 
 def _check_budget(budget: int, max_model_len: int, max_num_seqs: int, chunked: bool) -> None:
@@ -152,6 +164,12 @@ class EngineConfig:
         nor needs a bucket of its length. While no prompt work is
         schedulable, decode windows run as without it. False: a step is
         all prefill (whole prompts) or all decode.
+      long_prefill_token_threshold: with chunked prefill, a prompt's chunk
+        in one step is at most this many tokens (0: the budget is the only
+        cap; vLLM's flag of the name). A long prompt then runs over more,
+        shorter steps, so the sequences decoding beside it slow down less;
+        its first token comes later (its prefill reads its cached prefix
+        once a step, and the steps hold fewer of its tokens).
     """
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -173,6 +191,7 @@ class EngineConfig:
     max_decode_window: int = 16
     decode_window_idle_s: float = 1.0
     enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -209,6 +228,7 @@ class EngineConfig:
         if not isinstance(self.enable_chunked_prefill, bool):
             raise ValueError(f"enable_chunked_prefill must be a bool, got "
                              f"{self.enable_chunked_prefill!r}")
+        _check_long_prefill(self.long_prefill_token_threshold, self.enable_chunked_prefill)
         if self.max_num_batched_tokens is not None:  # (max_model_len: checked once resolved)
             _check_budget(self.max_num_batched_tokens, self.max_model_len or 1,
                           self.max_num_seqs, self.enable_chunked_prefill)
@@ -242,5 +262,6 @@ class EngineConfig:
                 budget = max(budget, max_model_len)
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                max_model_len=max_model_len, preemption_mode=self.preemption_mode,
-                               enable_chunked_prefill=self.enable_chunked_prefill)
+                               enable_chunked_prefill=self.enable_chunked_prefill,
+                               long_prefill_token_threshold=self.long_prefill_token_threshold)
 

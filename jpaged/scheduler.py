@@ -8,7 +8,8 @@ rule) a step is filled up to ``max_num_batched_tokens``: while prompt work
 can run, every decoding group gets one token (step 3 below, window 1; it may
 preempt), then prompt chunks take the rest of the budget: the prefills under
 way oldest first, then new groups from ``waiting`` (admitted as in step 2,
-none once this step preempted or while a group is swapped out). A group's
+none once this step preempted or while a group is swapped out), each group's
+chunk at most ``long_prefill_token_threshold`` tokens when that is set. A group's
 blocks are all allocated at admission; each sequence's prefill runs to
 ``Sequence.prefill_end`` over as many steps as it needs
 (``num_scheduled_tokens`` counts what is dispatched, ahead of
@@ -430,7 +431,7 @@ class Scheduler:
                 # hits that chunk's blocks give once they are written.
                 seqs = self.waiting[0].get_seqs(SequenceStatus.WAITING)
                 if (any(not s.decode for s in out.scheduled_seq_groups)
-                        and sum(s.get_len() for s in seqs) > budget):
+                        and sum(s.get_len() for s in seqs) > self._chunk_cap(budget)):
                     full = True
                     break
                 group = self._admit_head()
@@ -445,9 +446,17 @@ class Scheduler:
         # into room is admitted at once
         self._decode_turn = not full and out.preempted == 0 and bool(self.waiting)
 
+    def _chunk_cap(self, budget: int) -> int:
+        """Tokens one group's chunk may take of what is left of the budget
+        (long_prefill_token_threshold, with chunked prefill)."""
+        cap = self.config.long_prefill_token_threshold
+        return min(budget, cap) if cap and self.config.enable_chunked_prefill else budget
+
     def _schedule_chunk(self, out: SchedulerOutput, group: SequenceGroup, budget: int) -> int:
-        """The next chunk of a prefilling group, within budget tokens: its
-        sequences in order, each up to its prefill's end. Returns its tokens."""
+        """The next chunk of a prefilling group, within budget tokens (and
+        long_prefill_token_threshold): its sequences in order, each up to
+        its prefill's end. Returns its tokens."""
+        budget = self._chunk_cap(budget)
         new_tokens, computed = {}, {}
         used = 0
         for seq in group.get_seqs(SequenceStatus.RUNNING):

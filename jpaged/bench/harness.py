@@ -146,6 +146,10 @@ def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: s
                    action="store_false", default=d.enable_chunked_prefill,
                    help="steps all prefill (whole prompts) or all decode; the system "
                         "jpaged-nochunk does the same on the engine built with it on")
+    p.add_argument("--long-prefill-token-threshold", type=int,
+                   default=d.long_prefill_token_threshold,
+                   help="with chunked prefill, tokens of one prompt's chunk in a step, at "
+                        "most (0: the budget is the only cap)")
 
 
 def add_output_args(parser, kind: str) -> None:
@@ -183,7 +187,9 @@ def engine_from_args(args, hf_config: dict):
                           tensor_parallel_size=args.tensor_parallel_size,
                           data_parallel_size=getattr(args, "data_parallel_size", None),
                           max_decode_window=args.max_decode_window,
-                          enable_chunked_prefill=getattr(args, "enable_chunked_prefill", None))
+                          enable_chunked_prefill=getattr(args, "enable_chunked_prefill", None),
+                          long_prefill_token_threshold=getattr(
+                              args, "long_prefill_token_threshold", None))
     runners = [e.runner for e in replicas(engine)]
     warmup_seconds = sum(r.warmup_seconds for r in runners)
     num_traces = num_compiles(engine)
@@ -196,6 +202,7 @@ def engine_from_args(args, hf_config: dict):
                 max_decode_window=engine.config.max_decode_window,
                 max_num_batched_tokens=engine.config.max_num_batched_tokens,
                 enable_chunked_prefill=engine.config.enable_chunked_prefill,
+                long_prefill_token_threshold=engine.config.long_prefill_token_threshold,
                 tensor_parallel_size=args.tensor_parallel_size,
                 data_parallel_size=engine.config.data_parallel_size)
     return model, engine, info

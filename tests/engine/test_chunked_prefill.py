@@ -106,6 +106,33 @@ def test_chunked_gives_the_same_outputs_as_whole_prompts(arch, llms, step_kinds)
         assert max(on.engine.runner.prefill_buckets) == budget
 
 
+def test_long_prefill_token_threshold_gives_the_same_outputs(llms, monkeypatch):
+    """Chunks capped at 5 tokens a prompt (the budget of 24 holds several
+    prompts' chunks and the decodes): every kind of request gives what
+    whole prompts give, with nothing compiled after warm-up."""
+    ps = _prompts(0, LENGTHS)
+    params = [PARAMS[i % len(PARAMS)] for i in range(len(ps))]
+    off = llms()
+    off.engine.use_block_manager(enable_chunked_prefill=False)
+    want = _run(off, ps, params)
+    off.engine.use_block_manager(enable_chunked_prefill=True)
+    chunks = []
+    schedule = scheduler_lib.Scheduler.schedule
+
+    def recording(self, *args, **kwargs):
+        out = schedule(self, *args, **kwargs)
+        chunks.extend(s.token_chunk_size for s in out.scheduled_seq_groups if not s.decode)
+        return out
+    monkeypatch.setattr(scheduler_lib.Scheduler, "schedule", recording)
+    on = llms(max_num_batched_tokens=24)
+    on.engine.use_block_manager(long_prefill_token_threshold=5)
+    traces = on.engine.runner.num_traces
+    assert _run(on, ps, params) == want
+    assert on.engine.runner.num_traces == traces
+    assert max(chunks) == 5  # (24 without the cap: the 30-, 40- and 50-token prompts)
+    on.engine.use_block_manager(long_prefill_token_threshold=0)
+
+
 def test_a_prompt_longer_than_the_budget(llms):
     """Without chunking a budget below max_model_len is refused; with it a
     60-token prompt runs in chunks of 16 through 16-token buckets."""

@@ -18,6 +18,7 @@ class Harness:
         cfg.setdefault("max_num_seqs", 8)
         cfg.setdefault("preemption_mode", None)
         cfg.setdefault("enable_chunked_prefill", False)
+        cfg.setdefault("long_prefill_token_threshold", 0)
         self.bm = BlockSpaceManager(BS, num_gpu_blocks, num_cpu_blocks, watermark=watermark,
                                     enable_prefix_caching=prefix_caching)
         self.sched = Scheduler(SchedulerConfig(**cfg), self.bm)
@@ -104,7 +105,7 @@ def test_impossible_requests_are_ignored_and_do_not_block():
 
 def test_recompute_preemption_of_the_newest_group():
     h = Harness(5, preemption_mode=None,
-                        enable_chunked_prefill=False)   # 4 usable blocks
+                        enable_chunked_prefill=False, long_prefill_token_threshold=0)   # 4 usable blocks
     a = h.add("a", 4)
     b = h.add("b", 4)
     h.step()                                # prefill a, b: 2 blocks
@@ -285,13 +286,14 @@ def test_prefix_cache_hits_reduce_prefill_tokens():
 def test_scheduler_config_validation():
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be >= max_model_len \(16\)"):
         SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=16, preemption_mode=None,
-                        enable_chunked_prefill=False)
+                        enable_chunked_prefill=False, long_prefill_token_threshold=0)
     with pytest.raises(ValueError, match=r"must be >= max_num_seqs \(64\)"):
         SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=32, max_model_len=16, preemption_mode=None,
-                        enable_chunked_prefill=False)
+                        enable_chunked_prefill=False, long_prefill_token_threshold=0)
     with pytest.raises(ValueError, match="preemption_mode must be one of"):
         SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=16,
-                        preemption_mode="drop", enable_chunked_prefill=False)
+                        preemption_mode="drop", enable_chunked_prefill=False,
+                        long_prefill_token_threshold=0)
 
 
 def test_engine_config_defaults_and_resolution():
@@ -348,6 +350,11 @@ def test_engine_config_defaults_and_resolution():
      r"max_num_batched_tokens \(2048\) must be >="),
     (dict(max_num_seqs=256, max_num_batched_tokens=128), r"must be >= max_num_seqs \(256\)"),
     (dict(enable_chunked_prefill=1), "enable_chunked_prefill must be a bool"),
+    (dict(long_prefill_token_threshold=-1), "long_prefill_token_threshold must be an int >= 0"),
+    (dict(long_prefill_token_threshold=True), "long_prefill_token_threshold must be an int >= 0"),
+    (dict(long_prefill_token_threshold=64, enable_chunked_prefill=False),
+     r"long_prefill_token_threshold \(64\) caps the chunks of chunked prefill: it needs "
+     "enable_chunked_prefill"),
 ])
 def test_engine_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

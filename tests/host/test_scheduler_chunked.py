@@ -18,11 +18,13 @@ class Chunked:
     """A scheduler with chunked prefill and a step that applies what the
     engine would: a row that ends its prefill (or decodes) gets a token."""
 
-    def __init__(self, num_gpu_blocks=64, budget=8, max_num_seqs=4, max_model_len=64, **kw):
+    def __init__(self, num_gpu_blocks=64, budget=8, max_num_seqs=4, max_model_len=64,
+                 long_prefill=0, **kw):
         self.bm = BlockSpaceManager(BS, num_gpu_blocks, 16, watermark=0.0, **kw)
         self.sched = Scheduler(SchedulerConfig(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
-            preemption_mode=None, enable_chunked_prefill=True), self.bm)
+            preemption_mode=None, enable_chunked_prefill=True,
+            long_prefill_token_threshold=long_prefill), self.bm)
         self.ids = itertools.count()
 
     def add(self, rid, prompt_len, params=None):
@@ -107,6 +109,27 @@ def test_a_decode_step_when_every_admissible_prompt_ran_and_others_wait_for_room
     finish(h, d)
     h.add("e", 3)  # arrives into room, nothing else waits: admitted at once
     assert h.chunks(h.step()) == [("c", "decode"), ("e", 3)]
+
+
+def test_long_prefill_token_threshold_caps_each_prompt_chunk():
+    """vLLM's long_prefill_token_threshold: one group's chunk is at most
+    that many tokens a step, and the rest of the budget still takes the
+    decodes and other prompts (a new one only if it ends in the step,
+    unless it is the step's first prompt work)."""
+    h = Chunked(budget=8, long_prefill=3)
+    a = h.add("a", 10)
+    assert h.chunks(h.step()) == [("a", 3)]
+    h.add("b", 2)  # ends within the cap: beside a's chunk
+    assert h.chunks(h.step()) == [("a", 3), ("b", 2)]
+    h.add("c", 5)  # would not end in this step: waits while a prefills
+    assert h.chunks(h.step()) == [("b", "decode"), ("a", 3)]
+    assert h.chunks(h.step()) == [("b", "decode"), ("a", 1)]
+    assert a.get_seqs()[0].get_output_len() == 1
+    sizes = [h.chunks(h.step()) for _ in range(2)]
+    assert sizes == [[("a", "decode"), ("b", "decode"), ("c", 3)],
+                     [("a", "decode"), ("b", "decode"), ("c", 2)]]
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be an int >= 0"):
+        Chunked(long_prefill=-1)
 
 
 def finish(h, group):

@@ -60,6 +60,8 @@ class SimConfig:
     max_window: int = 1
     # chunked prefill with this token budget (None: off, whole prompts)
     chunk_budget: int | None = None
+    # with chunked prefill: long_prefill_token_threshold (0: off)
+    chunk_cap: int = 0
 
 
 def prefix_hashes(token_ids):
@@ -140,7 +142,8 @@ def run_sim(cfg: SimConfig) -> dict:
               else max(cfg.max_model_len, cfg.max_num_seqs) + 4)
     sched_cfg = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=cfg.max_model_len, preemption_mode=cfg.preemption_mode,
-                                enable_chunked_prefill=chunked)
+                                enable_chunked_prefill=chunked,
+                                long_prefill_token_threshold=cfg.chunk_cap if chunked else 0)
     sched = Scheduler(sched_cfg, bm)
     pool = FakePool(num_gpu, cfg.num_cpu_blocks, bs)
     seq_ids = iter(range(10**9))
@@ -229,6 +232,8 @@ def run_sim(cfg: SimConfig) -> dict:
             else:
                 assert list(sg.num_new_tokens) == [s.seq_id for s in running]
             assert sg.token_chunk_size == sum(sg.num_new_tokens.values())
+            if chunk and sched_cfg.long_prefill_token_threshold:
+                assert sg.token_chunk_size <= sched_cfg.long_prefill_token_threshold
             for seq in running:
                 if seq.seq_id not in sg.num_new_tokens:
                     continue
@@ -380,6 +385,7 @@ sim_st = st.builds(
     fail_prob=st.sampled_from([0.0, 0.0, 0.15]),
     max_window=st.sampled_from([1, 4]),
     chunk_budget=st.sampled_from([None, None, 1, 3, 7]),
+    chunk_cap=st.sampled_from([0, 0, 1, 2, 5]),
 )
 
 
