@@ -134,10 +134,6 @@ class Sequence:
         self.output_token_ids.extend([PLACEHOLDER_TOKEN_ID] * num)
         self.output_logprobs.extend([None] * num)
 
-    def ends_with_placeholder(self) -> bool:
-        """Whether the last token is still on the device (a placeholder)."""
-        return bool(self.output_token_ids) and self.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID
-
     def get_len(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
