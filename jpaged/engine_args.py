@@ -80,7 +80,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *,
         group = t if f.name in _PARALLEL_GROUP else m
         flag = "--" + f.name.replace("_", "-")
         default = _FLAG_DEFAULTS.get(f.name, getattr(defaults, f.name))
-        doc = helps.get(f.name, docs[f.name]).rstrip(".")
+        # (argparse formats a help with %: a literal one is written %%)
+        doc = helps.get(f.name, docs[f.name]).rstrip(".").replace("%", "%%")
         if isinstance(default, bool):
             if default:
                 group.add_argument("--no-" + flag[2:], action="store_true",

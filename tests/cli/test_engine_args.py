@@ -24,6 +24,13 @@ def test_every_field_has_a_flag_and_a_doc():
     assert "random_weights" in flags
 
 
+def test_the_help_formats():
+    """argparse formats every help with %: a field doc with a literal one
+    (data_parallel_size's "i % N") crashed --help."""
+    text = _parser().format_help()
+    assert "host i % N" in text and "--long-prefill-token-threshold" in text
+
+
 def test_flags_round_trip_to_the_config():
     # No flags: EngineConfig's defaults, but the scripts' context limit.
     kw = llm_kwargs(_parser().parse_args([]))
