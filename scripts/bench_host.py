@@ -20,7 +20,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import numpy as np
     import models
-    from jpaged import LLM, SamplingParams
+    from jpaged import LLM, EngineConfig, SamplingParams
     m = models.random_model({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
                              "intermediate_size": 128, "num_hidden_layers": 2,
                              "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -29,7 +29,8 @@ def main(argv=None):
     max_len = args.prompt_len + args.max_tokens
     llm = LLM(m, max_num_seqs=args.num_seqs, max_model_len=max_len,
               max_num_batched_tokens=max(max_len, args.num_seqs * args.prompt_len),
-              num_gpu_blocks=args.num_seqs * (max_len // 16 + 2) + 1, swap_space=0.01,
+              num_gpu_blocks=args.num_seqs * (max_len // EngineConfig.block_size + 2) + 1,
+              swap_space=0.01,
               use_tqdm_warmup=False)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 512, args.prompt_len).tolist() for _ in range(args.num_seqs)]

@@ -37,6 +37,7 @@ PRECISIONS = ("highest", "high", "default")
 
 def parse_args(argv):
     from jpaged.bench.harness import parse_list, positive_int
+    from jpaged.config import EngineConfig
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-shape,llama-1.1b",
@@ -55,11 +56,13 @@ def parse_args(argv):
     p.add_argument("--max-tokens", type=positive_int, default=32,
                    help="greedy output tokens per prompt (ignore_eos)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids")
-    p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
+    p.add_argument("--block-size", type=positive_int, default=EngineConfig.block_size,
+                   help="tokens per KV block")
     p.add_argument("--max-num-seqs", type=positive_int, default=8, help="sequences per step")
     p.add_argument("--max-model-len", type=positive_int, default=512, help="context limit")
-    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
-                   help="prefill token budget per step")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
+                   help="prefill token budget per step (default: EngineConfig's for "
+                        "--max-num-seqs and --max-model-len)")
     p.add_argument("--num-gpu-blocks", type=positive_int, default=None,
                    help="KV pool in blocks (default: every prompt's whole sequence, no "
                         "preemption)")
@@ -76,6 +79,10 @@ def parse_args(argv):
     if any(t < 1 for t in args.tp) or 1 not in args.tp:
         p.error(f"--tp must hold sizes >= 1 and include 1 (the reference), got {args.tp}")
     args.tp = sorted(set(args.tp))
+    if args.max_num_batched_tokens is None:  # (the result JSON names the budget run)
+        args.max_num_batched_tokens = EngineConfig(
+            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len).get_scheduler_config(
+                args.max_model_len).max_num_batched_tokens
     if args.min_prompt_len > args.max_prompt_len:
         p.error(f"--min-prompt-len ({args.min_prompt_len}) must be <= --max-prompt-len "
                 f"({args.max_prompt_len})")
