@@ -10,6 +10,8 @@ decode token per running sequence; with --no-enable-chunked-prefill (the
 budget then must hold L) its prefill is one step that stalls them. The
 ratio of the two TPOTs is the target (issue 17: within 2x at L = 32k and S
 = 64 on the H200). Prefill tokens/s of the long prompt are reported too.
+--long-prefill-thresholds measures it again for each cap on the long
+prompt's chunk (long_prefill_token_threshold), on the same engine.
 
 Writes benchmarks/results/long-prompt-<device>.json (or --out).
 """
@@ -64,32 +66,12 @@ def _tpot(engine, ids, until, min_seconds=0.0, max_tokens=None):
     return elapsed / (sum(tokens) / len(tokens)), elapsed, steps, longest
 
 
-def main(argv=None):
-    from jpaged.bench.harness import (add_engine_args, add_model_args, add_output_args,
-                                      default_out, engine_from_args, result_header, write_result)
-    from models import load_hf_config
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    add_engine_args(p, kv_cache_gib_default=0.0)
-    add_output_args(p, "long-prompt")
-    p.add_argument("--num-seqs", type=int, default=64, help="requests decoding (S)")
-    p.add_argument("--context", type=int, default=512, help="their prompt tokens (C)")
-    p.add_argument("--long-prompt", type=int, default=None,
-                   help="tokens of the long prompt (L; default max_model_len - 8)")
-    p.add_argument("--base-seconds", type=float, default=3.0,
-                   help="how long the decodes are timed alone")
-    args = p.parse_args(argv)
-    import numpy as np
+def _measure(engine, args, rng, L: int) -> dict:
+    """One measurement on the idle engine: the S decodes alone, then beside
+    the long prompt until its first token. Returns its result fields."""
     from jpaged import SamplingParams
-    result = result_header("scripts/bench_long_prompt.py", argv)
-    model, engine, info = engine_from_args(args, load_hf_config(args.model))
     max_len = engine.config.max_model_len
-    L = args.long_prompt or max_len - 8
-    if not 0 < L < max_len:
-        raise SystemExit(f"--long-prompt must be in [1, {max_len})")
-    rng = np.random.default_rng(0)
-    vocab = model.config.vocab_size
+    vocab = engine.model.config.vocab_size
     sp = SamplingParams(temperature=0.0, max_tokens=max_len - args.context, ignore_eos=True)
     ids = [str(i) for i in range(args.num_seqs)]
     for rid in ids:
@@ -113,23 +95,68 @@ def main(argv=None):
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
+    return dict(long_prefill_token_threshold=engine.config.long_prefill_token_threshold,
+                tpot_alone_ms=1e3 * base, steps_alone=base_steps, seconds_alone=base_s,
+                longest_step_ms_alone=1e3 * base_longest,
+                tpot_during_ms=1e3 * during, steps_during=steps, long_prompt_ttft_s=ttft,
+                longest_step_ms_during=1e3 * longest,
+                long_prompt_prefill_tok_per_s=prefilled / ttft, tpot_ratio=during / base)
+
+
+def main(argv=None):
+    from jpaged.bench.harness import (add_engine_args, add_model_args, add_output_args,
+                                      default_out, engine_from_args, parse_list, result_header,
+                                      write_result)
+    from models import load_hf_config
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_engine_args(p, kv_cache_gib_default=0.0)
+    add_output_args(p, "long-prompt")
+    p.add_argument("--num-seqs", type=int, default=64, help="requests decoding (S)")
+    p.add_argument("--context", type=int, default=512, help="their prompt tokens (C)")
+    p.add_argument("--long-prompt", type=int, default=None,
+                   help="tokens of the long prompt (L; default max_model_len - 8)")
+    p.add_argument("--base-seconds", type=float, default=3.0,
+                   help="how long the decodes are timed alone")
+    p.add_argument("--long-prefill-thresholds", default=None,
+                   help="comma list of long_prefill_token_threshold values, measured one "
+                        "after another on the same engine (default: "
+                        "--long-prefill-token-threshold alone); the result's top-level "
+                        "fields are the first's, \"runs\" holds them all")
+    args = p.parse_args(argv)
+    import numpy as np
+    result = result_header("scripts/bench_long_prompt.py", argv)
+    thresholds = (parse_list(args.long_prefill_thresholds, kind=int)
+                  if args.long_prefill_thresholds else [args.long_prefill_token_threshold])
+    if any(t < 0 for t in thresholds) or (any(thresholds) and not args.enable_chunked_prefill):
+        raise SystemExit("--long-prefill-thresholds: ints >= 0, and > 0 only with chunked prefill")
+    model, engine, info = engine_from_args(args, load_hf_config(args.model))
+    max_len = engine.config.max_model_len
+    L = args.long_prompt or max_len - 8
+    if not 0 < L < max_len:
+        raise SystemExit(f"--long-prompt must be in [1, {max_len})")
+    rng = np.random.default_rng(0)
+    runs = []
+    for t in thresholds:
+        engine.use_block_manager(long_prefill_token_threshold=t)
+        runs.append(_measure(engine, args, rng, L))
     info["compiles_after_warmup"] = engine.runner.num_traces - info["compiles_at_warmup"]
     result.update(model=args.model, dtype=args.dtype, random_weights=True, num_seqs=args.num_seqs,
-                  context=args.context, long_prompt=L, engine=info,
-                  tpot_alone_ms=1e3 * base, steps_alone=base_steps, seconds_alone=base_s,
-                  longest_step_ms_alone=1e3 * base_longest,
-                  tpot_during_ms=1e3 * during, steps_during=steps, long_prompt_ttft_s=ttft,
-                  longest_step_ms_during=1e3 * longest,
-                  long_prompt_prefill_tok_per_s=prefilled / ttft,
-                  tpot_ratio=during / base)
+                  context=args.context, long_prompt=L, engine=info, **runs[0], runs=runs)
     out = args.out or default_out("long-prompt", result["device"])
     write_result(result, out)
-    print(f"S={args.num_seqs} decoding at {args.context}, a {L}-token prompt, chunked prefill "
-          f"{'on' if engine.config.enable_chunked_prefill else 'off'} (budget "
-          f"{engine.config.max_num_batched_tokens}): TPOT {1e3 * base:.2f} ms alone, "
-          f"{1e3 * during:.2f} ms during its prefill ({during / base:.2f}x; longest "
-          f"step {1e3 * base_longest:.1f} ms alone, {1e3 * longest:.1f} during); its TTFT "
-          f"{ttft:.2f} s ({prefilled / ttft:,.0f} prefill tok/s); wrote {out}")
+    for r in runs:
+        print(f"S={args.num_seqs} decoding at {args.context}, a {L}-token prompt, chunked "
+              f"prefill {'on' if engine.config.enable_chunked_prefill else 'off'} (budget "
+              f"{engine.config.max_num_batched_tokens}, chunks of at most "
+              f"{r['long_prefill_token_threshold'] or 'the budget'}): TPOT "
+              f"{r['tpot_alone_ms']:.2f} ms alone, {r['tpot_during_ms']:.2f} ms during its "
+              f"prefill ({r['tpot_ratio']:.2f}x; longest step {r['longest_step_ms_alone']:.1f} "
+              f"ms alone, {r['longest_step_ms_during']:.1f} during); its TTFT "
+              f"{r['long_prompt_ttft_s']:.2f} s ({r['long_prompt_prefill_tok_per_s']:,.0f} "
+              f"prefill tok/s)")
+    print(f"wrote {out}")
     return result
 
 

@@ -7,6 +7,8 @@
 #   long        a 32k-token prompt beside 64 decoding sequences (a small-width random Llama
 #               with max_model_len 32768, chunks of 2048): their TPOT during its prefill
 #   long-off    the same with chunked prefill off (one 32k-token prefill step)
+#   long-capped the long prompt's chunks capped (long_prefill_token_threshold 0, 128, 256,
+#               512, one after another on one engine)
 set -uo pipefail
 W=benchmarks/workloads/sharegpt-1000.json
 COMMON="--model llama-1.1b --no-progress"
@@ -24,6 +26,8 @@ for s in "$@"; do
     long) run long 200 python3 scripts/bench_long_prompt.py $LONG --out "$OUT/long.json" ;;
     long-off) run long-off 200 python3 scripts/bench_long_prompt.py $LONG \
         --no-enable-chunked-prefill --max-num-batched-tokens 32768 --out "$OUT/long-off.json" ;;
+    long-capped) run long-capped 240 python3 scripts/bench_long_prompt.py $LONG \
+        --base-seconds 2 --long-prefill-thresholds 0,128,256,512 --out "$OUT/long-capped.json" ;;
     *) echo "unknown step $s" ;;
     esac
 done

@@ -86,8 +86,8 @@ def test_bench_long_prompt(files, chunked):
     out = files / f"long-{chunked}.json"
     # (max_model_len 64, as in ENGINE_ARGS: the steps compiled for the
     # throughput test's engine (off) and test_chunked_prefill's budget of 16 (on))
-    budget = ["--max-num-batched-tokens", "16"] if chunked else [
-        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "64"]
+    budget = ["--max-num-batched-tokens", "16", "--long-prefill-thresholds", "0,5"] if chunked \
+        else ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "64"]
     argv = ["--model", str(files / "tiny.json"), "--dtype", "float32", "--block-size", "4",
             "--max-num-seqs", "8", "--max-model-len", "64", *budget,
             "--num-gpu-blocks", "200", "--max-decode-window", "8", "--no-progress",
@@ -97,9 +97,13 @@ def test_bench_long_prompt(files, chunked):
     res = json.loads(out.read_text())
     header_ok(res, argv)
     assert res["long_prompt"] == 50 and res["engine"]["enable_chunked_prefill"] == chunked
-    if chunked:  # 50 tokens in chunks of at most 16 - 4 decodes
+    if chunked:  # 50 tokens in chunks of at most 16 - 4 decodes; then of at most 5
         assert res["engine"]["max_num_batched_tokens"] == 16 and res["steps_during"] >= 4
+        assert [r["long_prefill_token_threshold"] for r in res["runs"]] == [0, 5]
+        assert res["runs"][1]["steps_during"] >= 10
+        assert res["runs"][0]["steps_during"] == res["steps_during"]
     else:  # its prefill step, and a step that brings its token and the decodes' to the host
+        assert [r["long_prefill_token_threshold"] for r in res["runs"]] == [0]
         assert res["steps_during"] >= 2
     assert res["tpot_alone_ms"] > 0 and res["tpot_during_ms"] > 0
     assert res["tpot_ratio"] == pytest.approx(res["tpot_during_ms"] / res["tpot_alone_ms"])
