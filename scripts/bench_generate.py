@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from jpaged.config import EngineConfig
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
@@ -34,7 +36,8 @@ def main(argv=None):
     p.add_argument("--num-prompts", type=int, default=300, help="requests in the batch")
     p.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="decode batch limit")
+    p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
+                   help="decode batch limit")
     p.add_argument("--max-model-len", type=int, default=1024, help="context limit")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens one step may hold (default: max(max-model-len, 4096))")

@@ -37,6 +37,7 @@ import os
 import sys
 import time
 
+from jpaged.config import EngineConfig
 from jpaged.engine_args import add_engine_args, llm_kwargs, load_model
 
 
@@ -58,8 +59,8 @@ def parse_args(argv=None):
                      help="wrap each prompt as a user message in the model's chat template")
     m, t = add_engine_args(p, max_num_seqs_help=(
         "most sequences in one step (default: the number of sequences asked for, rounded "
-        "up to a power of two, at most 256; every batch-size bucket up to it is compiled "
-        "at start-up)"))
+        f"up to a power of two, at most EngineConfig's {EngineConfig.max_num_seqs}; every "
+        "batch-size bucket up to it is compiled at start-up)"))
     m.add_argument("--num-random-prompts", type=int, default=0,
                    help="with --random-weights: generate this many random token prompts")
     m.add_argument("--random-prompt-len", type=int, default=128,
@@ -270,7 +271,7 @@ def main(argv=None):
     max_num_seqs = args.max_num_seqs
     if max_num_seqs is None:
         wanted = len(inputs) * max(args.n, args.best_of or 1, args.beam_width)
-        max_num_seqs = min(256, 1 << max(0, wanted - 1).bit_length())
+        max_num_seqs = min(EngineConfig.max_num_seqs, 1 << max(0, wanted - 1).bit_length())
     eng, pending = None, set()
     try:
         t0 = time.perf_counter()
