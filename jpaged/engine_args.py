@@ -12,13 +12,17 @@ from jpaged import config as config_lib
 from jpaged.config import EngineConfig
 
 
+# The scripts' context limit (generate.py, serve.py and the bench scripts);
+# EngineConfig's is the model's own.
+SCRIPT_MAX_MODEL_LEN = 2048
+
 # Per field: what the scripts' flag does differently from the bare field
 # (a default of their own, a help of their own, the group it sits in).
 _FLAG_DEFAULTS = {
-    # generate.py caps the batch at the number of prompts; serve.py at 256
+    # generate.py caps the batch at the number of prompts; serve.py at EngineConfig's
     "max_num_seqs": None,
-    # the scripts' context limit (0: the model's own); EngineConfig's is the model's
-    "max_model_len": 2048,
+    # (0: the model's own)
+    "max_model_len": SCRIPT_MAX_MODEL_LEN,
 }
 _FLAG_HELP = {
     "model": "registered name, HF directory, converted directory or .gguf file",

@@ -111,17 +111,19 @@ def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: s
     kv_cache_gib_note: the script's reason for its pool size, put into the
     --kv-cache-gib help (e.g. "; sharing pays off when ...").
     """
-    from jpaged.config import EngineConfig
+    from jpaged.config import DEFAULT_MIN_BATCHED_TOKENS, EngineConfig
+    from jpaged.engine_args import SCRIPT_MAX_MODEL_LEN
     d, p = EngineConfig(), parser
     if data_parallel:
         kv_cache_gib_note += "; each replica's with --data-parallel-size"
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help=max_num_seqs_help)
-    # (the benchmarks' context limit, not EngineConfig's "the model's own")
-    p.add_argument("--max-model-len", type=int, default=2048, help=max_model_len_help)
+    p.add_argument("--max-model-len", type=int, default=SCRIPT_MAX_MODEL_LEN,
+                   help=max_model_len_help)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="prefill token budget per step (default: EngineConfig's, "
-                        "max(max-model-len, 2048, max-num-seqs))")
+                        f"max({DEFAULT_MIN_BATCHED_TOKENS}, max-num-seqs), and at least "
+                        "max-model-len without chunked prefill)")
     p.add_argument("--kv-cache-gib", type=float, default=kv_cache_gib_default,
                    help=f"KV pool size in GiB over all layers{kv_cache_gib_note} (0: size it "
                         "from --gpu-memory-utilization)")
