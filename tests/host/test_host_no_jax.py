@@ -5,6 +5,9 @@ import sys
 HOST_MODULES = ["jpaged", "jpaged.config", "jpaged.sampling_params", "jpaged.sequence",
                 "jpaged.block_allocator", "jpaged.block_manager", "jpaged.scheduler",
                 "jpaged.inputs", "jpaged.interrupts", "jpaged.stats", "jpaged.engine_args",
+                "jpaged.slots", "jpaged.outputs", "jpaged.beam_search",
+                # the engine layer's host-only modules (docs/architecture.md)
+                "jpaged.output_processor", "jpaged.detokenizer",
                 # the harness's host side: the Orca baseline and the workloads
                 "jpaged.bench", "jpaged.bench.reservation", "jpaged.bench.workloads"]
 
