@@ -40,22 +40,38 @@ def _generated(engine, ids) -> list[int]:
     return out
 
 
-def _tpot(engine, ids, until, min_seconds=0.0, max_tokens=None):
+def _split(engine, before: dict) -> dict:
+    """Per-step host, device-wait and dispatch milliseconds since `before`
+    (an EngineStats snapshot), and the steps dispatched ahead."""
+    now = engine.stats.snapshot()
+    steps = max(1, now["num_steps"] - before["num_steps"])
+    out = {f"{k}_ms_per_step": 1e3 * (now[f"{k}_seconds"] - before[f"{k}_seconds"]) / steps
+           for k in ("host", "device", "dispatch")}
+    out["steps_dispatched_ahead"] = now["num_steps_ahead"] - before["num_steps_ahead"]
+    return out
+
+
+def _tpot(engine, ids, until, min_seconds=0.0, max_tokens=None, profile=None):
     """Steps the engine until `until()` holds and min_seconds passed (or
     each of ids generated max_tokens); returns (mean seconds per output
-    token of ids, seconds, steps, the longest step's seconds)."""
+    token of ids, seconds, steps, the longest step's seconds, the engine's
+    per-step split of the time)."""
+    import contextlib
     before = _generated(engine, ids)
+    counters = engine.stats.snapshot()
     t0 = time.perf_counter()
     steps, longest = 0, 0.0
-    while not until() or time.perf_counter() - t0 < min_seconds:
-        if max_tokens is not None and min(
-                a - b for a, b in zip(_generated(engine, ids), before)) >= max_tokens:
-            break
-        t = time.perf_counter()
-        engine.step()
-        longest = max(longest, time.perf_counter() - t)
-        steps += 1
+    with profile or contextlib.nullcontext():
+        while not until() or time.perf_counter() - t0 < min_seconds:
+            if max_tokens is not None and min(
+                    a - b for a, b in zip(_generated(engine, ids), before)) >= max_tokens:
+                break
+            t = time.perf_counter()
+            engine.step()
+            longest = max(longest, time.perf_counter() - t)
+            steps += 1
     elapsed = time.perf_counter() - t0
+    split = _split(engine, counters)
     after = _generated(engine, ids)
     if min(after) < 0:
         raise SystemExit("a decoding request finished during the measurement: raise "
@@ -63,10 +79,10 @@ def _tpot(engine, ids, until, min_seconds=0.0, max_tokens=None):
     tokens = [a - b for a, b in zip(after, before)]
     if min(tokens) < 1:
         raise SystemExit("a decoding request generated no token during the measurement")
-    return elapsed / (sum(tokens) / len(tokens)), elapsed, steps, longest
+    return elapsed / (sum(tokens) / len(tokens)), elapsed, steps, longest, split
 
 
-def _measure(engine, args, rng, L: int) -> dict:
+def _measure(engine, args, rng, L: int, profile=None) -> dict:
     """One measurement on the idle engine: the S decodes alone, then beside
     the long prompt until its first token. Returns its result fields."""
     from jpaged import SamplingParams
@@ -82,15 +98,15 @@ def _measure(engine, args, rng, L: int) -> dict:
     # (the alone part leaves the decodes room for the long prompt's prefill:
     # at most a third of what they may still generate)
     room = sp.max_tokens - max(_generated(engine, ids))
-    base, base_s, base_steps, base_longest = _tpot(engine, ids, lambda: True,
-                                                   args.base_seconds, room // 3)
+    base, base_s, base_steps, base_longest, base_split = _tpot(
+        engine, ids, lambda: True, args.base_seconds, room // 3)
     engine.add_request("long", None, SamplingParams(temperature=0.0, max_tokens=1),
                        prompt_token_ids=rng.integers(0, vocab, L).tolist())
     prefill_tokens = engine.stats.num_prefill_tokens
 
     def long_done():  # its one token reached the host: it finished
         return engine.get_request("long") is None
-    during, ttft, steps, longest = _tpot(engine, ids, long_done)
+    during, ttft, steps, longest, split = _tpot(engine, ids, long_done, profile=profile)
     prefilled = engine.stats.num_prefill_tokens - prefill_tokens
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
@@ -100,13 +116,15 @@ def _measure(engine, args, rng, L: int) -> dict:
                 longest_step_ms_alone=1e3 * base_longest,
                 tpot_during_ms=1e3 * during, steps_during=steps, long_prompt_ttft_s=ttft,
                 longest_step_ms_during=1e3 * longest,
-                long_prompt_prefill_tok_per_s=prefilled / ttft, tpot_ratio=during / base)
+                long_prompt_prefill_tok_per_s=prefilled / ttft, tpot_ratio=during / base,
+                **{f"{k}_alone": v for k, v in base_split.items()},
+                **{f"{k}_during": v for k, v in split.items()})
 
 
 def main(argv=None):
-    from jpaged.bench.harness import (add_engine_args, add_model_args, add_output_args,
-                                      default_out, engine_from_args, parse_list, result_header,
-                                      write_result)
+    from jpaged.bench.harness import (HostProfile, add_engine_args, add_model_args,
+                                      add_output_args, default_out, engine_from_args,
+                                      parse_list, result_header, write_result)
     from models import load_hf_config
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,6 +142,9 @@ def main(argv=None):
                         "after another on the same engine (default: "
                         "--long-prefill-token-threshold alone); the result's top-level "
                         "fields are the first's, \"runs\" holds them all")
+    p.add_argument("--profile-host", default=None, metavar="PATH",
+                   help="cProfile the steps beside the long prompt (every run) and write "
+                        "the tables to PATH")
     args = p.parse_args(argv)
     import numpy as np
     result = result_header("scripts/bench_long_prompt.py", argv)
@@ -138,9 +159,11 @@ def main(argv=None):
         raise SystemExit(f"--long-prompt must be in [1, {max_len})")
     rng = np.random.default_rng(0)
     runs = []
+    profile = HostProfile(args.profile_host)
     for t in thresholds:
         engine.use_block_manager(long_prefill_token_threshold=t)
-        runs.append(_measure(engine, args, rng, L))
+        runs.append(_measure(engine, args, rng, L, profile))
+    profile.write()
     info["compiles_after_warmup"] = engine.runner.num_traces - info["compiles_at_warmup"]
     result.update(model=args.model, dtype=args.dtype, random_weights=True, num_seqs=args.num_seqs,
                   context=args.context, long_prompt=L, engine=info, **runs[0], runs=runs)
@@ -155,7 +178,9 @@ def main(argv=None):
               f"prefill ({r['tpot_ratio']:.2f}x; longest step {r['longest_step_ms_alone']:.1f} "
               f"ms alone, {r['longest_step_ms_during']:.1f} during); its TTFT "
               f"{r['long_prompt_ttft_s']:.2f} s ({r['long_prompt_prefill_tok_per_s']:,.0f} "
-              f"prefill tok/s)")
+              f"prefill tok/s); per step alone / during: host {r['host_ms_per_step_alone']:.2f}"
+              f" / {r['host_ms_per_step_during']:.2f} ms, waiting for the device "
+              f"{r['device_ms_per_step_alone']:.2f} / {r['device_ms_per_step_during']:.2f}")
     print(f"wrote {out}")
     return result
 

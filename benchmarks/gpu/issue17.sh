@@ -9,6 +9,9 @@
 #   long-off    the same with chunked prefill off (one 32k-token prefill step)
 #   long-capped the long prompt's chunks capped (long_prefill_token_threshold 0, 128, 256,
 #               512, one after another on one engine)
+#   long-profile  caps 0 and 128 with the steps beside the long prompt under cProfile
+#               (long-host.txt), and the same with windows of one step (long-window1.json:
+#               the decodes' TPOT alone at one token a step)
 set -uo pipefail
 W=benchmarks/workloads/sharegpt-1000.json
 COMMON="--model llama-1.1b --no-progress"
@@ -28,6 +31,11 @@ for s in "$@"; do
         --no-enable-chunked-prefill --max-num-batched-tokens 32768 --out "$OUT/long-off.json" ;;
     long-capped) run long-capped 240 python3 scripts/bench_long_prompt.py $LONG \
         --base-seconds 2 --long-prefill-thresholds 0,128,256,512 --out "$OUT/long-capped.json" ;;
+    long-profile) run long-profile 150 python3 scripts/bench_long_prompt.py $LONG \
+        --base-seconds 2 --long-prefill-thresholds 0,128 --profile-host "$OUT/long-host.txt" \
+        --out "$OUT/long-profile.json"
+        run long-window1 120 python3 scripts/bench_long_prompt.py $LONG --base-seconds 2 \
+        --long-prefill-thresholds 128 --max-decode-window 1 --out "$OUT/long-window1.json" ;;
     *) echo "unknown step $s" ;;
     esac
 done

@@ -92,7 +92,8 @@ def test_bench_long_prompt(files, chunked):
             "--max-num-seqs", "8", "--max-model-len", "64", *budget,
             "--num-gpu-blocks", "200", "--max-decode-window", "8", "--no-progress",
             "--num-seqs", "4", "--context", "6", "--long-prompt", "50",
-            "--base-seconds", "0.2", "--out", str(out)]
+            "--base-seconds", "0.2", "--profile-host", str(files / f"long-{chunked}.txt"),
+            "--out", str(out)]
     script("bench_long_prompt").main(argv)
     res = json.loads(out.read_text())
     header_ok(res, argv)
@@ -109,6 +110,13 @@ def test_bench_long_prompt(files, chunked):
     assert res["tpot_ratio"] == pytest.approx(res["tpot_during_ms"] / res["tpot_alone_ms"])
     assert 0 < res["longest_step_ms_during"] <= 1e3 * res["long_prompt_ttft_s"]
     assert res["long_prompt_ttft_s"] > 0 and res["long_prompt_prefill_tok_per_s"] > 0
+    for r in res["runs"]:  # the engine's split of each step's time, per phase
+        for phase in ("alone", "during"):
+            assert r[f"host_ms_per_step_{phase}"] > 0
+            assert 0 < r[f"dispatch_ms_per_step_{phase}"] <= r[f"host_ms_per_step_{phase}"]
+            assert r[f"device_ms_per_step_{phase}"] >= 0
+            assert r[f"steps_dispatched_ahead_{phase}"] >= 0
+    assert "engine.py" in (files / f"long-{chunked}.txt").read_text()  # the step's profile
 
 
 def test_bench_latency(files):
