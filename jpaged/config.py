@@ -52,6 +52,9 @@ class SchedulerConfig:
       long_prefill_token_threshold: with chunked prefill, a group's prompt
         chunk in one step is at most this many tokens (0: no cap but the
         budget).
+      decode_window_between_chunks: with chunked prefill, while a prefill
+        is under way, every step that holds its chunk is followed by a
+        decode window of up to this many steps (a power of two; 0: none).
     """
     # (no defaults: EngineConfig.get_scheduler_config resolves every field)
     max_num_seqs: int
@@ -60,6 +63,7 @@ class SchedulerConfig:
     preemption_mode: str | None
     enable_chunked_prefill: bool
     long_prefill_token_threshold: int
+    decode_window_between_chunks: int
 
     def __post_init__(self):
         _check_int("max_num_seqs", self.max_num_seqs, 1)
@@ -70,6 +74,7 @@ class SchedulerConfig:
             raise ValueError(f"enable_chunked_prefill must be a bool, got "
                              f"{self.enable_chunked_prefill!r}")
         _check_long_prefill(self.long_prefill_token_threshold, self.enable_chunked_prefill)
+        _check_between_chunks(self.decode_window_between_chunks, self.enable_chunked_prefill)
         _check_budget(self.max_num_batched_tokens, self.max_model_len, self.max_num_seqs,
                       self.enable_chunked_prefill)
 
@@ -91,6 +96,16 @@ class ParallelConfig:
     """How the model is split over devices (EngineConfig.parallel_config)."""
     tensor_parallel_size: int
     data_parallel_size: int
+
+
+def _check_between_chunks(window: int, chunked: bool) -> None:
+    if not _is_int(window) or window < 0 or window & (window - 1):
+        raise ValueError(f"decode_window_between_chunks must be 0 or a power of two, got "
+                         f"{window!r}")
+    if window and not chunked:
+        raise ValueError(f"decode_window_between_chunks ({window}) interleaves decode windows "
+                         "with the chunks of chunked prefill: it needs enable_chunked_prefill "
+                         "(0 turns it off)")
 
 
 def _check_long_prefill(threshold: int, chunked: bool) -> None:
@@ -170,6 +185,14 @@ class EngineConfig:
         shorter steps, so the sequences decoding beside it slow down less;
         its first token comes later (its prefill reads its cached prefix
         once a step, and the steps hold fewer of its tokens).
+      decode_window_between_chunks: with chunked prefill, while a prompt's
+        prefill runs over several steps, each step that holds one of its
+        chunks is followed by a decode window of up to this many steps
+        (a power of two, at most max_decode_window; 0: none, every step
+        holds a chunk, vLLM's rule). The sequences decoding beside a long
+        prompt then get most of their tokens from windows, which cost the
+        host a fraction of a ragged step each; the prompt's first token
+        comes later by one window per chunk.
     """
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -192,6 +215,7 @@ class EngineConfig:
     decode_window_idle_s: float = 1.0
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
+    decode_window_between_chunks: int = 0
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -229,6 +253,10 @@ class EngineConfig:
             raise ValueError(f"enable_chunked_prefill must be a bool, got "
                              f"{self.enable_chunked_prefill!r}")
         _check_long_prefill(self.long_prefill_token_threshold, self.enable_chunked_prefill)
+        _check_between_chunks(self.decode_window_between_chunks, self.enable_chunked_prefill)
+        if self.decode_window_between_chunks > self.max_decode_window:
+            raise ValueError(f"decode_window_between_chunks ({self.decode_window_between_chunks}) "
+                             f"exceeds max_decode_window ({self.max_decode_window})")
         if self.max_num_batched_tokens is not None:  # (max_model_len: checked once resolved)
             _check_budget(self.max_num_batched_tokens, self.max_model_len or 1,
                           self.max_num_seqs, self.enable_chunked_prefill)
@@ -263,5 +291,6 @@ class EngineConfig:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                max_model_len=max_model_len, preemption_mode=self.preemption_mode,
                                enable_chunked_prefill=self.enable_chunked_prefill,
-                               long_prefill_token_threshold=self.long_prefill_token_threshold)
+                               long_prefill_token_threshold=self.long_prefill_token_threshold,
+                               decode_window_between_chunks=self.decode_window_between_chunks)
 

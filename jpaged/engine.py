@@ -279,7 +279,7 @@ class LLMEngine:
           (async_scheduling, max_decode_window up to the compiled one,
           enable_prefix_caching, preemption_mode, enable_chunked_prefill: off
           needs a token budget that holds max_model_len,
-          long_prefill_token_threshold).
+          long_prefill_token_threshold, decode_window_between_chunks).
         """
         if self.has_unfinished_requests():
             raise RuntimeError("use_block_manager() needs an idle engine")
@@ -289,7 +289,8 @@ class LLMEngine:
             raise ValueError(f"num_blocks must be in [2, {pool}] (the pool), got {num_blocks}")
         unknown = set(config_changes) - {"async_scheduling", "max_decode_window",
                                          "enable_prefix_caching", "enable_chunked_prefill",
-                                         "preemption_mode", "long_prefill_token_threshold"}
+                                         "preemption_mode", "long_prefill_token_threshold",
+                                         "decode_window_between_chunks"}
         if unknown:
             raise ValueError(f"use_block_manager() cannot change {sorted(unknown)} "
                              "(they need another model runner)")
@@ -301,7 +302,8 @@ class LLMEngine:
         sched_config = dataclasses.replace(  # (validated: the budget rule of the mode)
             self.scheduler.config, enable_chunked_prefill=self.config.enable_chunked_prefill,
             preemption_mode=self.config.preemption_mode,
-            long_prefill_token_threshold=self.config.long_prefill_token_threshold)
+            long_prefill_token_threshold=self.config.long_prefill_token_threshold,
+            decode_window_between_chunks=self.config.decode_window_between_chunks)
         self.block_manager = self._new_block_manager(block_manager_factory, num_blocks)
         self.scheduler = Scheduler(sched_config, self.block_manager, self.stats)
         self.stats.reset()

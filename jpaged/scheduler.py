@@ -15,6 +15,11 @@ blocks are all allocated at admission; each sequence's prefill runs to
 (``num_scheduled_tokens`` counts what is dispatched, ahead of
 ``num_computed_tokens``). A prefill under way is preempted by recompute,
 never swapped. When no prompt work can run, the step decodes (a window).
+With ``decode_window_between_chunks`` set, a step that leaves a prefill
+under way is followed by a decode window of the other sequences (up to that
+many steps) before the next chunk, while no prefilling group has a sequence
+whose prefill ended already: the decodes beside a long prompt then get
+most of their tokens from windows, the prompt's first token comes later.
 A step that ran all the prompt work it could (the budget was not what
 stopped it: every admissible prompt fitted) while requests still wait for
 room is followed by a decode step when no prefill is under way:
@@ -160,6 +165,7 @@ class Scheduler:
         # tables after every schedule (slow; for debugging the host core)
         self._check_invariants = os.environ.get("JPAGED_CHECK_INVARIANTS") == "1"
         self._decode_turn = False  # chunked prefill: the next step decodes (module docstring)
+        self._window_turn = False  # the next step is a window between chunks
 
     # -- requests ------------------------------------------------------------
 
@@ -228,7 +234,11 @@ class Scheduler:
         out = SchedulerOutput()
         if self.config.enable_chunked_prefill:
             turn, self._decode_turn = self._decode_turn, False
-            if self._has_prompt_work(out) and not (turn and self._may_decode_turn()):
+            between, self._window_turn = self._window_turn, False
+            if between and self._may_window_between_chunks():
+                window = self.config.decode_window_between_chunks
+                self._schedule_decodes(out, min(max_window, window), skip=self._prefilling)
+            elif self._has_prompt_work(out) and not (turn and self._may_decode_turn()):
                 self._schedule_mixed(out)
             else:  # no prompt can start now, or the decodes' turn
                 self._schedule_decodes(out, max_window if idle or self.waiting else 1)
@@ -409,6 +419,21 @@ class Scheduler:
         return (not any(self._prefilling(g) for g in self.running)
                 and any(g.get_seqs(SequenceStatus.RUNNING) for g in self.running))
 
+    def _may_window_between_chunks(self) -> bool:
+        """Whether a decode window may run while a prefill is under way: some
+        sequence decodes, and no prefilling group has a sequence whose
+        prefill ended (its slot is active: a window would run it, though
+        its group takes no slots before all of its prefills end)."""
+        decoding = False
+        for g in self.running:
+            seqs = g.get_seqs(SequenceStatus.RUNNING)
+            if self._prefilling(g):
+                if not all(s.is_prefilling() for s in seqs):
+                    return False
+            elif seqs:
+                decoding = True
+        return decoding
+
     def _schedule_mixed(self, out: SchedulerOutput) -> None:
         """With chunked prefill: one token for every decoding sequence first,
         then prompt chunks in the rest of the token budget, the prefills
@@ -445,6 +470,9 @@ class Scheduler:
         # waits for room (a sequence that finishes); a head that arrived
         # into room is admitted at once
         self._decode_turn = not full and out.preempted == 0 and bool(self.waiting)
+        # a prefill goes on in the next step: the decodes' window comes first
+        self._window_turn = (self.config.decode_window_between_chunks > 0
+                             and any(self._prefilling(g) for g in self.running))
 
     def _chunk_cap(self, budget: int) -> int:
         """Tokens one group's chunk may take of what is left of the budget

@@ -119,7 +119,8 @@ def main(argv=None):
             points.append(dict(rate=rate, num_requests=n, truncated=True,
                                mean_normalized_latency=math.nan, skipped="time limit"))
             continue
-        use_system(engine, system)
+        use_system(engine, system,
+                   decode_window_between_chunks=args.decode_window_between_chunks)
         reqs = workload.requests[:n]
         params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
                   for r in reqs]
@@ -131,7 +132,9 @@ def main(argv=None):
         progress_line(f"{system} @ {rate:g} req/s", pt)
         write_result(result, out)  # so far: a run stopped later keeps this
         if pt["truncated"]:
-            use_system(engine, system)  # drops what the abort left behind
+            # (drops what the abort left behind)
+            use_system(engine, system,
+                       decode_window_between_chunks=args.decode_window_between_chunks)
         if bound is None:
             bound = args.bound_factor * pt["mean_normalized_latency"]
             result["latency_bound_source"] = (f"{args.bound_factor} x {LABELS[system]}'s "

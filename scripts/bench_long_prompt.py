@@ -11,7 +11,9 @@ budget then must hold L) its prefill is one step that stalls them. The
 ratio of the two TPOTs is the target (issue 17: within 2x at L = 32k and S
 = 64 on the H200). Prefill tokens/s of the long prompt are reported too.
 --long-prefill-thresholds measures it again for each cap on the long
-prompt's chunk (long_prefill_token_threshold), on the same engine.
+prompt's chunk (long_prefill_token_threshold), on the same engine, and
+--decode-windows-between-chunks for each decode window run between its
+chunks (decode_window_between_chunks); every pair of the two lists.
 
 Writes benchmarks/results/long-prompt-<device>.json (or --out).
 """
@@ -112,6 +114,7 @@ def _measure(engine, args, rng, L: int, profile=None) -> dict:
     while engine.has_unfinished_requests():
         engine.step()
     return dict(long_prefill_token_threshold=engine.config.long_prefill_token_threshold,
+                decode_window_between_chunks=engine.config.decode_window_between_chunks,
                 tpot_alone_ms=1e3 * base, steps_alone=base_steps, seconds_alone=base_s,
                 longest_step_ms_alone=1e3 * base_longest,
                 tpot_during_ms=1e3 * during, steps_during=steps, long_prompt_ttft_s=ttft,
@@ -142,6 +145,9 @@ def main(argv=None):
                         "after another on the same engine (default: "
                         "--long-prefill-token-threshold alone); the result's top-level "
                         "fields are the first's, \"runs\" holds them all")
+    p.add_argument("--decode-windows-between-chunks", default=None,
+                   help="comma list of decode_window_between_chunks values, each measured "
+                        "with each threshold (default: --decode-window-between-chunks alone)")
     p.add_argument("--profile-host", default=None, metavar="PATH",
                    help="cProfile the steps beside the long prompt (every run) and write "
                         "the tables to PATH")
@@ -152,6 +158,8 @@ def main(argv=None):
                   if args.long_prefill_thresholds else [args.long_prefill_token_threshold])
     if any(t < 0 for t in thresholds) or (any(thresholds) and not args.enable_chunked_prefill):
         raise SystemExit("--long-prefill-thresholds: ints >= 0, and > 0 only with chunked prefill")
+    windows = (parse_list(args.decode_windows_between_chunks, kind=int)
+               if args.decode_windows_between_chunks else [args.decode_window_between_chunks])
     model, engine, info = engine_from_args(args, load_hf_config(args.model))
     max_len = engine.config.max_model_len
     L = args.long_prompt or max_len - 8
@@ -161,8 +169,9 @@ def main(argv=None):
     runs = []
     profile = HostProfile(args.profile_host)
     for t in thresholds:
-        engine.use_block_manager(long_prefill_token_threshold=t)
-        runs.append(_measure(engine, args, rng, L, profile))
+        for w in windows:  # (use_block_manager checks w)
+            engine.use_block_manager(long_prefill_token_threshold=t, decode_window_between_chunks=w)
+            runs.append(_measure(engine, args, rng, L, profile))
     profile.write()
     info["compiles_after_warmup"] = engine.runner.num_traces - info["compiles_at_warmup"]
     result.update(model=args.model, dtype=args.dtype, random_weights=True, num_seqs=args.num_seqs,
@@ -173,7 +182,8 @@ def main(argv=None):
         print(f"S={args.num_seqs} decoding at {args.context}, a {L}-token prompt, chunked "
               f"prefill {'on' if engine.config.enable_chunked_prefill else 'off'} (budget "
               f"{engine.config.max_num_batched_tokens}, chunks of at most "
-              f"{r['long_prefill_token_threshold'] or 'the budget'}): TPOT "
+              f"{r['long_prefill_token_threshold'] or 'the budget'}, decode windows of "
+              f"{r['decode_window_between_chunks']} between them): TPOT "
               f"{r['tpot_alone_ms']:.2f} ms alone, {r['tpot_during_ms']:.2f} ms during its "
               f"prefill ({r['tpot_ratio']:.2f}x; longest step {r['longest_step_ms_alone']:.1f} "
               f"ms alone, {r['longest_step_ms_during']:.1f} during); its TTFT "

@@ -30,11 +30,12 @@ from jpaged.bench.reservation import ReservationBlockManager, kv_slot_usage
 from jpaged.sequence import SequenceStatus
 
 SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync", "jpaged-window1",
-           "jpaged-nochunk")
+           "jpaged-nochunk", "jpaged-between8")
 LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "orca-oracle": "Orca-Oracle", "jpaged-sync": "jpaged, async scheduling off",
           "jpaged-window1": "jpaged, one decode step per call",
           "jpaged-nochunk": "jpaged, chunked prefill off",
+          "jpaged-between8": "jpaged, decode windows of 8 between chunks",
           "hf-generate": "HF generate (static)",
           "hf-generate-batch": "HF generate_batch (continuous)"}
 
@@ -152,6 +153,11 @@ def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: s
                    default=d.long_prefill_token_threshold,
                    help="with chunked prefill, tokens of one prompt's chunk in a step, at "
                         "most (0: the budget is the only cap)")
+    p.add_argument("--decode-window-between-chunks", type=int,
+                   default=d.decode_window_between_chunks,
+                   help="with chunked prefill, a decode window of up to this many steps "
+                        "(a power of two) after each step that leaves a prefill under way "
+                        "(0: none)")
 
 
 def add_output_args(parser, kind: str) -> None:
@@ -191,7 +197,9 @@ def engine_from_args(args, hf_config: dict):
                           max_decode_window=args.max_decode_window,
                           enable_chunked_prefill=getattr(args, "enable_chunked_prefill", None),
                           long_prefill_token_threshold=getattr(
-                              args, "long_prefill_token_threshold", None))
+                              args, "long_prefill_token_threshold", None),
+                          decode_window_between_chunks=getattr(
+                              args, "decode_window_between_chunks", None))
     runners = [e.runner for e in replicas(engine)]
     warmup_seconds = sum(r.warmup_seconds for r in runners)
     num_traces = num_compiles(engine)
@@ -205,6 +213,7 @@ def engine_from_args(args, hf_config: dict):
                 max_num_batched_tokens=engine.config.max_num_batched_tokens,
                 enable_chunked_prefill=engine.config.enable_chunked_prefill,
                 long_prefill_token_threshold=engine.config.long_prefill_token_threshold,
+                decode_window_between_chunks=engine.config.decode_window_between_chunks,
                 tensor_parallel_size=args.tensor_parallel_size,
                 data_parallel_size=engine.config.data_parallel_size)
     return model, engine, info
@@ -218,7 +227,7 @@ def num_compiles(engine) -> int:
 
 def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):
     """A callable with BlockSpaceManager's signature for `system`."""
-    if system in ("jpaged", "jpaged-sync", "jpaged-window1", "jpaged-nochunk"):
+    if system in ("jpaged", "jpaged-sync", "jpaged-window1", "jpaged-nochunk", "jpaged-between8"):
         return BlockSpaceManager
     if system.startswith("orca-") and system[5:] in ("max", "pow2", "oracle"):
         if enable_prefix_caching:
@@ -229,9 +238,13 @@ def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching
 
 
 def use_system(engine, system: str, enable_prefix_caching: bool = False,
-               num_blocks: int | None = None) -> None:
+               num_blocks: int | None = None, decode_window_between_chunks: int = 0) -> None:
     """Gives the (idle) engine a fresh block manager and scheduler for
     `system` and zeroes its counters; the model runner and KV pool stay.
+
+    decode_window_between_chunks: the engine's (the scripts' flag), for
+    every system but jpaged-between8 (8, at most the compiled window),
+    jpaged-window1 and jpaged-nochunk (0).
 
     num_blocks: hand out only the first num_blocks blocks of the pool (null
     block included), as a smaller pool would, with the compiled steps of
@@ -242,14 +255,17 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     # "jpaged-sync": jpaged waiting for each step's tokens (no host/device overlap);
     # "jpaged-window1": decode windows off (one decode step per jitted call);
     # "jpaged-nochunk": chunked prefill off (steps all prefill or all decode;
-    # needs a budget >= max_model_len); the others: chunked as the engine was built
+    # needs a budget >= max_model_len); the others: chunked as the engine was built;
+    # "jpaged-between8": decode windows of 8 steps between a prefill's chunks
     chunked = engine.config.enable_chunked_prefill and system != "jpaged-nochunk"
+    window = 1 if system == "jpaged-window1" else max(replicas(engine)[0].runner.window_sizes)
+    between = decode_window_between_chunks if chunked and window > 1 else 0
+    if system == "jpaged-between8":
+        between = min(8, window) if chunked else 0
     engine.use_block_manager(
         factory, num_blocks, enable_prefix_caching=enable_prefix_caching,
-        async_scheduling=system != "jpaged-sync",
-        max_decode_window=(1 if system == "jpaged-window1"
-                           else max(replicas(engine)[0].runner.window_sizes)),
-        enable_chunked_prefill=chunked)
+        async_scheduling=system != "jpaged-sync", max_decode_window=window,
+        enable_chunked_prefill=chunked, decode_window_between_chunks=between)
 
 
 class Probe:

@@ -44,7 +44,7 @@ def test_bench_throughput(files, capsys):
     out = files / "throughput.json"
     argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
             "--num-requests", "16", "--systems", "jpaged,orca-max,orca-pow2,orca-oracle,"
-            "jpaged-sync,jpaged-nochunk,hf-generate,hf-generate-batch", *ENGINE_ARGS,
+            "jpaged-sync,jpaged-nochunk,jpaged-between8,hf-generate,hf-generate-batch", *ENGINE_ARGS,
             "--out", str(out)]
     script("bench_throughput").main(argv)
     res = json.loads(out.read_text())
@@ -52,10 +52,10 @@ def test_bench_throughput(files, capsys):
     assert "wrote" in capsys.readouterr().out
     expected = sum(r["output_len"] for r in json.loads((files / "w.json").read_text())["requests"])
     systems = res["systems"]
-    assert set(systems) == {"jpaged", *ORCA, "jpaged-sync", "jpaged-nochunk", "hf-generate",
-                            "hf-generate-batch"}
+    assert set(systems) == {"jpaged", *ORCA, "jpaged-sync", "jpaged-nochunk", "jpaged-between8",
+                            "hf-generate", "hf-generate-batch"}
     assert res["engine"]["enable_chunked_prefill"] is True  # the default; nochunk turns it off
-    for name in ("jpaged-sync", "jpaged-nochunk"):
+    for name in ("jpaged-sync", "jpaged-nochunk", "jpaged-between8"):
         assert systems["jpaged"]["output_tokens"] == systems[name]["output_tokens"]
     assert systems["jpaged"]["steps_dispatched_ahead"] > 0
     assert systems["jpaged-sync"]["steps_dispatched_ahead"] == 0
@@ -86,7 +86,8 @@ def test_bench_long_prompt(files, chunked):
     out = files / f"long-{chunked}.json"
     # (max_model_len 64, as in ENGINE_ARGS: the steps compiled for the
     # throughput test's engine (off) and test_chunked_prefill's budget of 16 (on))
-    budget = ["--max-num-batched-tokens", "16", "--long-prefill-thresholds", "0,5"] if chunked \
+    budget = ["--max-num-batched-tokens", "16", "--long-prefill-thresholds", "0,5",
+              "--decode-windows-between-chunks", "0,2"] if chunked \
         else ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "64"]
     argv = ["--model", str(files / "tiny.json"), "--dtype", "float32", "--block-size", "4",
             "--max-num-seqs", "8", "--max-model-len", "64", *budget,
@@ -100,8 +101,11 @@ def test_bench_long_prompt(files, chunked):
     assert res["long_prompt"] == 50 and res["engine"]["enable_chunked_prefill"] == chunked
     if chunked:  # 50 tokens in chunks of at most 16 - 4 decodes; then of at most 5
         assert res["engine"]["max_num_batched_tokens"] == 16 and res["steps_during"] >= 4
-        assert [r["long_prefill_token_threshold"] for r in res["runs"]] == [0, 5]
-        assert res["runs"][1]["steps_during"] >= 10
+        assert [(r["long_prefill_token_threshold"], r["decode_window_between_chunks"])
+                for r in res["runs"]] == [(0, 0), (0, 2), (5, 0), (5, 2)]
+        assert res["runs"][2]["steps_during"] >= 10
+        # windows between the chunks: as many chunk steps, and a window after each but the last
+        assert res["runs"][3]["steps_during"] >= 2 * 10 - 1
         assert res["runs"][0]["steps_during"] == res["steps_during"]
     else:  # its prefill step, and a step that brings its token and the decodes' to the host
         assert [r["long_prefill_token_threshold"] for r in res["runs"]] == [0]

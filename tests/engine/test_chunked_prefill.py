@@ -133,6 +133,35 @@ def test_long_prefill_token_threshold_gives_the_same_outputs(llms, monkeypatch):
     on.engine.use_block_manager(long_prefill_token_threshold=0)
 
 
+def test_decode_window_between_chunks_gives_the_same_outputs(llms, monkeypatch):
+    """Decode windows of up to 4 steps between a prefill's chunks (of at
+    most 5 tokens, so prompts run over many steps): every kind of request
+    gives what whole prompts give, windows did run while a prefill was
+    under way, and nothing compiles after warm-up."""
+    ps = _prompts(0, LENGTHS)
+    params = [PARAMS[i % len(PARAMS)] for i in range(len(ps))]
+    off = llms()
+    off.engine.use_block_manager(enable_chunked_prefill=False)
+    want = _run(off, ps, params)
+    off.engine.use_block_manager(enable_chunked_prefill=True)
+    between = []
+    schedule = scheduler_lib.Scheduler.schedule
+
+    def recording(self, *args, **kwargs):
+        out = schedule(self, *args, **kwargs)
+        if not out.is_prefill and any(self._prefilling(g) for g in self.running):
+            between.append(out.num_steps)
+        return out
+    monkeypatch.setattr(scheduler_lib.Scheduler, "schedule", recording)
+    on = llms(max_num_batched_tokens=24)
+    on.engine.use_block_manager(long_prefill_token_threshold=5, decode_window_between_chunks=4)
+    traces = on.engine.runner.num_traces
+    assert _run(on, ps, params) == want
+    assert on.engine.runner.num_traces == traces
+    assert between and max(between) == 4
+    on.engine.use_block_manager(long_prefill_token_threshold=0, decode_window_between_chunks=0)
+
+
 def test_a_prompt_longer_than_the_budget(llms):
     """Without chunking a budget below max_model_len is refused; with it a
     60-token prompt runs in chunks of 16 through 16-token buckets."""

@@ -19,6 +19,7 @@ class Harness:
         cfg.setdefault("preemption_mode", None)
         cfg.setdefault("enable_chunked_prefill", False)
         cfg.setdefault("long_prefill_token_threshold", 0)
+        cfg.setdefault("decode_window_between_chunks", 0)
         self.bm = BlockSpaceManager(BS, num_gpu_blocks, num_cpu_blocks, watermark=watermark,
                                     enable_prefix_caching=prefix_caching)
         self.sched = Scheduler(SchedulerConfig(**cfg), self.bm)
@@ -105,7 +106,8 @@ def test_impossible_requests_are_ignored_and_do_not_block():
 
 def test_recompute_preemption_of_the_newest_group():
     h = Harness(5, preemption_mode=None,
-                        enable_chunked_prefill=False, long_prefill_token_threshold=0)   # 4 usable blocks
+                        enable_chunked_prefill=False, long_prefill_token_threshold=0,
+                        decode_window_between_chunks=0)   # 4 usable blocks
     a = h.add("a", 4)
     b = h.add("b", 4)
     h.step()                                # prefill a, b: 2 blocks
@@ -286,14 +288,16 @@ def test_prefix_cache_hits_reduce_prefill_tokens():
 def test_scheduler_config_validation():
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be >= max_model_len \(16\)"):
         SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=16, preemption_mode=None,
-                        enable_chunked_prefill=False, long_prefill_token_threshold=0)
+                        enable_chunked_prefill=False, long_prefill_token_threshold=0,
+                        decode_window_between_chunks=0)
     with pytest.raises(ValueError, match=r"must be >= max_num_seqs \(64\)"):
         SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=32, max_model_len=16, preemption_mode=None,
-                        enable_chunked_prefill=False, long_prefill_token_threshold=0)
+                        enable_chunked_prefill=False, long_prefill_token_threshold=0,
+                        decode_window_between_chunks=0)
     with pytest.raises(ValueError, match="preemption_mode must be one of"):
         SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=16,
                         preemption_mode="drop", enable_chunked_prefill=False,
-                        long_prefill_token_threshold=0)
+                        long_prefill_token_threshold=0, decode_window_between_chunks=0)
 
 
 def test_engine_config_defaults_and_resolution():
@@ -355,6 +359,14 @@ def test_engine_config_defaults_and_resolution():
     (dict(long_prefill_token_threshold=64, enable_chunked_prefill=False),
      r"long_prefill_token_threshold \(64\) caps the chunks of chunked prefill: it needs "
      "enable_chunked_prefill"),
+    (dict(decode_window_between_chunks=3), "decode_window_between_chunks must be 0 or a power "
+     "of two, got 3"),
+    (dict(decode_window_between_chunks=-2), "decode_window_between_chunks must be 0 or a power"),
+    (dict(decode_window_between_chunks=4, enable_chunked_prefill=False),
+     r"decode_window_between_chunks \(4\) interleaves decode windows with the chunks of chunked "
+     "prefill: it needs enable_chunked_prefill"),
+    (dict(decode_window_between_chunks=32, max_decode_window=16),
+     r"decode_window_between_chunks \(32\) exceeds max_decode_window \(16\)"),
 ])
 def test_engine_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

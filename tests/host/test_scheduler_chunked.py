@@ -19,12 +19,13 @@ class Chunked:
     engine would: a row that ends its prefill (or decodes) gets a token."""
 
     def __init__(self, num_gpu_blocks=64, budget=8, max_num_seqs=4, max_model_len=64,
-                 long_prefill=0, **kw):
+                 long_prefill=0, between=0, **kw):
         self.bm = BlockSpaceManager(BS, num_gpu_blocks, 16, watermark=0.0, **kw)
         self.sched = Scheduler(SchedulerConfig(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
             preemption_mode=None, enable_chunked_prefill=True,
-            long_prefill_token_threshold=long_prefill), self.bm)
+            long_prefill_token_threshold=long_prefill,
+            decode_window_between_chunks=between), self.bm)
         self.ids = itertools.count()
 
     def add(self, rid, prompt_len, params=None):
@@ -130,6 +131,47 @@ def test_long_prefill_token_threshold_caps_each_prompt_chunk():
                      [("a", "decode"), ("b", "decode"), ("c", 2)]]
     with pytest.raises(ValueError, match="long_prefill_token_threshold must be an int >= 0"):
         Chunked(long_prefill=-1)
+
+
+def test_decode_window_between_chunks_alternates_with_a_long_prompt():
+    """decode_window_between_chunks: a step that leaves a prefill under way
+    is followed by a window of the decodes alone (the prefill's sequence
+    has no active slot yet), then the next chunk; once the prompt's last
+    chunk ran, windows are the decodes' usual ones."""
+    h = Chunked(budget=8, between=4)
+    b = h.add("b", 2)
+
+    def step(max_window=8):
+        out = h.sched.schedule(max_window)
+        h.bm.check_invariants()
+        for sg in out.scheduled_seq_groups:
+            h.sched.mark_computed(sg)
+            for seq in sg.seq_group.get_seqs(S.RUNNING):
+                if sg.decode:
+                    for _ in range(out.num_steps):
+                        seq.append_token_id(1, 0.0)
+                elif sg.num_computed_tokens.get(seq.seq_id) == seq.get_len():
+                    seq.append_token_id(1, 0.0)
+        return h.chunks(out), out.num_steps
+
+    assert step() == ([("b", 2)], 1)
+    a = h.add("a", 20)
+    plan = [step() for _ in range(6)]
+    assert plan == [([("b", "decode"), ("a", 7)], 1), ([("b", "decode")], 4),
+                    ([("b", "decode"), ("a", 7)], 1), ([("b", "decode")], 4),
+                    ([("b", "decode"), ("a", 6)], 1),  # a's last chunk: its first token
+                    ([("b", "decode"), ("a", "decode")], 8)]
+    assert a.get_seqs()[0].get_output_len() == 1 + 8
+    assert b.get_seqs()[0].get_output_len() == 1 + 3 + 2 * 4 + 8
+    # the window between chunks is at most the step's max_window (1 while a
+    # beam group takes its first token)
+    h2 = Chunked(budget=8, between=4)
+    h2.add("b", 2)
+    h2.step()
+    h2.add("a", 20)
+    h2.step()
+    out = h2.sched.schedule(2)
+    assert h2.chunks(out) == [("b", "decode")] and out.num_steps == 2
 
 
 def finish(h, group):

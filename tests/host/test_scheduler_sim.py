@@ -62,6 +62,8 @@ class SimConfig:
     chunk_budget: int | None = None
     # with chunked prefill: long_prefill_token_threshold (0: off)
     chunk_cap: int = 0
+    # with chunked prefill: decode_window_between_chunks (0: off)
+    between_window: int = 0
 
 
 def prefix_hashes(token_ids):
@@ -143,7 +145,8 @@ def run_sim(cfg: SimConfig) -> dict:
     sched_cfg = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=cfg.max_model_len, preemption_mode=cfg.preemption_mode,
                                 enable_chunked_prefill=chunked,
-                                long_prefill_token_threshold=cfg.chunk_cap if chunked else 0)
+                                long_prefill_token_threshold=cfg.chunk_cap if chunked else 0,
+                                decode_window_between_chunks=cfg.between_window if chunked else 0)
     sched = Scheduler(sched_cfg, bm)
     pool = FakePool(num_gpu, cfg.num_cpu_blocks, bs)
     seq_ids = iter(range(10**9))
@@ -210,6 +213,14 @@ def run_sim(cfg: SimConfig) -> dict:
                 fresh.add(int(g.request_id))
         if not out.is_prefill:
             assert sum(len(sg.num_new_tokens) for sg in out.scheduled_seq_groups) <= cfg.max_num_seqs
+            # a decode window (one that runs: it schedules someone) runs every
+            # active slot on the device: each running sequence whose prefill
+            # ended takes its slots in it (a prefill under way leaves its
+            # sequences out, none of them active)
+            grown = {sid for sg in out.scheduled_seq_groups for sid in sg.num_new_tokens}
+            for g in sched.running if grown else []:
+                for seq in g.get_seqs(SequenceStatus.RUNNING):
+                    assert seq.is_prefilling() or seq.seq_id in grown, (g.request_id, seq.seq_id)
 
         # A failed step: undone at one of three points, as the engine's _recover does.
         fail_at = rng.randrange(3) if rng.random() < cfg.fail_prob else None
@@ -386,6 +397,7 @@ sim_st = st.builds(
     max_window=st.sampled_from([1, 4]),
     chunk_budget=st.sampled_from([None, None, 1, 3, 7]),
     chunk_cap=st.sampled_from([0, 0, 1, 2, 5]),
+    between_window=st.sampled_from([0, 0, 1, 2, 4]),
 )
 
 
