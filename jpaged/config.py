@@ -52,9 +52,10 @@ class SchedulerConfig:
       long_prefill_token_threshold: with chunked prefill, a group's prompt
         chunk in one step is at most this many tokens (0: no cap but the
         budget).
-      decode_window_between_chunks: with chunked prefill, while a prefill
-        is under way, every step that holds its chunk is followed by a
-        decode window of up to this many steps (a power of two; 0: none).
+      decode_window_between_chunks: with chunked prefill, a step that
+        leaves a prefill under way with more than the budget still to run is
+        followed by a decode window of up to this many steps (a power of
+        two; 0: none).
     """
     # (no defaults: EngineConfig.get_scheduler_config resolves every field)
     max_num_seqs: int
@@ -185,11 +186,11 @@ class EngineConfig:
         shorter steps, so the sequences decoding beside it slow down less;
         its first token comes later (its prefill reads its cached prefix
         once a step, and the steps hold fewer of its tokens).
-      decode_window_between_chunks: with chunked prefill, while a prompt's
-        prefill runs over several steps, each step that holds one of its
-        chunks is followed by a decode window of up to this many steps
-        (a power of two, at most max_decode_window; 0: none, every step
-        holds a chunk, vLLM's rule). The sequences decoding beside a long
+      decode_window_between_chunks: with chunked prefill, while a prompt
+        longer than the token budget prefills, each step that holds one of
+        its chunks and leaves more than a budget of it to run is followed
+        by a decode window of up to this many steps (a power of two, at most
+        max_decode_window; 0: none, every step holds a chunk, vLLM's rule). The sequences decoding beside a long
         prompt then get most of their tokens from windows, which cost the
         host a fraction of a ragged step each; the prompt's first token
         comes later by one window per chunk.

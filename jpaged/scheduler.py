@@ -16,10 +16,13 @@ blocks are all allocated at admission; each sequence's prefill runs to
 ``num_computed_tokens``). A prefill under way is preempted by recompute,
 never swapped. When no prompt work can run, the step decodes (a window).
 With ``decode_window_between_chunks`` set, a step that leaves a prefill
-under way is followed by a decode window of the other sequences (up to that
-many steps) before the next chunk, while no prefilling group has a sequence
-whose prefill ended already: the decodes beside a long prompt then get
-most of their tokens from windows, the prompt's first token comes later.
+under way with more than a step's budget still to run (a prompt longer than
+the budget, the rest of it over two steps or more) is followed by a
+decode window of the other sequences (up to that many steps) before the
+next chunk, while no prefilling group has a sequence whose prefill ended
+already: the decodes beside a long prompt then get most of their tokens
+from windows, the prompt's first token comes later. A prompt cut at the
+end of a step's budget and finished in the next is not held up.
 A step that ran all the prompt work it could (the budget was not what
 stopped it: every admissible prompt fitted) while requests still wait for
 room is followed by a decode step when no prefill is under way:
@@ -402,6 +405,11 @@ class Scheduler:
         return any(s.is_prefilling() for s in group.seqs_dict.values()
                    if s.status == SequenceStatus.RUNNING)
 
+    def _prefill_left(self, group: SequenceGroup) -> int:
+        """Prompt tokens of the group's prefill under way not yet scheduled."""
+        return sum(s.prefill_end - s.num_scheduled_tokens for s in group.seqs_dict.values()
+                   if s.status == SequenceStatus.RUNNING and s.is_prefilling())
+
     def _has_prompt_work(self, out: SchedulerOutput) -> bool:
         """Whether a prompt chunk can run now: a prefill under way, or a
         waiting group that can be admitted (heads that never can are
@@ -470,9 +478,10 @@ class Scheduler:
         # waits for room (a sequence that finishes); a head that arrived
         # into room is admitted at once
         self._decode_turn = not full and out.preempted == 0 and bool(self.waiting)
-        # a prefill goes on in the next step: the decodes' window comes first
+        # a prefill goes on over more than the next step: the decodes' window comes first
         self._window_turn = (self.config.decode_window_between_chunks > 0
-                             and any(self._prefilling(g) for g in self.running))
+                             and any(self._prefill_left(g) > cfg.max_num_batched_tokens
+                                     for g in self.running))
 
     def _chunk_cap(self, budget: int) -> int:
         """Tokens one group's chunk may take of what is left of the budget

@@ -9,9 +9,10 @@
 #   long-off    the same with chunked prefill off (one 32k-token prefill step)
 #   long-capped the long prompt's chunks capped (long_prefill_token_threshold 0, 128, 256,
 #               512, one after another on one engine)
-#   long-between  decode windows of 0, 4, 8 and 16 steps between the long prompt's chunks
+#   long-between  decode windows of 0, 8 and 16 steps between the long prompt's chunks
 #               (decode_window_between_chunks, one after another on one engine)
-#   throughput-between  ShareGPT-1000, 2 GiB pool: jpaged and jpaged-between8 in the same run
+#   throughput-between  ShareGPT-1000, 2 GiB pool: jpaged, jpaged-between16 in the same run
+#   latency-between  bench_latency.py at 2-32 req/s: jpaged and jpaged-between16
 #   long-profile  caps 0 and 128 with the steps beside the long prompt under cProfile
 #               (long-host.txt), and the same with windows of one step (long-window1.json:
 #               the decodes' TPOT alone at one token a step)
@@ -35,10 +36,13 @@ for s in "$@"; do
     long-capped) run long-capped 240 python3 scripts/bench_long_prompt.py $LONG \
         --base-seconds 2 --long-prefill-thresholds 0,128,256,512 --out "$OUT/long-capped.json" ;;
     long-between) run long-between 200 python3 scripts/bench_long_prompt.py $LONG \
-        --base-seconds 2 --decode-windows-between-chunks 0,4,8,16 --out "$OUT/long-between.json" ;;
+        --base-seconds 2 --decode-windows-between-chunks 0,8,16 --out "$OUT/long-between.json" ;;
     throughput-between) run throughput-between 240 python3 scripts/bench_throughput.py $COMMON \
-        --kv-cache-gib 2 --workload $W --num-requests 1000 --systems jpaged,jpaged-between8 \
+        --kv-cache-gib 2 --workload $W --num-requests 1000 --systems jpaged,jpaged-between16 \
         --out "$OUT/throughput-between.json" ;;
+    latency-between) run latency-between 240 python3 scripts/bench_latency.py $COMMON \
+        --kv-cache-gib 2 --workload $W --rates 2,8,16,32 --duration 6 --min-requests 20 \
+        --time-limit 150 --systems jpaged,jpaged-between16 --out "$OUT/latency-between.json" ;;
     long-profile) run long-profile 150 python3 scripts/bench_long_prompt.py $LONG \
         --base-seconds 2 --long-prefill-thresholds 0,128 --profile-host "$OUT/long-host.txt" \
         --out "$OUT/long-profile.json"

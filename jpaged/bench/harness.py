@@ -30,12 +30,13 @@ from jpaged.bench.reservation import ReservationBlockManager, kv_slot_usage
 from jpaged.sequence import SequenceStatus
 
 SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync", "jpaged-window1",
-           "jpaged-nochunk", "jpaged-between8")
+           "jpaged-nochunk", "jpaged-between8", "jpaged-between16")
 LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "orca-oracle": "Orca-Oracle", "jpaged-sync": "jpaged, async scheduling off",
           "jpaged-window1": "jpaged, one decode step per call",
           "jpaged-nochunk": "jpaged, chunked prefill off",
           "jpaged-between8": "jpaged, decode windows of 8 between chunks",
+          "jpaged-between16": "jpaged, decode windows of 16 between chunks",
           "hf-generate": "HF generate (static)",
           "hf-generate-batch": "HF generate_batch (continuous)"}
 
@@ -227,7 +228,8 @@ def num_compiles(engine) -> int:
 
 def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):
     """A callable with BlockSpaceManager's signature for `system`."""
-    if system in ("jpaged", "jpaged-sync", "jpaged-window1", "jpaged-nochunk", "jpaged-between8"):
+    if system in ("jpaged", "jpaged-sync", "jpaged-window1", "jpaged-nochunk",
+                  "jpaged-between8", "jpaged-between16"):
         return BlockSpaceManager
     if system.startswith("orca-") and system[5:] in ("max", "pow2", "oracle"):
         if enable_prefix_caching:
@@ -243,7 +245,7 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     `system` and zeroes its counters; the model runner and KV pool stay.
 
     decode_window_between_chunks: the engine's (the scripts' flag), for
-    every system but jpaged-between8 (8, at most the compiled window),
+    every system but jpaged-between<K> (K, at most the compiled window),
     jpaged-window1 and jpaged-nochunk (0).
 
     num_blocks: hand out only the first num_blocks blocks of the pool (null
@@ -256,12 +258,12 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     # "jpaged-window1": decode windows off (one decode step per jitted call);
     # "jpaged-nochunk": chunked prefill off (steps all prefill or all decode;
     # needs a budget >= max_model_len); the others: chunked as the engine was built;
-    # "jpaged-between8": decode windows of 8 steps between a prefill's chunks
+    # "jpaged-between<K>": decode windows of K steps between a long prefill's chunks
     chunked = engine.config.enable_chunked_prefill and system != "jpaged-nochunk"
     window = 1 if system == "jpaged-window1" else max(replicas(engine)[0].runner.window_sizes)
     between = decode_window_between_chunks if chunked and window > 1 else 0
-    if system == "jpaged-between8":
-        between = min(8, window) if chunked else 0
+    if system.startswith("jpaged-between"):
+        between = min(int(system[len("jpaged-between"):]), window) if chunked else 0
     engine.use_block_manager(
         factory, num_blocks, enable_prefix_caching=enable_prefix_caching,
         async_scheduling=system != "jpaged-sync", max_decode_window=window,

@@ -135,9 +135,10 @@ def test_long_prefill_token_threshold_caps_each_prompt_chunk():
 
 def test_decode_window_between_chunks_alternates_with_a_long_prompt():
     """decode_window_between_chunks: a step that leaves a prefill under way
-    is followed by a window of the decodes alone (the prefill's sequence
-    has no active slot yet), then the next chunk; once the prompt's last
-    chunk ran, windows are the decodes' usual ones."""
+    with more than the budget still to run is followed by a window of the
+    decodes alone (the prefill's sequence has no active slot yet), then the
+    next chunk; a prefill that ends in the next step is not held up; once
+    the prompt's last chunk ran, windows are the decodes' usual ones."""
     h = Chunked(budget=8, between=4)
     b = h.add("b", 2)
 
@@ -156,13 +157,14 @@ def test_decode_window_between_chunks_alternates_with_a_long_prompt():
 
     assert step() == ([("b", 2)], 1)
     a = h.add("a", 20)
-    plan = [step() for _ in range(6)]
-    assert plan == [([("b", "decode"), ("a", 7)], 1), ([("b", "decode")], 4),
-                    ([("b", "decode"), ("a", 7)], 1), ([("b", "decode")], 4),
+    plan = [step() for _ in range(5)]
+    assert plan == [([("b", "decode"), ("a", 7)], 1),  # 13 of a left, more than the budget
+                    ([("b", "decode")], 4),
+                    ([("b", "decode"), ("a", 7)], 1),  # 6 left: one more step, no window
                     ([("b", "decode"), ("a", 6)], 1),  # a's last chunk: its first token
                     ([("b", "decode"), ("a", "decode")], 8)]
     assert a.get_seqs()[0].get_output_len() == 1 + 8
-    assert b.get_seqs()[0].get_output_len() == 1 + 3 + 2 * 4 + 8
+    assert b.get_seqs()[0].get_output_len() == 1 + 3 + 4 + 8
     # the window between chunks is at most the step's max_window (1 while a
     # beam group takes its first token)
     h2 = Chunked(budget=8, between=4)
