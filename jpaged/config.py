@@ -189,11 +189,14 @@ class EngineConfig:
       decode_window_between_chunks: with chunked prefill, while a prompt
         longer than the token budget prefills, each step that holds one of
         its chunks and leaves more than a budget of it to run is followed
-        by a decode window of up to this many steps (a power of two, at most
-        max_decode_window; 0: none, every step holds a chunk, vLLM's rule). The sequences decoding beside a long
-        prompt then get most of their tokens from windows, which cost the
-        host a fraction of a ragged step each; the prompt's first token
-        comes later by one window per chunk.
+        by a decode window of up to this many steps (a power of two; capped
+        at max_decode_window; 0: none, every step holds a chunk, vLLM's
+        rule; ignored without chunked prefill). The sequences decoding
+        beside a long prompt then get most of their tokens from windows,
+        which cost the host a fraction of a ragged step each; the prompt's
+        first token comes later by one window per chunk (on the H200, a
+        32k-token prompt beside 64 decodes: their TPOT 1.33x of theirs
+        alone instead of 5.2x, its TTFT 0.37 s instead of 0.14).
     """
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -216,7 +219,7 @@ class EngineConfig:
     decode_window_idle_s: float = 1.0
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
-    decode_window_between_chunks: int = 0
+    decode_window_between_chunks: int = 16
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -254,10 +257,7 @@ class EngineConfig:
             raise ValueError(f"enable_chunked_prefill must be a bool, got "
                              f"{self.enable_chunked_prefill!r}")
         _check_long_prefill(self.long_prefill_token_threshold, self.enable_chunked_prefill)
-        _check_between_chunks(self.decode_window_between_chunks, self.enable_chunked_prefill)
-        if self.decode_window_between_chunks > self.max_decode_window:
-            raise ValueError(f"decode_window_between_chunks ({self.decode_window_between_chunks}) "
-                             f"exceeds max_decode_window ({self.max_decode_window})")
+        _check_between_chunks(self.decode_window_between_chunks, True)  # (ignored unchunked)
         if self.max_num_batched_tokens is not None:  # (max_model_len: checked once resolved)
             _check_budget(self.max_num_batched_tokens, self.max_model_len or 1,
                           self.max_num_seqs, self.enable_chunked_prefill)
@@ -293,5 +293,12 @@ class EngineConfig:
                                max_model_len=max_model_len, preemption_mode=self.preemption_mode,
                                enable_chunked_prefill=self.enable_chunked_prefill,
                                long_prefill_token_threshold=self.long_prefill_token_threshold,
-                               decode_window_between_chunks=self.decode_window_between_chunks)
+                               decode_window_between_chunks=self.scheduler_window_between_chunks())
+
+    def scheduler_window_between_chunks(self) -> int:
+        """decode_window_between_chunks as the scheduler takes it: at most
+        max_decode_window, 0 without chunked prefill."""
+        if not self.enable_chunked_prefill:
+            return 0
+        return min(self.decode_window_between_chunks, self.max_decode_window)
 

@@ -303,7 +303,7 @@ class LLMEngine:
             self.scheduler.config, enable_chunked_prefill=self.config.enable_chunked_prefill,
             preemption_mode=self.config.preemption_mode,
             long_prefill_token_threshold=self.config.long_prefill_token_threshold,
-            decode_window_between_chunks=self.config.decode_window_between_chunks)
+            decode_window_between_chunks=self.config.scheduler_window_between_chunks())
         self.block_manager = self._new_block_manager(block_manager_factory, num_blocks)
         self.scheduler = Scheduler(sched_config, self.block_manager, self.stats)
         self.stats.reset()

@@ -26,15 +26,17 @@ import time
 import numpy as np
 
 from jpaged.block_manager import BlockSpaceManager
+from jpaged.config import EngineConfig
 from jpaged.bench.reservation import ReservationBlockManager, kv_slot_usage
 from jpaged.sequence import SequenceStatus
 
 SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync", "jpaged-window1",
-           "jpaged-nochunk", "jpaged-between8", "jpaged-between16")
+           "jpaged-nochunk", "jpaged-between0", "jpaged-between8", "jpaged-between16")
 LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "orca-oracle": "Orca-Oracle", "jpaged-sync": "jpaged, async scheduling off",
           "jpaged-window1": "jpaged, one decode step per call",
           "jpaged-nochunk": "jpaged, chunked prefill off",
+          "jpaged-between0": "jpaged, no decode windows between chunks",
           "jpaged-between8": "jpaged, decode windows of 8 between chunks",
           "jpaged-between16": "jpaged, decode windows of 16 between chunks",
           "hf-generate": "HF generate (static)",
@@ -67,7 +69,6 @@ def build_engine(model, *, kv_cache_gib=None, progress=True, **config):
     together; each replica has one) instead of from gpu_memory_utilization;
     num_gpu_blocks overrides both.
     """
-    from jpaged.config import EngineConfig
     from jpaged.data_parallel import DataParallelEngine
     from jpaged.engine import LLMEngine
     config = EngineConfig(model="random",
@@ -229,7 +230,7 @@ def num_compiles(engine) -> int:
 def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):
     """A callable with BlockSpaceManager's signature for `system`."""
     if system in ("jpaged", "jpaged-sync", "jpaged-window1", "jpaged-nochunk",
-                  "jpaged-between8", "jpaged-between16"):
+                  "jpaged-between0", "jpaged-between8", "jpaged-between16"):
         return BlockSpaceManager
     if system.startswith("orca-") and system[5:] in ("max", "pow2", "oracle"):
         if enable_prefix_caching:
@@ -240,13 +241,14 @@ def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching
 
 
 def use_system(engine, system: str, enable_prefix_caching: bool = False,
-               num_blocks: int | None = None, decode_window_between_chunks: int = 0) -> None:
+               num_blocks: int | None = None,
+               decode_window_between_chunks: int | None = None) -> None:
     """Gives the (idle) engine a fresh block manager and scheduler for
     `system` and zeroes its counters; the model runner and KV pool stay.
 
-    decode_window_between_chunks: the engine's (the scripts' flag), for
-    every system but jpaged-between<K> (K, at most the compiled window),
-    jpaged-window1 and jpaged-nochunk (0).
+    decode_window_between_chunks: the engine's (the scripts' flag; None:
+    EngineConfig's default), for every system but jpaged-between<K> (K, at
+    most the compiled window), jpaged-window1 and jpaged-nochunk (0).
 
     num_blocks: hand out only the first num_blocks blocks of the pool (null
     block included), as a smaller pool would, with the compiled steps of
@@ -261,7 +263,9 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     # "jpaged-between<K>": decode windows of K steps between a long prefill's chunks
     chunked = engine.config.enable_chunked_prefill and system != "jpaged-nochunk"
     window = 1 if system == "jpaged-window1" else max(replicas(engine)[0].runner.window_sizes)
-    between = decode_window_between_chunks if chunked and window > 1 else 0
+    if decode_window_between_chunks is None:
+        decode_window_between_chunks = EngineConfig.decode_window_between_chunks
+    between = min(decode_window_between_chunks, window) if chunked else 0
     if system.startswith("jpaged-between"):
         between = min(int(system[len("jpaged-between"):]), window) if chunked else 0
     engine.use_block_manager(

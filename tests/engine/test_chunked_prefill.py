@@ -56,17 +56,31 @@ def _prompts(seed, lengths):
 
 
 def _run(llm, prompts, params):
+    """Per request: each completion's (token ids, cumulative logprob, finish
+    reason, sampled logprobs' token ids) and the prompt logprobs (token ids
+    and values; compare results with _same)."""
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     assert all(o.error is None for o in outs)
     bm = llm.engine.block_manager
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
-    return [([(tuple(c.token_ids), round(c.cumulative_logprob, 3), c.finish_reason,
+    return [([(tuple(c.token_ids), c.cumulative_logprob, c.finish_reason,
                None if c.logprobs is None else [sorted(e) for e in c.logprobs])
               for c in o.outputs],
              None if o.prompt_logprobs is None else
-             [None if e is None else {t: round(v, 4) for t, v in e.items()}
-              for e in o.prompt_logprobs])
+             [None if e is None else sorted(e.items()) for e in o.prompt_logprobs])
             for o in outs]
+
+
+def _same(got, want, tol=1e-3) -> bool:
+    """Equal token ids, finish reasons and top-k sets, logprobs within tol
+    (chunks change the order of float sums: a value may move in its 5th
+    digit, so a rounded comparison can flip at a rounding edge)."""
+    if isinstance(want, float):
+        return isinstance(got, float) and abs(got - want) <= tol
+    if isinstance(want, (list, tuple)):
+        return (isinstance(got, (list, tuple)) and len(got) == len(want)
+                and all(_same(g, w, tol) for g, w in zip(got, want)))
+    return got == want
 
 
 @pytest.fixture
@@ -100,7 +114,7 @@ def test_chunked_gives_the_same_outputs_as_whole_prompts(arch, llms, step_kinds)
         on = llms(arch, max_num_batched_tokens=budget)
         step_kinds.clear()
         traces = on.engine.runner.num_traces
-        assert _run(on, ps, params) == want, budget
+        assert _same(_run(on, ps, params), want), budget
         assert on.engine.runner.num_traces == traces  # nothing compiled after warm-up
         assert step_kinds.get((True, True, True), 0) > 0  # decodes beside chunks
         assert max(on.engine.runner.prefill_buckets) == budget
@@ -127,7 +141,7 @@ def test_long_prefill_token_threshold_gives_the_same_outputs(llms, monkeypatch):
     on = llms(max_num_batched_tokens=24)
     on.engine.use_block_manager(long_prefill_token_threshold=5)
     traces = on.engine.runner.num_traces
-    assert _run(on, ps, params) == want
+    assert _same(_run(on, ps, params), want)
     assert on.engine.runner.num_traces == traces
     assert max(chunks) == 5  # (24 without the cap: the 30-, 40- and 50-token prompts)
     on.engine.use_block_manager(long_prefill_token_threshold=0)
@@ -156,7 +170,7 @@ def test_decode_window_between_chunks_gives_the_same_outputs(llms, monkeypatch):
     on = llms(max_num_batched_tokens=24)
     on.engine.use_block_manager(long_prefill_token_threshold=5, decode_window_between_chunks=4)
     traces = on.engine.runner.num_traces
-    assert _run(on, ps, params) == want
+    assert _same(_run(on, ps, params), want)
     assert on.engine.runner.num_traces == traces
     assert between and max(between) == 4
     on.engine.use_block_manager(long_prefill_token_threshold=0, decode_window_between_chunks=0)
@@ -174,7 +188,7 @@ def test_a_prompt_longer_than_the_budget(llms):
     small.engine.stats.reset()
     whole = llms()
     whole.engine.use_block_manager(enable_chunked_prefill=False)
-    assert _run(small, ps, sp) == _run(whole, ps, sp)
+    assert _same(_run(small, ps, sp), _run(whole, ps, sp))
     assert small.engine.stats.num_prefill_tokens == 60 + 2 + 45
     whole.engine.use_block_manager(enable_chunked_prefill=True)
 
@@ -188,7 +202,7 @@ def test_preemption_in_the_middle_of_chunked_prompts(llms, mode, step_kinds):
     # a pool too small for the batch
     small.engine.use_block_manager(num_blocks=32, preemption_mode=mode)
     step_kinds.clear()
-    assert _run(small, ps, params) == want
+    assert _same(_run(small, ps, params), want)
     assert small.engine.stats.num_preemptions > 0
     if mode == "recompute":
         assert small.engine.stats.num_swaps_out == 0
@@ -205,7 +219,7 @@ def test_prefix_caching_with_chunks(llms):
     want = _run(off, ps, sp)
     cached = llms(max_num_batched_tokens=16)
     cached.engine.use_block_manager(enable_prefix_caching=True)
-    assert _run(cached, ps, sp) == want
+    assert _same(_run(cached, ps, sp), want)
     assert cached.engine.stats.num_prefill_tokens < off.engine.stats.num_prefill_tokens
     cached.engine.use_block_manager(enable_prefix_caching=False)
     off.engine.use_block_manager(enable_chunked_prefill=True)

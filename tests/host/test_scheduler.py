@@ -313,6 +313,13 @@ def test_engine_config_defaults_and_resolution():
     s = EngineConfig(enable_chunked_prefill=False).get_scheduler_config(8192)
     assert (s.max_model_len, s.max_num_batched_tokens, s.enable_chunked_prefill) == (8192, 8192, False)
     assert EngineConfig(max_model_len=512).get_scheduler_config(8192).max_num_batched_tokens == 2048
+    # decode windows between a long prompt's chunks: 16 steps, at most max_decode_window,
+    # none without chunked prefill
+    assert c.decode_window_between_chunks == 16
+    assert c.get_scheduler_config(8192).decode_window_between_chunks == 16
+    assert EngineConfig(max_decode_window=4).get_scheduler_config(8192) \
+        .decode_window_between_chunks == 4
+    assert s.decode_window_between_chunks == 0
     with pytest.raises(ValueError, match="exceeds the model's maximum context length"):
         EngineConfig(max_model_len=9000).get_scheduler_config(8192)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
@@ -362,11 +369,6 @@ def test_engine_config_defaults_and_resolution():
     (dict(decode_window_between_chunks=3), "decode_window_between_chunks must be 0 or a power "
      "of two, got 3"),
     (dict(decode_window_between_chunks=-2), "decode_window_between_chunks must be 0 or a power"),
-    (dict(decode_window_between_chunks=4, enable_chunked_prefill=False),
-     r"decode_window_between_chunks \(4\) interleaves decode windows with the chunks of chunked "
-     "prefill: it needs enable_chunked_prefill"),
-    (dict(decode_window_between_chunks=32, max_decode_window=16),
-     r"decode_window_between_chunks \(32\) exceeds max_decode_window \(16\)"),
 ])
 def test_engine_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
