@@ -158,8 +158,9 @@ def add_engine_args(parser, *, kv_cache_gib_default: float, kv_cache_gib_note: s
     p.add_argument("--decode-window-between-chunks", type=int,
                    default=d.decode_window_between_chunks,
                    help="with chunked prefill, a decode window of up to this many steps "
-                        "(a power of two) after each step that leaves a prefill under way "
-                        "(0: none)")
+                        "(a power of two, at most --max-decode-window) after each step that "
+                        "leaves more than the token budget of a prefill to run (0: none, "
+                        "vLLM's rule)")
 
 
 def add_output_args(parser, kind: str) -> None:
