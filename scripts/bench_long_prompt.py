@@ -20,6 +20,7 @@ Writes benchmarks/results/long-prompt-<device>.json (or --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 from jpaged.sequence import PLACEHOLDER_TOKEN_ID
@@ -58,7 +59,6 @@ def _tpot(engine, ids, until, min_seconds=0.0, max_tokens=None, profile=None):
     each of ids generated max_tokens); returns (mean seconds per output
     token of ids, seconds, steps, the longest step's seconds, the engine's
     per-step split of the time)."""
-    import contextlib
     before = _generated(engine, ids)
     counters = engine.stats.snapshot()
     t0 = time.perf_counter()

@@ -60,11 +60,10 @@ def main(argv=None):
         _timed(record, runner, name)
     for name in ("_launch", "_finish_inflight", "_prefill_inputs"):
         _timed(record, engine, name)
-    _timed(record, engine.scheduler, "schedule")  # (this scheduler's: replaced below)
     rng = np.random.default_rng(0)
     for cap in (128, 0):  # (windows between chunks off: every step holds a chunk)
         engine.use_block_manager(long_prefill_token_threshold=cap, decode_window_between_chunks=0)
-        _timed(record, engine.scheduler, "schedule")
+        _timed(record, engine.scheduler, "schedule")  # (use_block_manager made a new one)
         record.clear()
         res = blp._measure(engine, args, rng, args.max_model_len - 96)
         print(f"cap {cap}: TPOT alone {res['tpot_alone_ms']:.2f} ms, during "

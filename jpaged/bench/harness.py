@@ -230,8 +230,7 @@ def num_compiles(engine) -> int:
 
 def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):
     """A callable with BlockSpaceManager's signature for `system`."""
-    if system in ("jpaged", "jpaged-sync", "jpaged-window1", "jpaged-nochunk",
-                  "jpaged-between0", "jpaged-between8", "jpaged-between16"):
+    if system in SYSTEMS and system.startswith("jpaged"):
         return BlockSpaceManager
     if system.startswith("orca-") and system[5:] in ("max", "pow2", "oracle"):
         if enable_prefix_caching:

@@ -120,31 +120,42 @@ def test_chunked_gives_the_same_outputs_as_whole_prompts(arch, llms, step_kinds)
         assert max(on.engine.runner.prefill_buckets) == budget
 
 
-def test_long_prefill_token_threshold_gives_the_same_outputs(llms, monkeypatch):
-    """Chunks capped at 5 tokens a prompt (the budget of 24 holds several
-    prompts' chunks and the decodes): every kind of request gives what
-    whole prompts give, with nothing compiled after warm-up."""
+def _same_as_whole_prompts(llms, monkeypatch, record, **changes):
+    """Runs every kind of request on the budget-24 engine with `changes`
+    (use_block_manager's; restored afterwards) and checks it gives what
+    whole prompts give, with nothing compiled after warm-up; record(scheduler,
+    out) sees each schedule."""
     ps = _prompts(0, LENGTHS)
     params = [PARAMS[i % len(PARAMS)] for i in range(len(ps))]
     off = llms()
     off.engine.use_block_manager(enable_chunked_prefill=False)
     want = _run(off, ps, params)
     off.engine.use_block_manager(enable_chunked_prefill=True)
-    chunks = []
     schedule = scheduler_lib.Scheduler.schedule
 
     def recording(self, *args, **kwargs):
         out = schedule(self, *args, **kwargs)
-        chunks.extend(s.token_chunk_size for s in out.scheduled_seq_groups if not s.decode)
+        record(self, out)
         return out
     monkeypatch.setattr(scheduler_lib.Scheduler, "schedule", recording)
     on = llms(max_num_batched_tokens=24)
-    on.engine.use_block_manager(long_prefill_token_threshold=5)
+    before = {k: getattr(on.engine.config, k) for k in changes}
+    on.engine.use_block_manager(**changes)
     traces = on.engine.runner.num_traces
     assert _same(_run(on, ps, params), want)
     assert on.engine.runner.num_traces == traces
+    on.engine.use_block_manager(**before)
+
+
+def test_long_prefill_token_threshold_gives_the_same_outputs(llms, monkeypatch):
+    """Chunks capped at 5 tokens a prompt (the budget of 24 holds several
+    prompts' chunks and the decodes): every kind of request gives what
+    whole prompts give, with nothing compiled after warm-up."""
+    chunks = []
+    _same_as_whole_prompts(llms, monkeypatch, lambda sched, out: chunks.extend(
+        s.token_chunk_size for s in out.scheduled_seq_groups if not s.decode),
+        long_prefill_token_threshold=5)
     assert max(chunks) == 5  # (24 without the cap: the 30-, 40- and 50-token prompts)
-    on.engine.use_block_manager(long_prefill_token_threshold=0)
 
 
 def test_decode_window_between_chunks_gives_the_same_outputs(llms, monkeypatch):
@@ -152,28 +163,14 @@ def test_decode_window_between_chunks_gives_the_same_outputs(llms, monkeypatch):
     most 5 tokens, so prompts run over many steps): every kind of request
     gives what whole prompts give, windows did run while a prefill was
     under way, and nothing compiles after warm-up."""
-    ps = _prompts(0, LENGTHS)
-    params = [PARAMS[i % len(PARAMS)] for i in range(len(ps))]
-    off = llms()
-    off.engine.use_block_manager(enable_chunked_prefill=False)
-    want = _run(off, ps, params)
-    off.engine.use_block_manager(enable_chunked_prefill=True)
     between = []
-    schedule = scheduler_lib.Scheduler.schedule
 
-    def recording(self, *args, **kwargs):
-        out = schedule(self, *args, **kwargs)
-        if not out.is_prefill and any(self._prefilling(g) for g in self.running):
+    def record(sched, out):
+        if not out.is_prefill and any(sched._prefilling(g) for g in sched.running):
             between.append(out.num_steps)
-        return out
-    monkeypatch.setattr(scheduler_lib.Scheduler, "schedule", recording)
-    on = llms(max_num_batched_tokens=24)
-    on.engine.use_block_manager(long_prefill_token_threshold=5, decode_window_between_chunks=4)
-    traces = on.engine.runner.num_traces
-    assert _same(_run(on, ps, params), want)
-    assert on.engine.runner.num_traces == traces
+    _same_as_whole_prompts(llms, monkeypatch, record, long_prefill_token_threshold=5,
+                           decode_window_between_chunks=4)
     assert between and max(between) == 4
-    on.engine.use_block_manager(long_prefill_token_threshold=0, decode_window_between_chunks=0)
 
 
 def test_a_prompt_longer_than_the_budget(llms):
