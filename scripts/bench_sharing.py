@@ -16,8 +16,6 @@ benchmarks/results/sharing-<device>.json (or --out), prints a table last.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import pathlib
 
 
 def parse_args(argv):
@@ -69,32 +67,10 @@ def parse_args(argv):
     return args
 
 
-@contextlib.contextmanager
-def device_trace(directory, name, into: dict):
-    """jax.profiler's trace of the block under directory/name, reduced to
-    device time per jitted function and kernel into into[name]; nothing
-    when directory is None."""
-    if directory is None:
-        yield
-        return
-    from jpaged.bench.step_profile import kernel_totals, traced
-    ran = False
-    try:
-        with traced(pathlib.Path(directory) / name) as trace:
-            yield
-            ran = True
-    except RuntimeError as e:
-        if not ran:  # (the run's own error)
-            raise
-        into[name] = dict(error=str(e))  # no trace written: recorded, the run goes on
-        return
-    into[name] = kernel_totals(trace.path)
-
-
 def main(argv=None):
     args = parse_args(argv)
     from jpaged import SamplingParams
-    from jpaged.bench.harness import (HostProfile, default_out, engine_from_args, format_table,
+    from jpaged.bench.harness import (HostProfile, default_out, device_trace, engine_from_args, format_table,
                                       progress_line, result_header, run_offline, use_system,
                                       write_result)
     from jpaged.bench.workloads import PREFIX_LENS, Request, make_workload, shared_prefix

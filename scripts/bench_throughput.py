@@ -56,6 +56,11 @@ def parse_args(argv):
                    help="also time the model alone (jpaged.bench.step_ceiling: decode steps in one "
                         "jitted loop, S sequences at context C) in this run, and record each "
                         "system's tokens/s over it")
+    p.add_argument("--profile-device", default=None, metavar="DIR",
+                   help="trace the jpaged run with jax.profiler under DIR and record its "
+                        "device time per jitted function and kernel, and when the device "
+                        "was busy or idle (gaps by length), in the JSON (systems.jpaged."
+                        "device_profile)")
     p.add_argument("--profile-host", default=None, metavar="PATH",
                    help="profile the host side of the jpaged run (cProfile) and write its "
                         "top functions to PATH")
@@ -164,8 +169,8 @@ def main(argv=None):
               f"{r.get('output_tokens_per_s') or r.get('error') or r.get('skipped')}", flush=True)
 
     from jpaged import SamplingParams
-    from jpaged.bench.harness import (LABELS, HostProfile, default_out, engine_from_args,
-                                      format_table, num_compiles, progress_line, result_header,
+    from jpaged.bench.harness import (LABELS, HostProfile, default_out, device_trace,
+                                      engine_from_args, format_table, num_compiles, progress_line, result_header,
                                       run_offline, use_system, write_result)
     tp, dp = args.tensor_parallel_size, args.data_parallel_size
     result = result_header("scripts/bench_throughput.py", argv)
@@ -197,10 +202,14 @@ def main(argv=None):
         use_system(engine, system,
                    decode_window_between_chunks=args.decode_window_between_chunks)
         profile = HostProfile(args.profile_host if system == "jpaged" else None)
-        with profile:
+        device_profile = {}
+        with profile, device_trace(args.profile_device if system == "jpaged" else None,
+                                   system, device_profile):
             systems[system] = run_offline(engine, requests, params,
                                           progress=not args.no_progress, desc=LABELS[system])
         profile.write()
+        if device_profile:
+            systems[system]["device_profile"] = device_profile[system]
         progress_line(system, systems[system])
         record()
     record()

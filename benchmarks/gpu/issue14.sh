@@ -7,6 +7,10 @@
 #   throughput  ShareGPT-1000, 2 GiB pool: jpaged, Orca-Max, + the ceiling (bench_throughput.py)
 #   throughput40  the same, 40 GiB pool, jpaged only
 #   throughput-profile  the 2 GiB jpaged run under cProfile (host-profile.txt)
+#   throughput-trace  the 2 GiB jpaged run under jax.profiler: device time per program and
+#               kernel, busy and idle time (gaps by length) in throughput-trace.json
+#   throughput-cmdbuf  the 2 GiB jpaged run with XLA's command buffers also taking while
+#               loops and conditionals (the decode window's loop as one CUDA graph)
 #   generate    the README main job: generate.py, SmolLM2 shape, 300 x 128 -> 128
 #   step        bench_step.py: 1.1B and SmolLM2 shapes, 256 x 512, K=16, three variants
 #   profile     profile_step.py on the 1.1B shape
@@ -37,6 +41,13 @@ for s in "$@"; do
     throughput-profile) run throughput-profile 200 python3 scripts/bench_throughput.py $COMMON \
         --kv-cache-gib 2 --workload $W --num-requests 1000 --systems jpaged \
         --profile-host "$OUT/host-profile.txt" --out "$OUT/throughput-profile.json" ;;
+    throughput-trace) run throughput-trace 200 python3 scripts/bench_throughput.py $COMMON \
+        --kv-cache-gib 2 --workload $W --num-requests 1000 --systems jpaged \
+        --profile-device /tmp/jpaged-traces --out "$OUT/throughput-trace.json" ;;
+    throughput-cmdbuf) XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
+        JPAGED_XLA_CACHE=/tmp/jpaged-xla-cmdbuf run throughput-cmdbuf 200 \
+        python3 scripts/bench_throughput.py $COMMON --kv-cache-gib 2 --workload $W \
+        --num-requests 1000 --systems jpaged --ceiling 256:512 --out "$OUT/throughput-cmdbuf.json" ;;
     throughput40) run throughput40 150 python3 scripts/bench_throughput.py $COMMON \
         --kv-cache-gib 40 --workload $W --num-requests 1000 --systems jpaged \
         --out "$OUT/throughput40.json" ;;

@@ -12,6 +12,7 @@ within one GPU call).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -386,6 +387,29 @@ def run_offline(engine, requests, params, *, sharing=False, progress=True, desc=
                 output_tokens_per_s=tokens / elapsed,
                 requests_per_s=(len(requests) - len(rejected)) / elapsed,
                 **engine_counters(engine), **probe.summary())
+
+
+@contextlib.contextmanager
+def device_trace(directory, name, into: dict):
+    """jax.profiler's trace of the block under directory/name, reduced
+    (step_profile.kernel_totals) to device time per jitted function and
+    kernel and the device's busy and idle time into into[name]; nothing
+    when directory is None."""
+    if directory is None:
+        yield
+        return
+    from jpaged.bench.step_profile import kernel_totals, traced
+    ran = False
+    try:
+        with traced(pathlib.Path(directory) / name) as trace:
+            yield
+            ran = True
+    except RuntimeError as e:
+        if not ran:  # (the run's own error)
+            raise
+        into[name] = dict(error=str(e))  # no trace written: recorded, the run goes on
+        return
+    into[name] = kernel_totals(trace.path)
 
 
 class HostProfile:

@@ -281,7 +281,8 @@ def _device_events(xplane_path):
             if op is None:
                 continue
             by_module[str(stats.get("hlo_module", ""))].append(
-                dict(hlo_op=str(op), kernel=event.name, duration_ns=float(event.duration_ns)))
+                dict(hlo_op=str(op), kernel=event.name, duration_ns=float(event.duration_ns),
+                     start_ns=float(event.start_ns)))
     return plane.name, sorted({ln.name for ln in chosen}), by_module
 
 
@@ -322,7 +323,42 @@ def kernel_totals(xplane_path, limit: int = 30) -> dict:
                     "pct": 100 * ms / total if total else 0.0}
                    for (m, k), (c, ms) in kernels.items()), key=lambda r: -r["ms"])
     return dict(plane=plane, device_ms=total, modules=sorted(modules, key=lambda m: -m["ms"]),
-                kernels=rows[:limit])
+                kernels=rows[:limit], timeline=timeline(by_module))
+
+
+# Idle gaps between kernels, by length: a launch gap inside a program, a
+# short wait (a small host->device copy, a program's start), the device
+# waiting for the host to send the next program.
+GAP_BUCKETS_US = ((0.0, 10.0, "under_10us"), (10.0, 1000.0, "10us_to_1ms"),
+                  (1000.0, float("inf"), "over_1ms"))
+
+
+def timeline(by_module: dict) -> dict:
+    """When the device was busy, from kernel events (dicts with start_ns and
+    duration_ns, any module): span_ms from the first kernel's start to the
+    last one's end, busy_ms covered by at least one kernel (overlaps counted
+    once), busy_pct of the span, and the idle gaps between kernels per
+    GAP_BUCKETS_US (count and ms each)."""
+    spans = sorted((e["start_ns"], e["start_ns"] + e["duration_ns"])
+                   for events in by_module.values() for e in events)
+    gaps = {name: dict(count=0, ms=0.0) for _, _, name in GAP_BUCKETS_US}
+    if not spans:
+        return dict(span_ms=0.0, busy_ms=0.0, busy_pct=0.0, gaps=gaps)
+    busy, (start, end) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > end:  # an idle gap
+            busy += end - start
+            gap_us = (s - end) / 1e3
+            name = next(n for lo, hi, n in GAP_BUCKETS_US if lo <= gap_us < hi)
+            gaps[name]["count"] += 1
+            gaps[name]["ms"] += gap_us / 1e3
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    span = max(e for _, e in spans) - spans[0][0]
+    return dict(span_ms=span / 1e6, busy_ms=busy / 1e6,
+                busy_pct=100.0 * busy / span if span else 0.0, gaps=gaps)
 
 
 def _group_name(op_name: str, fallback: str) -> str:

@@ -301,6 +301,25 @@ def test_kernel_totals_of_a_whole_run(tmp_path):
         ("jit_other", "fusion_3", 1), ("jit_loop", "sm90_xmma_gemm_bf16bf16_bf16f32", 1),
         ("jit_loop", "paged_attention", 1)]
     assert t["kernels"][0]["pct"] == pytest.approx(100 * 9 / 19)
+    # kernels at 1-5, 6-8, 9-12, 13-14, 15-24 us: four 1 us launch gaps
+    tl = t["timeline"]
+    assert tl["span_ms"] == pytest.approx(0.023) and tl["busy_ms"] == pytest.approx(0.019)
+    assert tl["busy_pct"] == pytest.approx(100 * 19 / 23)
+    assert tl["gaps"]["under_10us"] == pytest.approx(dict(count=4, ms=0.004))
+    assert tl["gaps"]["over_1ms"] == dict(count=0, ms=0.0)
+
+
+def test_timeline_counts_overlaps_once_and_buckets_gaps():
+    """Two streams' kernels overlapping count once; gaps of 50 us and 2 ms
+    land in their buckets."""
+    ev = lambda start_us, us: dict(start_ns=start_us * 1e3, duration_ns=us * 1e3)
+    tl = step_profile.timeline({"a": [ev(0, 10), ev(60, 10)], "b": [ev(5, 10), ev(2070, 30)]})
+    # busy: 0-15, 60-70, 2070-2100 us; gaps 45 us and 2000 us
+    assert tl["busy_ms"] == pytest.approx(0.055) and tl["span_ms"] == pytest.approx(2.1)
+    assert tl["gaps"]["10us_to_1ms"] == pytest.approx(dict(count=1, ms=0.045))
+    assert tl["gaps"]["over_1ms"] == pytest.approx(dict(count=1, ms=2.0))
+    assert tl["gaps"]["under_10us"] == dict(count=0, ms=0.0)
+    assert step_profile.timeline({})["busy_ms"] == 0.0
 
 
 def test_gpu_trace_and_hlo_reduce(tmp_path):

@@ -45,7 +45,7 @@ def test_bench_throughput(files, capsys):
     argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
             "--num-requests", "16", "--systems", "jpaged,orca-max,orca-pow2,orca-oracle,"
             "jpaged-sync,jpaged-nochunk,jpaged-between8,hf-generate,hf-generate-batch", *ENGINE_ARGS,
-            "--out", str(out)]
+            "--profile-device", str(files / "throughput-traces"), "--out", str(out)]
     script("bench_throughput").main(argv)
     res = json.loads(out.read_text())
     header_ok(res, argv)
@@ -72,6 +72,13 @@ def test_bench_throughput(files, capsys):
             assert k in r
     for name in ORCA:
         assert systems[name]["preemptions"] == 0
+    # the jpaged run's trace (CPU: the host plane's XLA thunks), only that run's
+    t = systems["jpaged"]["device_profile"]
+    assert t["device_ms"] > 0 and t["modules"]
+    tl = t["timeline"]
+    assert 0 < tl["busy_ms"] <= tl["span_ms"] and 0 < tl["busy_pct"] <= 100
+    assert tl["busy_ms"] + sum(g["ms"] for g in tl["gaps"].values()) == pytest.approx(tl["span_ms"])
+    assert all("device_profile" not in systems[n] for n in systems if n != "jpaged")
     # Orca-Max reserves 64 tokens for requests of at most 28
     assert systems["orca-max"]["kv_waste_pct_at_peak"] > systems["jpaged"]["kv_waste_pct_at_peak"]
     for name in ("hf-generate", "hf-generate-batch"):  # CI has no torch / no CUDA
