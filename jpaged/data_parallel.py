@@ -217,7 +217,9 @@ class DataParallelEngine:
     def stats(self) -> EngineStats:
         """The replicas' counters added up, a new EngineStats at each read.
         Times add up to the thread's time (the replicas step one after
-        another); peak_blocks_used is the sum of each replica's peak."""
+        another; warmup_seconds too: they warm up one after another);
+        peak_blocks_used is the sum of each replica's peak; the compile
+        counters add up each replica's own compiles."""
         total = EngineStats()
         for engine in self.engines:
             for f in dataclasses.fields(EngineStats):

@@ -128,7 +128,8 @@ class LLMEngine:
             devices=devices)
         self.block_manager = self._new_block_manager(block_manager_factory,
                                                      self.runner.num_gpu_blocks)
-        self.stats = EngineStats()  # every counter (jpaged.stats)
+        # every counter (jpaged.stats); the runner counts its compiles there
+        self.stats: EngineStats = self.runner.stats
         self.scheduler = Scheduler(sched_config, self.block_manager, self.stats)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self._seq_ids = itertools.count()

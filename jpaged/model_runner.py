@@ -21,7 +21,9 @@ static modes (SAMPLER_MODES), chosen by the host per step; the
 sampling settings themselves are traced per-slot values, so a new mix of
 settings compiles nothing. Block tables are always
 ``ceil(max_model_len / block_size)`` wide. ``warm_up`` compiles every
-bucket, window and mode; a run then compiles nothing more.
+bucket, window and mode; a run then compiles nothing more. Every trace is
+counted in the runner's ``stats`` (EngineStats.num_compiles), the one
+EngineStats of the engine it serves.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from jpaged import device_batch, parallel, slots as slots_lib
 from jpaged import sampler as sampler_lib
 from jpaged.config import CacheConfig, ParallelConfig, SchedulerConfig
 from jpaged.kv_pool import KVPool, bucket, pow2_buckets
+from jpaged.stats import EngineStats
 from kernels_pallas import AttentionMetadata
 from models.base import compiler_options
 
@@ -203,6 +206,9 @@ class ModelRunner:
           device (each process of a multi-host run then runs an engine of
           its own). At tensor_parallel_size 1 every array is committed to
           that one device, so every jitted step runs there.
+
+        Its ``stats`` is a new EngineStats: the engine that runs it adopts
+        it as its own, and the runner counts its compiles there.
         """
         tensor_parallel_size = parallel_config.tensor_parallel_size
         block_size, max_model_len = cache.block_size, scheduler.max_model_len
@@ -258,8 +264,7 @@ class ModelRunner:
         if self.mesh is not None:
             self._state_sharding = self._state_placement = parallel.replicated(self.mesh)
         self.state = self._new_state()
-        self.num_traces = 0
-        self.warmup_seconds = None
+        self.stats = EngineStats()
         self._apply_fns = {lay: jax.jit(self._apply, static_argnames=("layout",),
                                         donate_argnums=(0,)) for lay in self.diff_layouts}
         options = compiler_options() or None  # the model's GEMMs (models.base)
@@ -305,7 +310,7 @@ class ModelRunner:
         return jax.lax.with_sharding_constraint(state, self._state_sharding)
 
     def _apply(self, state, buf, layout):
-        self.num_traces += 1  # runs only while tracing: counts compilations
+        self.stats.num_compiles += 1  # runs only while tracing: counts compilations
         return self._pin(device_batch.apply_diff(state, buf, layout))
 
     def _prefill_forward(self, params, kv_caches, state, buf, prompt_next_ids, layout):
@@ -314,7 +319,7 @@ class ModelRunner:
         prompt logprobs). The step's prompt tokens enter their slots'
         penalty counts (a slot's counts start at 0 when the prefill's first
         chunk fills it); slots whose prefill ends go active."""
-        self.num_traces += 1
+        self.stats.num_compiles += 1
         v = layout.split(buf)
         S, bs = self.max_num_seqs, self.block_size
         seq_slot = jnp.minimum(v["seq_slots"], S - 1)
@@ -360,7 +365,7 @@ class ModelRunner:
         """A prefill's sampler: parallel samples copy their penalty counts
         from their prompt's slot, then every row samples into its target
         slot. rows: the layout's rows section (the same for every bucket)."""
-        self.num_traces += 1
+        self.stats.num_compiles += 1
         _, row_slot, src = PrefillLayout.split_rows(rows)
         S = self.max_num_seqs
         dst = jnp.where(src >= 0, row_slot, S)
@@ -396,7 +401,7 @@ class ModelRunner:
 
     def _decode(self, params, kv_caches, state, num_steps, mode):
         """num_steps decode steps of every slot, no host in between."""
-        self.num_traces += 1
+        self.stats.num_compiles += 1
         S = self.max_num_seqs
         slots = jnp.arange(S, dtype=jnp.int32)
         width = 2 + 2 * mode.num_logprobs
@@ -420,6 +425,8 @@ class ModelRunner:
         The programs compile ahead of time on a thread pool (XLA compiles
         outside the GIL, so they proceed in parallel); `lower().compile()`
         fills the jit cache, so the first real call compiles nothing.
+        Records stats.compiles_at_warmup and stats.warmup_seconds; returns
+        the seconds.
         """
         import concurrent.futures
         import os
@@ -464,8 +471,9 @@ class ModelRunner:
         bar.update(self.pool.warm_up())
         bar.close()
         jax.block_until_ready(self.pool.arrays)
-        self.warmup_seconds = time.perf_counter() - t0
-        return self.warmup_seconds
+        self.stats.warmup_seconds = time.perf_counter() - t0
+        self.stats.compiles_at_warmup = self.stats.num_compiles
+        return self.stats.warmup_seconds
 
     def _prefill_layout(self, num_tokens: int) -> PrefillLayout:
         return PrefillLayout(num_tokens, min(num_tokens, self.max_num_seqs), self.max_num_seqs)

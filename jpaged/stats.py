@@ -1,17 +1,20 @@
 """EngineStats: every counter of one engine, in one place.
 
-The engine, its scheduler and its output processor all write into the one
-EngineStats the engine owns; readers (the benchmark harness, the server's
-metrics, generate.py's summary) take a snapshot. Host core: stdlib only.
+The engine, its scheduler, its output processor and its model runner (the
+compile counters) all write into the one EngineStats the engine owns;
+readers (the benchmark harness, the server's metrics, generate.py's
+summary) take a snapshot. Host core: stdlib only.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 
 @dataclasses.dataclass
 class EngineStats:
-    """Counters since the engine was built (or last reset).
+    """Counters since the engine was built (or last reset, except the
+    compile counters: those of KEPT_BY_RESET count since it was built).
 
     num_steps:                jitted steps dispatched
     num_decode_steps:         decode steps they ran (a window counts its size)
@@ -31,7 +34,20 @@ class EngineStats:
                               while the host works)
     dispatch_seconds:         the part of host_seconds spent dispatching
                               (input packing and the jitted calls)
+
+    The compile counters, written by the model runner; ``reset`` keeps them
+    (a reset engine keeps its runner and the programs it compiled):
+    num_compiles:             programs traced since the runner was built
+                              (each jit entry, compiled or read from the
+                              persistent compilation cache)
+    compiles_at_warmup:       num_compiles when the warm-up ended (0 without one)
+    warmup_seconds:           the warm-up's wall time (0 without one)
+    compiles_after_warmup:    (derived) num_compiles - compiles_at_warmup: 0
+                              when every step shape was compiled at warm-up
     """
+
+    KEPT_BY_RESET: ClassVar[tuple[str, ...]] = (
+        "num_compiles", "compiles_at_warmup", "warmup_seconds")
 
     num_steps: int = 0
     num_decode_steps: int = 0
@@ -47,12 +63,22 @@ class EngineStats:
     host_seconds: float = 0.0
     device_seconds: float = 0.0
     dispatch_seconds: float = 0.0
+    num_compiles: int = 0
+    compiles_at_warmup: int = 0
+    warmup_seconds: float = 0.0
+
+    @property
+    def compiles_after_warmup(self) -> int:
+        return self.num_compiles - self.compiles_at_warmup
 
     def snapshot(self) -> dict:
-        """The counters now, as a plain dict (a copy)."""
-        return dataclasses.asdict(self)
+        """The counters now, as a plain dict (a copy; compiles_after_warmup
+        included)."""
+        return dict(dataclasses.asdict(self), compiles_after_warmup=self.compiles_after_warmup)
 
     def reset(self) -> None:
-        """Every counter back to zero."""
+        """Every counter back to zero, except the compile counters
+        (KEPT_BY_RESET)."""
         for f in dataclasses.fields(self):
-            setattr(self, f.name, f.default)
+            if f.name not in self.KEPT_BY_RESET:
+                setattr(self, f.name, f.default)

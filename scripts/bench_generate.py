@@ -111,10 +111,9 @@ def main(argv=None):
               **given)
     t1 = time.perf_counter()
     eng = llm.engine
-    traces = eng.runner.num_traces
     runs = {}
     for mode in (True, False, True):  # on, off, on again: the second "on" is reported
-        use_system(eng, "jpaged" if mode else "jpaged-sync")  # also zeroes the counters
+        use_system(eng, "jpaged" if mode else "jpaged-sync")  # also zeroes the counters (compiles aside)
         t = time.perf_counter()
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
         elapsed = time.perf_counter() - t
@@ -132,8 +131,8 @@ def main(argv=None):
     full_pool_tokens = runs["sync"].pop("tokens")
     result["generate"] = dict(
         num_prompts=args.num_prompts, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
-        startup_seconds=t1 - t0, warmup_seconds=eng.runner.warmup_seconds,
-        compiles_at_warmup=traces, num_gpu_blocks=eng.runner.num_gpu_blocks,
+        startup_seconds=t1 - t0, warmup_seconds=eng.stats.warmup_seconds,
+        compiles_at_warmup=eng.stats.compiles_at_warmup, num_gpu_blocks=eng.runner.num_gpu_blocks,
         **runs["async"], sync=runs["sync"],
         async_speedup=runs["async"]["output_tokens_per_s"] / runs["sync"]["output_tokens_per_s"],
         requests_with_equal_tokens_async_vs_sync=same,
@@ -146,7 +145,7 @@ def main(argv=None):
     # 3. Swapping on this device.
     if args.swap_blocks:
         result["swap"] = _check_swap(llm, prompts, sp, full_pool_tokens, args.swap_blocks)
-    result["generate"]["compiles_after_warmup"] = eng.runner.num_traces - traces
+    result["generate"]["compiles_after_warmup"] = eng.stats.compiles_after_warmup
 
     # 4. The model alone at the batch's shape, in this process (the engine's
     # pool freed first).

@@ -173,7 +173,7 @@ def main(argv=None):
             engine.use_block_manager(long_prefill_token_threshold=t, decode_window_between_chunks=w)
             runs.append(_measure(engine, args, rng, L, profile))
     profile.write()
-    info["compiles_after_warmup"] = engine.runner.num_traces - info["compiles_at_warmup"]
+    info["compiles_after_warmup"] = engine.stats.compiles_after_warmup
     result.update(model=args.model, dtype=args.dtype, random_weights=True, num_seqs=args.num_seqs,
                   context=args.context, long_prompt=L, engine=info, **runs[0], runs=runs)
     out = args.out or default_out("long-prompt", result["device"])

@@ -117,8 +117,6 @@ def main(argv=None):
     requests = workload.requests
     params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=r.output_len)
               for r in requests]
-    num_traces = lambda: getattr(getattr(eng, "runner", None), "num_traces", None)
-    traces_at_warmup = num_traces()
 
     # The server: warmed by one request, then one run per rate, the client
     # in a process of its own.
@@ -158,9 +156,9 @@ def main(argv=None):
     result = dict(header, model=args.model, dtype=args.dtype, random_weights=args.random_weights,
                   workload=workload.summary(),
                   engine=dict(limits, num_gpu_blocks=eng.block_manager.get_num_total_gpu_blocks(),
-                              warmup_seconds=warmup_seconds, compiles_at_warmup=traces_at_warmup,
-                              compiles_after_warmup=(None if traces_at_warmup is None
-                                                     else num_traces() - traces_at_warmup)),
+                              warmup_seconds=warmup_seconds,
+                              compiles_at_warmup=eng.stats.compiles_at_warmup,
+                              compiles_after_warmup=eng.stats.compiles_after_warmup),
                   runs=runs, generate=generate, overhead=overhead)
     out = args.output or default_out("serving", header["device"])
     write_result(result, out)

@@ -96,7 +96,6 @@ def main(argv=None):
                              f"({engine.runner.num_gpu_blocks} blocks)")
     info["usable_blocks"] = num_blocks or engine.runner.num_gpu_blocks
     result["engine"] = info
-    traces = info["compiles_at_warmup"]
     out = args.out or default_out("sharing", result["device"])
     progress = not args.no_progress
 
@@ -172,7 +171,7 @@ def main(argv=None):
                          saved=None, with_tps=cached["output_tokens_per_s"],
                          without_tps=plain["output_tokens_per_s"],
                          gain=entry["throughput_gain"]))
-    result["engine"]["compiles_after_warmup"] = engine.runner.num_traces - traces
+    result["engine"]["compiles_after_warmup"] = engine.stats.compiles_after_warmup
     write_result(result, out)
     print(f"\n{result['device']}  model {args.model}  workload {workload.name}  "
           f"pool {engine.runner.num_gpu_blocks} blocks")

@@ -170,15 +170,14 @@ def main(argv=None):
 
     from jpaged import SamplingParams
     from jpaged.bench.harness import (LABELS, HostProfile, default_out, device_trace,
-                                      engine_from_args, format_table, num_compiles, progress_line, result_header,
-                                      run_offline, use_system, write_result)
+                                      engine_from_args, format_table, progress_line,
+                                      result_header, run_offline, use_system, write_result)
     tp, dp = args.tensor_parallel_size, args.data_parallel_size
     result = result_header("scripts/bench_throughput.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   tensor_parallel_size=tp, data_parallel_size=dp, workload=workload.summary())
     t0 = time.perf_counter()
     model, engine, info = engine_from_args(args, hf_config)
-    traces_after_warmup = info["compiles_at_warmup"]
     result["engine"] = dict(  # (kv_pool_gib: one replica's)
         startup_seconds=time.perf_counter() - t0, **info, block_size=args.block_size,
         kv_pool_gib=info["num_gpu_blocks"] * model.kv_bytes_per_block(args.block_size) / (1 << 30))
@@ -191,7 +190,7 @@ def main(argv=None):
     result["systems"] = systems
 
     def record():  # what is known so far, ratios included: a run stopped later keeps it
-        result["engine"]["compiles_after_warmup"] = num_compiles(engine) - traces_after_warmup
+        result["engine"]["compiles_after_warmup"] = engine.stats.compiles_after_warmup
         add_speedups(systems)
         write_result(result, out)
     # NOTE: a short run first, so the first system timed pays no first-call costs
@@ -235,7 +234,8 @@ def main(argv=None):
     print(f"\n{result['device']}  tp {tp}  dp {dp}  model {args.model} ({args.dtype}, random "
           f"weights)  workload {workload.name} x{len(requests)}  pool {info['num_gpu_blocks']} "
           f"blocks{f' per replica' if dp > 1 else ''}  warm-up {info['warmup_seconds']:.1f} s, "
-          f"{traces_after_warmup} compiles (+{result['engine']['compiles_after_warmup']} after)")
+          f"{info['compiles_at_warmup']} compiles "
+          f"(+{result['engine']['compiles_after_warmup']} after)")
     for name, r in systems.items():
         if "skipped" in r or "error" in r:
             print(f"  {LABELS[name]}: {r.get('skipped') or r.get('error')}")

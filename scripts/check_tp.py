@@ -147,7 +147,7 @@ def run_one(model, tp: int, prompts, args) -> dict:
         # runner.model is the sharded twin at tp > 1: the same forward the engine runs
         logits = engine.runner.model.logits(prompts[0], block_size=args.block_size)
         res["prefill_logits_max_abs"] = float(np.abs(logits).max())
-    res["compiles"] = engine.runner.num_traces
+    res["compiles"] = engine.stats.num_compiles
     jax.block_until_ready(engine.runner.kv_caches)
     res["seconds"] = time.perf_counter() - t0
     del engine

@@ -283,7 +283,6 @@ def main(argv=None):
         split = isinstance(eng, DataParallelEngine) and eng.num_processes > 1
         own = eng.own_indices(len(inputs)) if split else range(len(inputs))
         runners = [e.runner for e in replicas(eng)]  # (one, or one per data-parallel replica)
-        traces_at_warmup = sum(r.num_traces for r in runners)
         tok = llm.get_tokenizer()
         if args.chat and (tok is None or not getattr(tok, "chat_template", None)):
             sys.exit("--chat: this model has no chat template")
@@ -331,8 +330,8 @@ def main(argv=None):
           f"generated tokens: {num_generated} | {num_generated / max(elapsed, 1e-9):.1f} tokens/s "
           f"over {elapsed:.2f} s | "
           f"start-up {t_ready - t0:.1f} s (warm-up "
-          f"{sum(r.warmup_seconds or 0 for r in runners):.1f} s, {traces_at_warmup} compiles, "
-          f"{sum(r.num_traces for r in runners) - traces_at_warmup} after) | "
+          f"{st['warmup_seconds']:.1f} s, {st['compiles_at_warmup']} compiles, "
+          f"{st['compiles_after_warmup']} after) | "
           f"{st['num_steps']} steps ({st['num_steps_ahead']} dispatched ahead): host "
           f"{1e3 * st['host_seconds'] / steps:.2f} ms/step, waiting for the device "
           f"{1e3 * st['device_seconds'] / steps:.2f} ms/step | peak KV usage "

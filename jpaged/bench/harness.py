@@ -176,10 +176,11 @@ def engine_from_args(args, hf_config: dict):
     add_model_args / add_engine_args / add_output_args ask for.
 
     Returns: (model, engine, info); info is the result JSON's "engine" entry:
-      warmup_seconds, compiles_at_warmup (runner.num_traces after warm-up;
-      with data parallelism, both summed over the replicas, which warm up
-      one after another), num_gpu_blocks (per replica), max_num_seqs (per
-      replica), max_model_len, tensor_parallel_size, data_parallel_size.
+      warmup_seconds, compiles_at_warmup (from engine.stats; with data
+      parallelism, both summed over the replicas, which warm up one after
+      another), num_gpu_blocks (per replica), max_num_seqs (per replica),
+      max_model_len, tensor_parallel_size, data_parallel_size. Compiles
+      after warm-up: engine.stats.compiles_after_warmup.
     """
     import models
     from jpaged.data_parallel import replicas
@@ -205,12 +206,11 @@ def engine_from_args(args, hf_config: dict):
                           decode_window_between_chunks=getattr(
                               args, "decode_window_between_chunks", None))
     runners = [e.runner for e in replicas(engine)]
-    warmup_seconds = sum(r.warmup_seconds for r in runners)
-    num_traces = num_compiles(engine)
-    print(f"[{time.strftime('%H:%M:%S')}] engine ready: warm-up {warmup_seconds:.1f} s, "
-          f"{num_traces} compiles, {runners[0].num_gpu_blocks} blocks"
+    st = engine.stats  # (data parallelism: the replicas' counters added up)
+    print(f"[{time.strftime('%H:%M:%S')}] engine ready: warm-up {st.warmup_seconds:.1f} s, "
+          f"{st.compiles_at_warmup} compiles, {runners[0].num_gpu_blocks} blocks"
           f"{f' x {len(runners)} replicas' if len(runners) > 1 else ''}", flush=True)
-    info = dict(warmup_seconds=warmup_seconds, compiles_at_warmup=num_traces,
+    info = dict(warmup_seconds=st.warmup_seconds, compiles_at_warmup=st.compiles_at_warmup,
                 num_gpu_blocks=runners[0].num_gpu_blocks, max_num_seqs=args.max_num_seqs,
                 max_model_len=engine.config.max_model_len,
                 max_decode_window=engine.config.max_decode_window,
@@ -221,12 +221,6 @@ def engine_from_args(args, hf_config: dict):
                 tensor_parallel_size=args.tensor_parallel_size,
                 data_parallel_size=engine.config.data_parallel_size)
     return model, engine, info
-
-
-def num_compiles(engine) -> int:
-    """Steps the engine's runners have compiled (summed over replicas)."""
-    from jpaged.data_parallel import replicas
-    return sum(e.runner.num_traces for e in replicas(engine))
 
 
 def block_manager_factory(system: str, max_model_len: int, enable_prefix_caching=False):

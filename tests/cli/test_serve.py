@@ -532,6 +532,8 @@ def test_bench_serving_script(tmp_path):
             assert r[k]["p50"] <= r[k]["p90"] <= r[k]["p99"]
         assert r["output_tokens"] == res["generate"]["output_tokens"] > 0
     assert res["overhead"]["generate_over_server_throughput"] > 0
+    assert res["engine"]["compiles_at_warmup"] > 0 and res["engine"]["warmup_seconds"] > 0
+    assert res["engine"]["compiles_after_warmup"] == 0  # (the server's run and generate's)
 
 
 # ------------------------------------------------------------------ shutdown (last)

@@ -113,9 +113,9 @@ def test_chunked_gives_the_same_outputs_as_whole_prompts(arch, llms, step_kinds)
     for budget in budgets:
         on = llms(arch, max_num_batched_tokens=budget)
         step_kinds.clear()
-        traces = on.engine.runner.num_traces
+        traces = on.engine.stats.num_compiles
         assert _same(_run(on, ps, params), want), budget
-        assert on.engine.runner.num_traces == traces  # nothing compiled after warm-up
+        assert on.engine.stats.num_compiles == traces  # nothing compiled after warm-up
         assert step_kinds.get((True, True, True), 0) > 0  # decodes beside chunks
         assert max(on.engine.runner.prefill_buckets) == budget
 
@@ -141,9 +141,9 @@ def _same_as_whole_prompts(llms, monkeypatch, record, **changes):
     on = llms(max_num_batched_tokens=24)
     before = {k: getattr(on.engine.config, k) for k in changes}
     on.engine.use_block_manager(**changes)
-    traces = on.engine.runner.num_traces
+    traces = on.engine.stats.num_compiles
     assert _same(_run(on, ps, params), want)
-    assert on.engine.runner.num_traces == traces
+    assert on.engine.stats.num_compiles == traces
     on.engine.use_block_manager(**before)
 
 
@@ -228,7 +228,7 @@ def test_arrivals_into_a_running_batch_join_its_steps(llms):
     engine = llms(max_num_batched_tokens=16).engine
     sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     ps = _prompts(6, [6, 40, 25, 33])
-    traces = engine.runner.num_traces
+    traces = engine.stats.num_compiles
     engine.add_request("0", None, sp, prompt_token_ids=ps[0])
     done, tokens_per_step = {}, []
     for step in range(200):
@@ -247,7 +247,7 @@ def test_arrivals_into_a_running_batch_join_its_steps(llms):
     # request 0 got a token (or a placeholder for one) in every step while
     # the later prompts were prefilled in chunks
     assert all(n >= 1 for n in tokens_per_step[:8])
-    assert engine.runner.num_traces == traces
+    assert engine.stats.num_compiles == traces
     whole = llms()
     whole.engine.use_block_manager(enable_chunked_prefill=False)
     want = whole.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)

@@ -411,6 +411,18 @@ def test_replica_device_groups_and_multi_host_rule():
         parallel.replica_devices(1, 0, devices)
 
 
+def test_stats_add_up_each_replicas_compiles():
+    from jpaged.data_parallel import DataParallelEngine
+    from jpaged.stats import EngineStats
+    dp = DataParallelEngine.__new__(DataParallelEngine)  # (only its replicas' stats read)
+    dp.engines = [types.SimpleNamespace(stats=EngineStats(
+        num_steps=s, num_compiles=c, compiles_at_warmup=w, warmup_seconds=t))
+        for s, c, w, t in ((3, 30, 28, 1.5), (2, 28, 28, 2.0))]
+    st = dp.stats
+    assert (st.num_steps, st.num_compiles, st.compiles_at_warmup) == (5, 58, 56)
+    assert st.compiles_after_warmup == 2 and st.warmup_seconds == 3.5
+
+
 def test_one_engine_is_one_replica():
     from jpaged import EngineConfig
     from jpaged.engine import LLMEngine

@@ -316,14 +316,16 @@ def test_sharing_uses_fewer_blocks(default_llm, kind):
 
 def test_no_compilation_after_warm_up(small_llm):
     llm = small_llm(enable_prefix_caching=True)
-    runner = llm.engine.runner
-    traces = runner.num_traces
+    runner, stats = llm.engine.runner, llm.engine.stats
+    traces = stats.num_compiles
     # per prefill bucket two forwards (prompt logprobs or not), the prefill
     # sampler's modes, a decode window per size and mode, the diff layouts
-    # (the shared engine's other runs, before this one, traced nothing either)
-    assert traces == (2 * len(runner.prefill_buckets) + len(SAMPLER_MODES)
-                      + len(runner.window_sizes) * len(SAMPLER_MODES)
-                      + len(runner.diff_layouts))
+    # (the shared engine's other runs, before this one, traced nothing
+    # either; the compile counters survived their stats resets)
+    assert traces == stats.compiles_at_warmup == (
+        2 * len(runner.prefill_buckets) + len(SAMPLER_MODES)
+        + len(runner.window_sizes) * len(SAMPLER_MODES) + len(runner.diff_layouts))
+    assert stats.warmup_seconds > 0 and stats.num_steps == 0
     rng = np.random.default_rng(8)
     sps = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
            SamplingParams(temperature=0.9, top_p=0.8, top_k=20, seed=1, max_tokens=10),
@@ -336,7 +338,7 @@ def test_no_compilation_after_warm_up(small_llm):
     outs = llm.generate(prompt_token_ids=ps, sampling_params=sps, use_tqdm=False)
     assert all(o.error is None and o.outputs for o in outs)
     assert llm.engine.stats.num_preemptions > 0  # the small pool forced some
-    assert runner.num_traces == traces
+    assert stats.num_compiles == traces and stats.compiles_after_warmup == 0
 
 
 def test_bad_requests_get_errors_and_others_finish(llama, default_llm):

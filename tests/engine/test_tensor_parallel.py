@@ -162,7 +162,7 @@ def _llm_case(model, tp) -> dict:
     llm = LLM(model, use_tqdm_warmup=False, tensor_parallel_size=tp,
               **dict(ENGINE, **SWAPPING))
     runner = llm.engine.runner
-    traces = runner.num_traces
+    traces = llm.engine.stats.num_compiles
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outs = llm.generate(prompt_token_ids=_prompts(model.config.vocab_size),
                         sampling_params=greedy, use_tqdm=False)
@@ -182,7 +182,7 @@ def _llm_case(model, tp) -> dict:
     pool = _pool_heads(runner)
     res.update(copy_ok=bool(np.array_equal(pool[:, 2], pool[:, 1])),
                swap_ok=bool(np.array_equal(pool[:, 4], pool[:, 3])),
-               new_traces=runner.num_traces - traces,
+               new_traces=llm.engine.stats.num_compiles - traces,
                describe=_describe(runner))
     return res
 
