@@ -58,7 +58,8 @@ from jpaged.block_manager import BlockSpaceManager
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import Detokenizer
 from jpaged.interrupts import InterruptGuard
-from jpaged.model_runner import MAX_LOGPROBS, ModelRunner, PendingStep, PrefillSeq, mode_needs
+from jpaged.model_runner import (MAX_LOGPROBS, ModelRunner, PendingStep, PrefillSeq, Runner,
+                                 mode_needs)
 from jpaged.output_processor import OutputProcessor, SeqState
 from jpaged.outputs import RequestOutput
 from jpaged.sampler import MAX_BANNED, derive_seed
@@ -95,13 +96,22 @@ class LLMEngine:
     """Adds requests, steps the schedule -> execute -> update loop."""
 
     def __init__(self, config: EngineConfig, model=None, warm_up: bool = True,
-                 progress: bool = True, block_manager_factory=None, devices=None):
+                 progress: bool = True, block_manager_factory=None, devices=None,
+                 runner: Runner | None = None):
         """block_manager_factory: optional callable with BlockSpaceManager's
         signature (block_size, num_gpu_blocks, num_cpu_blocks, watermark=,
         enable_prefix_caching=) returning a compatible manager, e.g. the
         contiguous-reservation baseline of jpaged.bench.reservation.
         devices: the devices this engine runs on (ModelRunner's; a
         data-parallel replica's group); None: the first ones.
+        runner: a runner already built for this model and config (a
+          ModelRunner, or anything with jpaged.model_runner.Runner's
+          surface), used instead of building one (devices is then unused);
+          ValueError when its shapes (block_size, max_num_seqs,
+          max_model_len, max_num_batched_tokens, max_decode_window,
+          num_gpu_blocks when the config sets it) or its EOS ids differ
+          from this engine's. The engine's stats are the runner's
+          (``runner.stats``), so compiles before the hand-over count too.
 
         One engine is one replica: config.data_parallel_size must be 1
         (jpaged.data_parallel.DataParallelEngine runs several; LLM picks it).
@@ -121,15 +131,19 @@ class LLMEngine:
         self.config = config = dataclasses.replace(
             config, max_model_len=max_model_len, max_num_batched_tokens=max_batched)
         self.eos_token_ids = _eos_ids(model)  # every id that ends a sequence (Llama 3: several)
-        self.runner = ModelRunner(
-            model, config.cache_config(), sched_config, config.parallel_config(),
-            attention_backend=config.attention_backend,
-            max_decode_window=config.max_decode_window, eos_token_ids=self.eos_token_ids,
-            devices=devices)
+        if runner is None:
+            runner = ModelRunner(
+                model, config.cache_config(), sched_config, config.parallel_config(),
+                attention_backend=config.attention_backend,
+                max_decode_window=config.max_decode_window, eos_token_ids=self.eos_token_ids,
+                devices=devices)
+        else:
+            _check_runner(runner, config, self.eos_token_ids)
+        self.runner = runner
         self.block_manager = self._new_block_manager(block_manager_factory,
                                                      self.runner.num_gpu_blocks)
         # every counter (jpaged.stats); the runner counts its compiles there
-        self.stats: EngineStats = self.runner.stats
+        self.stats: EngineStats = runner.stats
         self.scheduler = Scheduler(sched_config, self.block_manager, self.stats)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self._seq_ids = itertools.count()
@@ -746,6 +760,30 @@ def _forks_beams(g: SequenceGroup) -> bool:
     if not sp.use_beam_search or sp.actual_best_of == 1 or g.num_seqs() != 1:
         return False
     return next(iter(g.seqs_dict.values())).get_output_len() == 0
+
+
+def _check_runner(runner: Runner, config: EngineConfig, eos_token_ids) -> None:
+    """ValueError naming each shape in which a runner built apart differs
+    from the engine's resolved config."""
+    wanted = dict(block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+                  max_model_len=config.max_model_len,
+                  max_num_batched_tokens=config.max_num_batched_tokens,
+                  max_decode_window=config.max_decode_window,
+                  eos_token_ids=tuple(sorted(eos_token_ids)))
+    got = dict(block_size=runner.block_size, max_num_seqs=runner.max_num_seqs,
+               max_model_len=runner.max_model_len,
+               max_num_batched_tokens=runner.max_num_batched_tokens,
+               max_decode_window=max(runner.window_sizes),
+               eos_token_ids=tuple(runner.eos_token_ids))
+    if config.num_gpu_blocks is not None:
+        wanted["num_gpu_blocks"] = config.num_gpu_blocks
+        got["num_gpu_blocks"] = runner.num_gpu_blocks
+    wrong = [f"{k}: the runner's {got[k]}, the config's {wanted[k]}"
+             for k in wanted if got[k] != wanted[k]]
+    if wrong:
+        raise ValueError("the runner given to LLMEngine was built for another config ("
+                         + "; ".join(wrong) + "): build it with this config's "
+                         "sub-configs, or leave runner=None")
 
 
 def _eos_ids(model) -> frozenset[int]:

@@ -24,12 +24,16 @@ settings compiles nothing. Block tables are always
 bucket, window and mode; a run then compiles nothing more. Every trace is
 counted in the runner's ``stats`` (EngineStats.num_compiles), the one
 EngineStats of the engine it serves.
+
+``Runner`` is the surface LLMEngine uses; ModelRunner is the one there is,
+and ``LLMEngine(runner=)`` takes one built apart.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -190,8 +194,37 @@ def sampler_mode(needs: int) -> sampler_lib.SamplerModes:
     return {0: GREEDY, NEEDS_SAMPLING: RANDOM, NEEDS_LOGPROBS: GREEDY_LOGPROBS}.get(needs, FULL)
 
 
+class Runner(Protocol):
+    """What LLMEngine uses of its runner (ModelRunner's methods say more).
+    A runner serves one engine at a time: the engine adopts its ``stats``
+    as its own EngineStats and owns its slots."""
+    # the shapes it was compiled for (LLMEngine checks them against its config)
+    block_size: int
+    max_num_seqs: int
+    max_model_len: int
+    max_num_batched_tokens: int
+    window_sizes: list[int]        # decode windows: powers of two up to max_decode_window
+    eos_token_ids: tuple[int, ...]  # sorted (a constant of the decode step)
+    num_gpu_blocks: int            # the KV pool's device blocks, null block 0 included
+    num_cpu_blocks: int            # its host blocks (swap space)
+    diff_layouts: tuple[slots_lib.SlotDiffLayout, ...]  # what apply_diff takes (SlotDiff's)
+    pool: KVPool                   # after a failure: is_valid(), reset()
+    stats: EngineStats             # it counts num_compiles, compiles_at_warmup, warmup_seconds
+
+    def warm_up(self, progress: bool = True) -> float: ...
+    def apply_diff(self, diff: slots_lib.SlotDiff) -> None: ...
+    def dispatch_prefill(self, seqs: list[PrefillSeq], needs: int) -> PendingStep: ...
+    def dispatch_decode(self, num_steps: int, needs: int) -> PendingStep: ...
+    def fetch(self, step: PendingStep) -> StepOutput: ...
+    def copy_blocks(self, pairs) -> None: ...
+    def swap_out(self, pairs) -> None: ...
+    def swap_in(self, pairs) -> None: ...
+    def reset_slots(self) -> None: ...
+
+
 class ModelRunner:
-    """Owns the KV pool, the slot state and the jitted steps of one model."""
+    """Owns the KV pool, the slot state and the jitted steps of one model
+    (the Runner surface)."""
 
     def __init__(self, model, cache: CacheConfig, scheduler: SchedulerConfig,
                  parallel_config: ParallelConfig, *, attention_backend: str,
