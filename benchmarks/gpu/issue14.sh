@@ -5,6 +5,10 @@
 # Steps:
 #   steady      engine steady decode at 256 seqs x 512 vs the model alone (bench_steady.py)
 #   throughput  ShareGPT-1000, 2 GiB pool: jpaged, Orca-Max, + the ceiling (bench_throughput.py)
+#   step-parts  host time per part of a step and per kind (window, ragged) on the 2 GiB run
+#               (benchmarks/gpu/time_step_parts.py)
+#   generate8k  the README main job with a token budget of 8192 a step (vLLM's offline default
+#               is larger than its server's)
 #   throughput40  the same, 40 GiB pool, jpaged only
 #   throughput-profile  the 2 GiB jpaged run under cProfile (host-profile.txt)
 #   throughput-trace  the 2 GiB jpaged run under jax.profiler: device time per program and
@@ -48,6 +52,12 @@ for s in "$@"; do
         JPAGED_XLA_CACHE=/tmp/jpaged-xla-cmdbuf run throughput-cmdbuf 200 \
         python3 scripts/bench_throughput.py $COMMON --kv-cache-gib 2 --workload $W \
         --num-requests 1000 --systems jpaged --ceiling 256:512 --out "$OUT/throughput-cmdbuf.json" ;;
+    step-parts) run step-parts 200 python3 benchmarks/gpu/time_step_parts.py $COMMON \
+        --kv-cache-gib 2 --workload $W ;;
+    generate8k) run generate8k 150 python3 scripts/generate.py --random-weights \
+        --model smollm2-135m-shape --num-random-prompts 300 --random-prompt-len 128 \
+        --max-tokens 128 --ignore-eos --max-model-len 1024 --no-progress \
+        --max-num-batched-tokens 8192 --output "$OUT/generate8k.jsonl" ;;
     throughput40) run throughput40 150 python3 scripts/bench_throughput.py $COMMON \
         --kv-cache-gib 40 --workload $W --num-requests 1000 --systems jpaged \
         --out "$OUT/throughput40.json" ;;
