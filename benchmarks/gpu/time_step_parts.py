@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import time
 
 import numpy as np
@@ -101,7 +102,20 @@ def main(argv=None):
         return out
     engine.step = step_wrapper
 
-    for run in ("warm", "timed"):
+    gc_start = {}
+
+    def gc_timer(phase, info):  # Python's cyclic collector: its pauses, per generation
+        if phase == "start":
+            gc_start["t"] = time.perf_counter()
+        else:
+            record[(f"gc gen {info['generation']}", "-")].append(
+                time.perf_counter() - gc_start["t"])
+    gc.callbacks.append(gc_timer)
+
+    for run in ("warm", "timed", "timed, gc.freeze() first"):
+        if run.endswith("first"):  # the objects alive now leave the collector's scans
+            gc.collect()
+            gc.freeze()
         engine.use_block_manager()
         timed(engine.scheduler, "schedule", lambda: "-")  # (a new scheduler each run)
         record.clear()
@@ -110,12 +124,17 @@ def main(argv=None):
         wall = time.perf_counter() - t
         print(f"{run}: {res['output_tokens_per_s']:,.0f} out tok/s, {res['num_steps']} steps, "
               f"{res['decode_steps']} decode steps, wall {wall:.2f} s")
+        if run != "warm":
+            table(record)
+
+
+def table(record):
     print(f"{'part':22s} {'kind':7s} {'calls':>6s} {'mean ms':>8s} {'p50 ms':>8s} "
-          f"{'total ms':>9s}")
+          f"{'max ms':>8s} {'total ms':>9s}")
     for (name, kind), secs in sorted(record.items()):
         ms = 1e3 * np.array(secs)
         print(f"{name:22s} {kind:7s} {len(ms):6d} {ms.mean():8.3f} {np.median(ms):8.3f} "
-              f"{ms.sum():9.1f}")
+              f"{ms.max():8.2f} {ms.sum():9.1f}")
 
 
 if __name__ == "__main__":
