@@ -98,10 +98,12 @@ def _measure(engine, args, rng, L: int, profile=None) -> dict:
     while min(_generated(engine, ids)) < 1:
         engine.step()
     # (the alone part leaves the decodes room for the long prompt's prefill:
-    # at most a third of what they may still generate)
+    # at most a third of what they may still generate, less the two windows
+    # it may run past its cap: the one it stops after and the one ahead)
     room = sp.max_tokens - max(_generated(engine, ids))
+    cap = max(1, room // 3 - 2 * engine.config.max_decode_window)
     base, base_s, base_steps, base_longest, base_split = _tpot(
-        engine, ids, lambda: True, args.base_seconds, room // 3)
+        engine, ids, lambda: True, args.base_seconds, cap)
     engine.add_request("long", None, SamplingParams(temperature=0.0, max_tokens=1),
                        prompt_token_ids=rng.integers(0, vocab, L).tolist())
     prefill_tokens = engine.stats.num_prefill_tokens

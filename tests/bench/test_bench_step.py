@@ -386,4 +386,5 @@ def test_tpu_style_ops_line(tmp_path):
     path.write_bytes(ProfileData.text_proto_to_serialized_xspace(trace))
     events, info = step_profile.kernel_events(path, "jit_loop")
     assert info["lines"] == ["XLA Ops"]
-    assert events == [dict(hlo_op="fusion.3", kernel="fusion.3", duration_ns=1000.0)]
+    assert events == [dict(hlo_op="fusion.3", kernel="fusion.3", duration_ns=1000.0,
+                           start_ns=0.0)]
