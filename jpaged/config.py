@@ -169,9 +169,7 @@ class EngineConfig:
         while requests wait that the batch or the pool cannot take yet, or
         once no request has arrived into the running batch for
         decode_window_idle_s seconds (requests added to an idle engine, an
-        offline batch, do not count, unless the request before them came
-        less than decode_window_idle_s earlier: online traffic that found
-        the engine idle); otherwise (requests arriving into a
+        offline batch, do not count); otherwise (requests arriving into a
         batch with room) a step decodes one token, so an arrival is
         prefilled at the next step.
       decode_window_idle_s: see max_decode_window, >= 0.

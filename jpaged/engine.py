@@ -161,12 +161,9 @@ class LLMEngine:
         self._scheduled: SchedulerOutput | None = None
         self._updating: SequenceGroup | None = None
         self._in_schedule = False
-        # time.monotonic() of the last arrival that holds decode windows back:
-        # a request added while others ran, or added to an idle engine less
-        # than decode_window_idle_s after the one before it (online traffic
-        # that found the engine idle); an offline batch added to an idle
-        # engine does not count. _last_add: the last request added at all.
-        self._last_arrival = self._last_add = -float("inf")
+        # time.monotonic() of the last request added while others ran (an
+        # offline batch, added to an idle engine, does not hold windows back)
+        self._last_arrival = -float("inf")
         self._guard = InterruptGuard()
         self._wait = 0.0  # seconds of the current step spent waiting for the device
         self.output_processor = OutputProcessor(
@@ -201,11 +198,8 @@ class LLMEngine:
                                                                   sampling_params))
         if sampling_params.use_beam_search:  # an id unique among running groups
             self._states[seq.seq_id].beam_group = seq.seq_id & 0x7FFFFFFF
-        now = time.monotonic()
-        if self.scheduler.running or (not self.has_unfinished_requests()
-                                      and now - self._last_add < self.config.decode_window_idle_s):
-            self._last_arrival = now  # (a batch's later requests, still queued, do not count)
-        self._last_add = now
+        if self.scheduler.running:  # an arrival into a running batch (not a batch's start)
+            self._last_arrival = time.monotonic()
         self._requests[request_id] = group
         self.scheduler.add_seq_group(group)
 
@@ -327,7 +321,7 @@ class LLMEngine:
             decode_window_between_chunks=self.config.scheduler_window_between_chunks())
         self.block_manager = self._new_block_manager(block_manager_factory, num_blocks)
         self.scheduler = Scheduler(sched_config, self.block_manager, self.stats)
-        self._last_arrival = self._last_add = -float("inf")  # no arrival history either
+        self._last_arrival = -float("inf")  # no arrival history either
         self.stats.reset()
 
     def _new_block_manager(self, factory, num_gpu_blocks: int):
