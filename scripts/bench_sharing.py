@@ -70,9 +70,9 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     from jpaged import SamplingParams
-    from jpaged.bench.harness import (HostProfile, default_out, device_trace, engine_from_args, format_table,
-                                      progress_line, result_header, run_offline, use_system,
-                                      write_result)
+    from jpaged.bench.harness import (HostProfile, default_out, device_trace, engine_from_args,
+                                      format_table, progress_line, result_header, run_offline,
+                                      use_system, write_result)
     from jpaged.bench.workloads import PREFIX_LENS, Request, make_workload, shared_prefix
     from models import load_hf_config
 
