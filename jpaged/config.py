@@ -161,6 +161,14 @@ class EngineConfig:
         device still runs the current one, when nothing needs the current
         step's tokens on the host first (see jpaged.engine); the tokens are
         the same either way.
+      overlap_ragged_updates: with async scheduling, a ragged step (one
+        with prompt work) leaves the decode step (or window) dispatched
+        before it in flight: the host updates that step only once the next
+        step is dispatched, so its update, the next schedule and the next
+        dispatch all run while the device runs the ragged step (short
+        beside a decode window: without this the device idles after it
+        while the host catches up). That step's outputs come one step()
+        later; the tokens are the same either way.
       max_decode_window: decode steps one jitted call may run, a power of
         two in [1, 64]: when only decodes run, the device runs up to this
         many steps with no host in between (stop rules on the device), each
@@ -215,6 +223,7 @@ class EngineConfig:
     data_parallel_size: int = 1
     attention_backend: str = "auto"
     async_scheduling: bool = True
+    overlap_ragged_updates: bool = True
     max_decode_window: int = 16
     decode_window_idle_s: float = 1.0
     enable_chunked_prefill: bool = True
@@ -247,6 +256,9 @@ class EngineConfig:
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
+        if not isinstance(self.overlap_ragged_updates, bool):
+            raise ValueError(f"overlap_ragged_updates must be a bool, got "
+                             f"{self.overlap_ragged_updates!r}")
         w = self.max_decode_window
         if not _is_int(w) or not 1 <= w <= 64 or w & (w - 1):
             raise ValueError(f"max_decode_window must be a power of two in [1, 64], got {w!r}")

@@ -26,9 +26,12 @@ get placeholder tokens (as many as the step may produce), the next step is
 scheduled and dispatched at once and reads those tokens on the device, and
 only then does the host wait for the first step's results and update (3).
 A sequence that stopped in the first step may have computed tokens in the
-second, which are dropped. Before scheduling, the in-flight step is
-finished first whenever the next schedule could preempt, so preemption and
-swapping only ever see known tokens.
+second, which are dropped. A ragged step, short beside a decode window,
+leaves the decode step before it in flight as well (``overlap_ragged_updates``):
+both are updated once the next step is dispatched, so the device runs the
+ragged step while the host catches up. Before scheduling, the in-flight
+steps are finished first whenever the next schedule could preempt, so
+preemption and swapping only ever see known tokens.
 
 A step is all or nothing. If anything raises before a group's update is
 done (an error on the device, a bug, an interrupt), ``_recover`` undoes the
@@ -89,6 +92,7 @@ class _InFlight:
     spans: dict
     step: PendingStep
     ahead: bool
+    ragged: bool  # a ragged step (prompt work), not a decode window
     num_committed: int = 0
 
 
@@ -154,9 +158,9 @@ class LLMEngine:
         self._slots = SlotAllocator(config.max_num_seqs)
         self._diff = SlotDiff(self.runner.diff_layouts)
         # The step in progress, for _recover: its schedule, the step just
-        # dispatched from it, the previous step whose results are awaited,
-        # and the group being updated.
-        self._inflight: _InFlight | None = None
+        # dispatched from it, the earlier steps whose results are awaited
+        # (oldest first; at most two), and the group being updated.
+        self._inflight: list[_InFlight] = []
         self._launched: _InFlight | None = None
         self._scheduled: SchedulerOutput | None = None
         self._updating: SequenceGroup | None = None
@@ -267,9 +271,9 @@ class LLMEngine:
                 if not seq.is_finished():
                     seq.status = SequenceStatus.FINISHED_ABORTED
             self._forget(group)
-        inflight = self._inflight
-        if inflight is not None and all(s.seq_group.is_finished() for s in inflight.scheduled):
-            self._inflight = None  # nothing left reads its results
+        # a step none of whose groups is left: nothing reads its results
+        self._inflight = [step for step in self._inflight
+                          if not all(s.seq_group.is_finished() for s in step.scheduled)]
 
     def has_request(self, request_id: str) -> bool:
         """Whether the id names a request not yet handed back by step()."""
@@ -294,7 +298,8 @@ class LLMEngine:
           (async_scheduling, max_decode_window up to the compiled one,
           enable_prefix_caching, preemption_mode, enable_chunked_prefill: off
           needs a token budget that holds max_model_len,
-          long_prefill_token_threshold, decode_window_between_chunks).
+          long_prefill_token_threshold, decode_window_between_chunks,
+          overlap_ragged_updates).
         """
         if self.has_unfinished_requests():
             raise RuntimeError("use_block_manager() needs an idle engine")
@@ -305,7 +310,8 @@ class LLMEngine:
         unknown = set(config_changes) - {"async_scheduling", "max_decode_window",
                                          "enable_prefix_caching", "enable_chunked_prefill",
                                          "preemption_mode", "long_prefill_token_threshold",
-                                         "decode_window_between_chunks"}
+                                         "decode_window_between_chunks",
+                                         "overlap_ragged_updates"}
         if unknown:
             raise ValueError(f"use_block_manager() cannot change {sorted(unknown)} "
                              "(they need another model runner)")
@@ -374,8 +380,8 @@ class LLMEngine:
         return outputs
 
     def _step(self) -> None:
-        if self._inflight is not None and self._must_finish_inflight():
-            self._finish_inflight()
+        if self._inflight and self._must_finish_inflight():
+            self._finish_inflight(keep=0)
         self._in_schedule = True
         idle = time.monotonic() - self._last_arrival >= self.config.decode_window_idle_s
         out = self._scheduled = self.scheduler.schedule(self._max_window(), idle)
@@ -394,21 +400,22 @@ class LLMEngine:
         launched = None
         if out.scheduled_seq_groups:
             launched = self._launched = self._launch(out)
-        if self._inflight is not None:  # the previous step, while this one runs
-            self._finish_inflight()
+        # the earlier steps, while this one runs
+        self._finish_inflight(keep=int(launched is not None and self._overlaps(launched)))
         if launched is not None:
             if launched.ahead:
                 for entries in launched.group_rows:
                     for seq, _, n in entries:
                         if seq.status == SequenceStatus.RUNNING:
                             seq.append_placeholders(n)
-            self._inflight, self._launched = launched, None
+            self._inflight.append(launched)
+            self._launched = None
             if not launched.ahead:
-                self._finish_inflight()
+                self._finish_inflight(keep=0)
         self._scheduled = None
         self.scheduler.free_finished_seq_groups()
-        if self._inflight is not None and not self.scheduler.has_unfinished_seqs():
-            self._finish_inflight()  # only stopped sequences: leave the engine idle
+        if self._inflight and not self.scheduler.has_unfinished_seqs():
+            self._finish_inflight(keep=0)  # only stopped sequences: leave the engine idle
         used = self.runner.num_gpu_blocks - 1 - self.block_manager.get_num_free_gpu_blocks()
         self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, used)
 
@@ -438,9 +445,11 @@ class LLMEngine:
             self.stats.num_decode_steps += out.num_steps
         self.stats.dispatch_seconds += time.perf_counter() - t
         self.stats.num_steps += 1
-        self.stats.num_steps_ahead += self._inflight is not None
+        self.stats.num_steps_ahead += bool(self._inflight)
+        self.stats.num_steps_two_ahead += len(self._inflight) >= 2
         return _InFlight(out.scheduled_seq_groups, group_rows, spans, step,
-                         ahead=self._may_run_ahead(out.scheduled_seq_groups))
+                         ahead=self._may_run_ahead(out.scheduled_seq_groups),
+                         ragged=out.is_prefill)
 
     def _must_finish_inflight(self) -> bool:
         """Whether the in-flight step's results are needed before the next
@@ -469,10 +478,30 @@ class LLMEngine:
                 return False
         return True
 
-    def _finish_inflight(self) -> None:
-        """Waits for the in-flight step's results and commits them, one
-        group at a time (each group's update is its own unit for _recover)."""
-        inflight = self._inflight
+    def _overlaps(self, launched: _InFlight) -> bool:
+        """Whether the step just dispatched leaves the one before it in
+        flight (overlap_ragged_updates): a ragged step run ahead, after a
+        decode step (a ragged one's update publishes prompt blocks to the
+        prefix cache, which the next schedule should see) with no beam
+        group (whose update retables its beams)."""
+        if not (self.config.overlap_ragged_updates and launched.ahead
+                and launched.ragged and self._inflight):
+            return False
+        before = self._inflight[-1]
+        return not before.ragged and not any(
+            s.seq_group.sampling_params.sampling_type == SamplingType.BEAM
+            for s in before.scheduled)
+
+    def _finish_inflight(self, keep: int) -> None:
+        """Commits the in-flight steps, oldest first, until `keep` are left."""
+        while len(self._inflight) > keep:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        """Waits for the oldest in-flight step's results and commits them,
+        one group at a time (each group's update is its own unit for
+        _recover)."""
+        inflight = self._inflight[0]
         t = time.perf_counter()
         with self._guard.allowed():
             result = self.runner.fetch(inflight.step)
@@ -498,7 +527,7 @@ class LLMEngine:
                     self._outputs.append(proc.stream_output(g))
                 self._updating = None
             inflight.num_committed = i + 1
-        self._inflight = None
+        self._inflight.pop(0)
 
     # ------------------------------------------------------------ step inputs
     def _prefill_inputs(self, scheduled):
@@ -669,7 +698,7 @@ class LLMEngine:
         on the device is rolled back."""
         self.stats.num_failed_steps += 1
         touched: dict[int, SequenceGroup] = {}
-        for step in (self._inflight, self._launched):
+        for step in (*self._inflight, self._launched):
             if step is not None:
                 for s in step.scheduled[step.num_committed:]:
                     touched[id(s.seq_group)] = s.seq_group
@@ -691,7 +720,8 @@ class LLMEngine:
         on_device = [g for g in self._requests.values()
                      if any(self.block_manager.has_gpu_block_table(s) for s in g.get_seqs())]
         mid = self._updating
-        self._inflight = self._launched = self._scheduled = self._updating = None
+        self._inflight = []
+        self._launched = self._scheduled = self._updating = None
         in_schedule, self._in_schedule = self._in_schedule, False
         fail = isinstance(exc, Exception)
         reason = f"the engine step failed ({type(exc).__name__}: {exc})"

@@ -20,6 +20,9 @@ class EngineStats:
     num_decode_steps:         decode steps they ran (a window counts its size)
     num_steps_ahead:          steps dispatched before the previous step's
                               results were on the host (async scheduling)
+    num_steps_two_ahead:      steps dispatched while two earlier steps still
+                              awaited their update (a ragged step left the
+                              one before it in flight: overlap_ragged_updates)
     num_failed_steps:         steps undone after a failure or an interrupt
     num_prefill_tokens:       prompt tokens computed (prefix-cache hits left out)
     num_cached_prompt_tokens: prompt tokens read from the prefix cache
@@ -52,6 +55,7 @@ class EngineStats:
     num_steps: int = 0
     num_decode_steps: int = 0
     num_steps_ahead: int = 0
+    num_steps_two_ahead: int = 0
     num_failed_steps: int = 0
     num_prefill_tokens: int = 0
     num_cached_prompt_tokens: int = 0

@@ -75,6 +75,7 @@ def parse_args(argv):
                    help="comma-separated systems to run: jpaged, orca-max, orca-pow2, "
                         "orca-oracle, jpaged-sync (async scheduling off), jpaged-window1 "
                         "(one decode step per call), jpaged-nochunk (chunked prefill off), "
+                        "jpaged-nooverlap (overlap_ragged_updates off), "
                         "hf-generate, hf-generate-batch")
     add_engine_args(p, kv_cache_gib_default=2.0,
                     max_num_seqs_help="sequences per step, at most (every system; per replica)",

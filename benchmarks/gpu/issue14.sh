@@ -4,7 +4,8 @@
 # (<hash> written out here: the GPU machine's copied .git can be stale)
 # Steps:
 #   steady      engine steady decode at 256 seqs x 512 vs the model alone (bench_steady.py)
-#   throughput  ShareGPT-1000, 2 GiB pool: jpaged, Orca-Max, + the ceiling (bench_throughput.py)
+#   throughput  ShareGPT-1000, 2 GiB pool: jpaged, jpaged-nooverlap, Orca-Max, + the ceiling
+#               (bench_throughput.py)
 #   step-parts  host time per part of a step and per kind (window, ragged) on the 2 GiB run
 #               (benchmarks/gpu/time_step_parts.py)
 #   generate8k  the README main job with a token budget of 8192 a step (vLLM's offline default
@@ -40,8 +41,8 @@ for s in "$@"; do
     steady) run steady 200 python3 scripts/bench_steady.py $COMMON --num-seqs 256 --context 512 \
         --decode-tokens 448 --max-model-len 1024 --out "$OUT/steady.json" ;;
     throughput) run throughput 240 python3 scripts/bench_throughput.py $COMMON --kv-cache-gib 2 \
-        --workload $W --num-requests 1000 --systems jpaged,orca-max --ceiling 256:512 \
-        --out "$OUT/throughput.json" ;;
+        --workload $W --num-requests 1000 --systems jpaged,jpaged-nooverlap,orca-max \
+        --ceiling 256:512 --out "$OUT/throughput.json" ;;
     throughput-profile) run throughput-profile 200 python3 scripts/bench_throughput.py $COMMON \
         --kv-cache-gib 2 --workload $W --num-requests 1000 --systems jpaged \
         --profile-host "$OUT/host-profile.txt" --out "$OUT/throughput-profile.json" ;;

@@ -58,7 +58,7 @@ def main(argv=None):
     for name in ("_forward_fn", "_prefill_sample_fn", "_decode_fn", "_pack_prefill",
                  "apply_diff", "fetch"):
         _timed(record, runner, name)
-    for name in ("_launch", "_finish_inflight", "_prefill_inputs"):
+    for name in ("_launch", "_finish_oldest", "_prefill_inputs"):
         _timed(record, engine, name)
     rng = np.random.default_rng(0)
     for cap in (128, 0):  # (windows between chunks off: every step holds a chunk)

@@ -58,7 +58,7 @@ def main(argv=None):
             return out
         setattr(obj, name, wrapper)
 
-    launch, finish = engine._launch, engine._finish_inflight
+    launch, finish = engine._launch, engine._finish_oldest
 
     def launch_wrapper(out):
         kind = "ragged" if out.is_prefill else "window"
@@ -73,7 +73,7 @@ def main(argv=None):
         return inflight
 
     def finish_wrapper():
-        kind = kind_of.pop(id(engine._inflight), "?")
+        kind = kind_of.pop(id(engine._inflight[0]), "?")
         state["finishing"] = kind
         wait0 = engine._wait
         t = time.perf_counter()
@@ -86,7 +86,7 @@ def main(argv=None):
         record[("finish: wait", kind)].append(waited)
         record[("finish: update", kind)].append(total - waited)
 
-    engine._launch, engine._finish_inflight = launch_wrapper, finish_wrapper
+    engine._launch, engine._finish_oldest = launch_wrapper, finish_wrapper
     runner = engine.runner
     for name in ("_decode_fn", "_forward_fn", "_prefill_sample_fn", "_pack_prefill",
                  "apply_diff"):

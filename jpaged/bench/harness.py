@@ -32,7 +32,8 @@ from jpaged.bench.reservation import ReservationBlockManager, kv_slot_usage
 from jpaged.sequence import SequenceStatus
 
 SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync", "jpaged-window1",
-           "jpaged-nochunk", "jpaged-between0", "jpaged-between8", "jpaged-between16")
+           "jpaged-nochunk", "jpaged-between0", "jpaged-between8", "jpaged-between16",
+           "jpaged-nooverlap")
 LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "orca-oracle": "Orca-Oracle", "jpaged-sync": "jpaged, async scheduling off",
           "jpaged-window1": "jpaged, one decode step per call",
@@ -40,6 +41,7 @@ LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "jpaged-between0": "jpaged, no decode windows between chunks",
           "jpaged-between8": "jpaged, decode windows of 8 between chunks",
           "jpaged-between16": "jpaged, decode windows of 16 between chunks",
+          "jpaged-nooverlap": "jpaged, overlap_ragged_updates off",
           "hf-generate": "HF generate (static)",
           "hf-generate-batch": "HF generate_batch (continuous)"}
 
@@ -255,7 +257,8 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     # "jpaged-window1": decode windows off (one decode step per jitted call);
     # "jpaged-nochunk": chunked prefill off (steps all prefill or all decode;
     # needs a budget >= max_model_len); the others: chunked as the engine was built;
-    # "jpaged-between<K>": decode windows of K steps between a long prefill's chunks
+    # "jpaged-between<K>": decode windows of K steps between a long prefill's chunks;
+    # "jpaged-nooverlap": a ragged step does not leave the step before it in flight
     chunked = engine.config.enable_chunked_prefill and system != "jpaged-nochunk"
     window = 1 if system == "jpaged-window1" else max(replicas(engine)[0].runner.window_sizes)
     if decode_window_between_chunks is None:
@@ -266,7 +269,8 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     engine.use_block_manager(
         factory, num_blocks, enable_prefix_caching=enable_prefix_caching,
         async_scheduling=system != "jpaged-sync", max_decode_window=window,
-        enable_chunked_prefill=chunked, decode_window_between_chunks=between)
+        enable_chunked_prefill=chunked, decode_window_between_chunks=between,
+        overlap_ragged_updates=system != "jpaged-nooverlap")
 
 
 class Probe:
@@ -339,6 +343,7 @@ def engine_counters(engine) -> dict:
             for n, e in zip(engine.num_requests, engine.engines)]
     return dict(num_steps=st["num_steps"], decode_steps=st["num_decode_steps"],
                 steps_dispatched_ahead=st["num_steps_ahead"],
+                steps_dispatched_two_ahead=st["num_steps_two_ahead"],
                 preemptions=st["num_preemptions"],
                 swaps_out=st["num_swaps_out"], swaps_in=st["num_swaps_in"],
                 host_ms_per_step=1e3 * st["host_seconds"] / steps,

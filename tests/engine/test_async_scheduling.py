@@ -36,7 +36,8 @@ def _mode(llm, on, **changes):
     """The idle engine in async mode `on` (and `changes`): a fresh block
     manager and scheduler, zeroed stats."""
     eng = llm.engine
-    assert not eng.has_unfinished_requests() and eng._inflight is None
+    assert not eng.has_unfinished_requests() and not eng._inflight
+    changes.setdefault("overlap_ragged_updates", True)
     eng.use_block_manager(async_scheduling=on, **changes)
     return llm
 
@@ -71,7 +72,7 @@ def _prompt_logprobs(outs):
 def _assert_all_freed(llm):
     bm = llm.engine.block_manager
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
-    assert llm.engine._inflight is None
+    assert not llm.engine._inflight
 
 
 def _generate(llm, prompts, params, on, **changes):
@@ -116,6 +117,57 @@ def test_mixed_requests_same_outputs_and_steps_run_ahead(llm):
     assert len(on[9].outputs[0].token_ids) == 64 - 40
 
 
+def test_ragged_steps_overlap_the_update_before_them(llm):
+    """overlap_ragged_updates: a ragged step leaves the step before it in
+    flight, and both are updated after the next dispatch. More requests
+    than max_num_seqs, so prompts are admitted between decode windows: the
+    outputs equal those with it off, and steps ran two ahead."""
+    ps = _prompts(5, [5 + (7 * i) % 37 for i in range(24)])
+    params = [MIXED[i % len(MIXED)] for i in range(24)]
+    on, on_stats = _generate(llm, ps, params, True)
+    _assert_all_freed(llm)
+    off, off_stats = _generate(llm, ps, params, True, overlap_ragged_updates=False)
+    _assert_all_freed(llm)
+    assert all(o.error is None for o in on)
+    assert _summary(on) == _summary(off)
+    assert _prompt_logprobs(on) == _prompt_logprobs(off)
+    assert on_stats["num_steps_two_ahead"] > 0
+    assert off_stats["num_steps_two_ahead"] == 0
+    assert off_stats["num_steps_ahead"] > 0  # (async scheduling stayed on)
+
+
+def test_abort_with_two_steps_in_flight(llm):
+    """An abort of a request in the older of two in-flight steps, and of one
+    still waiting: the others give the tokens of a run without the abort,
+    and every block comes back."""
+    ps = _prompts(6, [6, 9, 12, 7, 10, 8, 11, 5, 13, 9, 6, 7, 8, 12])
+    # (lengths that end at different steps: a prompt is admitted while
+    # others still decode, not after all of them ended)
+    sps = [SamplingParams(temperature=0.0, max_tokens=6 + (11 * i) % 37, ignore_eos=True)
+           for i in range(len(ps))]
+    want = [o.outputs[0].token_ids for o in _generate(llm, ps, sps, True)[0]]
+    eng = _mode(llm, True).engine
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), None, sps[i], prompt_token_ids=p)
+    done = {}
+    while len(eng._inflight) < 2:
+        assert eng.has_unfinished_requests(), "no step left two in flight"
+        done.update((o.request_id, o) for o in eng.step())
+    older = next(s.seq_group.request_id for s in eng._inflight[0].scheduled
+                 if not s.seq_group.is_finished())
+    waiting = eng.scheduler.waiting[-1].request_id
+    eng.abort_request([older, waiting])
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            assert o.request_id not in done
+            done[o.request_id] = o
+    assert older not in done and waiting not in done
+    assert len(done) == len(ps) - 2
+    for rid, o in done.items():
+        assert o.outputs[0].token_ids == want[int(rid)], rid
+    _assert_all_freed(llm)
+
+
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_tiny_pool_preempts_and_gives_the_same_tokens(tiny_pool, mode):
     """A pool too small for the batch: the engine must finish the in-flight
@@ -141,7 +193,7 @@ def test_abort_while_a_step_is_in_flight(llm):
         eng.add_request(str(i), None, sp, prompt_token_ids=p)
     eng.step()  # prefill, left in flight
     eng.step()  # first decode, dispatched before the prefill's tokens came back
-    assert eng._inflight is not None and eng._inflight.ahead
+    assert eng._inflight and eng._inflight[-1].ahead
     seq = eng.scheduler.running[0].get_seqs()[0]
     assert seq.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID
     eng.abort_request("1")

@@ -51,7 +51,7 @@ def reconfigure(llm, **changes):
     values except `changes`: a test sees what a new engine of that config
     would give it, without a warm-up (seconds of tracing and cache loads)."""
     eng = llm.engine
-    assert not eng.has_unfinished_requests() and not eng._states and eng._inflight is None
+    assert not eng.has_unfinished_requests() and not eng._states and not eng._inflight
     bm = eng.block_manager
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
     eng.use_block_manager(**{**llm.built_with, **changes})

@@ -54,7 +54,7 @@ def engines(llama):
 
 
 def assert_idle(eng):
-    assert not eng.has_unfinished_requests() and eng._inflight is None
+    assert not eng.has_unfinished_requests() and not eng._inflight
     bm = eng.block_manager
     bm.check_invariants()
     assert bm.get_num_free_gpu_blocks() == bm.get_num_total_gpu_blocks()
@@ -245,6 +245,39 @@ def test_lost_kv_pool_is_rebuilt(engines, monkeypatch, exc, async_scheduling, ca
         drain(eng, done)
     assert hook.fired
     check_outcome(eng, reqs, ref, done, "model-call", fail_exc=issubclass(exc, Exception))
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError], ids=["interrupt", "exception"])
+@pytest.mark.parametrize("point", ["during-fetch", "during-update"])
+def test_failure_with_two_steps_in_flight(engines, monkeypatch, exc, point):
+    """A failure while a ragged step has left the step before it in flight
+    (overlap_ragged_updates): both steps are undone like one."""
+    eng = engines(True, False).engine
+    # (lengths that end at different steps: prompts are admitted while
+    # others decode; no beam group, whose steps run one deep)
+    reqs = [(f"t{i}", ids, SamplingParams(temperature=0.8 * (i % 2), seed=i, ignore_eos=True,
+                                          max_tokens=6 + (11 * i) % 37))
+            for i, (_, ids, _) in enumerate(batch(4, num=18))]
+    ref = run_clean(eng, reqs)
+    eng.stats.num_failed_steps = 0
+    target, name = ((eng.runner, "fetch") if point == "during-fetch"
+                    else (eng.output_processor, "update"))
+    real, fired = getattr(target, name), []
+
+    def hook(*args, **kwargs):
+        if not fired and len(eng._inflight) == 2:
+            fired.append(True)
+            raise exc("injected")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(target, name, hook)
+    add_all(eng, reqs)
+    done = {}
+    try:
+        drain(eng, done)
+    except KeyboardInterrupt:
+        drain(eng, done)
+    assert fired, "no step left two in flight"
+    check_outcome(eng, reqs, ref, done, point, fail_exc=issubclass(exc, Exception))
 
 
 def test_preemption_with_failures_in_swaps(engines, monkeypatch):

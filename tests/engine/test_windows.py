@@ -152,8 +152,8 @@ def test_preemption_and_abort_inside_windows(engines, mode):
     # an abort while a window is in flight
     for i, p in enumerate(ps):
         eng.add_request(f"a{i}", None, sp, prompt_token_ids=p)
-    while not (eng._inflight is not None and eng.stats.num_decode_steps > 0
-               and eng._inflight.step.num_tokens == 0):
+    while not (eng._inflight and eng.stats.num_decode_steps > 0
+               and eng._inflight[-1].step.num_tokens == 0):
         eng.step()
     eng.abort_request("a2")
     done = {}
