@@ -99,7 +99,7 @@ def main(argv=None):
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   workload=workload.summary(),
                   clock="simulated: sum of measured step times, idle gaps skipped")
-    _, engine, info = engine_from_args(args, hf_config)
+    _, engine, info = engine_from_args(args, hf_config, freeze=argv is None)
     result["engine"] = info
     out = args.out or default_out("latency", result["device"])
     deadline = time.perf_counter() + args.time_limit

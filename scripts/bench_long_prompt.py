@@ -162,7 +162,7 @@ def main(argv=None):
         raise SystemExit("--long-prefill-thresholds: ints >= 0, and > 0 only with chunked prefill")
     windows = (parse_list(args.decode_windows_between_chunks, kind=int)
                if args.decode_windows_between_chunks else [args.decode_window_between_chunks])
-    model, engine, info = engine_from_args(args, load_hf_config(args.model))
+    model, engine, info = engine_from_args(args, load_hf_config(args.model), freeze=argv is None)
     max_len = engine.config.max_model_len
     L = args.long_prompt or max_len - 8
     if not 0 < L < max_len:

@@ -86,7 +86,7 @@ def main(argv=None):
     result = result_header("scripts/bench_sharing.py", argv)
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   workload=workload.summary())
-    model, engine, info = engine_from_args(args, hf_config)
+    model, engine, info = engine_from_args(args, hf_config, freeze=argv is None)
     num_blocks = None
     if args.usable_kv_gib is not None:
         num_blocks = 1 + int(args.usable_kv_gib * (1 << 30)

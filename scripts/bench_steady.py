@@ -35,7 +35,7 @@ def main(argv=None):
     from jpaged import SamplingParams
     import numpy as np
     result = result_header("scripts/bench_steady.py", argv)
-    model, engine, info = engine_from_args(args, load_hf_config(args.model))
+    model, engine, info = engine_from_args(args, load_hf_config(args.model), freeze=argv is None)
     result.update(model=args.model, dtype=args.dtype, num_seqs=args.num_seqs,
                   context=args.context, decode_tokens=args.decode_tokens, engine=info)
     rng = np.random.default_rng(0)

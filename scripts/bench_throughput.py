@@ -178,7 +178,7 @@ def main(argv=None):
     result.update(model=args.model, dtype=args.dtype, random_weights=True,
                   tensor_parallel_size=tp, data_parallel_size=dp, workload=workload.summary())
     t0 = time.perf_counter()
-    model, engine, info = engine_from_args(args, hf_config)
+    model, engine, info = engine_from_args(args, hf_config, freeze=argv is None)
     result["engine"] = dict(  # (kv_pool_gib: one replica's)
         startup_seconds=time.perf_counter() - t0, **info, block_size=args.block_size,
         kv_pool_gib=info["num_gpu_blocks"] * model.kv_bytes_per_block(args.block_size) / (1 << 30))

@@ -199,10 +199,16 @@ def open_output(path):
                  "in an existing, writable directory")
 
 
-def load_llm(args, max_num_seqs: int):
+def load_llm(args, max_num_seqs: int, freeze: bool = False):
+    """The warmed-up LLM; freeze: jpaged.engine.freeze_heap() then (from
+    the command line)."""
     from jpaged import LLM
-    return LLM(load_model(args), **dict(llm_kwargs(args), max_num_seqs=max_num_seqs),
-               use_tqdm_warmup=not args.no_progress)
+    llm = LLM(load_model(args), **dict(llm_kwargs(args), max_num_seqs=max_num_seqs),
+              use_tqdm_warmup=not args.no_progress)
+    if freeze:
+        from jpaged.engine import freeze_heap
+        freeze_heap()
+    return llm
 
 
 def sampling_params(args):
@@ -275,7 +281,7 @@ def main(argv=None):
     eng, pending = None, set()
     try:
         t0 = time.perf_counter()
-        llm = load_llm(args, max_num_seqs)
+        llm = load_llm(args, max_num_seqs, freeze=argv is None)
         eng = llm.engine
         t_ready = time.perf_counter()
         from jpaged.data_parallel import DataParallelEngine, replicas  # (jax has started)

@@ -52,7 +52,7 @@ def main(argv=None):
     p.add_argument("--base-seconds", type=float, default=1.0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    model, engine, info = engine_from_args(args, load_hf_config(args.model))
+    model, engine, info = engine_from_args(args, load_hf_config(args.model), freeze=argv is None)
     runner = engine.runner
     record = collections.defaultdict(list)
     for name in ("_forward_fn", "_prefill_sample_fn", "_decode_fn", "_pack_prefill",

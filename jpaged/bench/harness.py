@@ -173,9 +173,12 @@ def add_output_args(parser, kind: str) -> None:
                         f"benchmarks/results/{kind}-<device>.json)")
 
 
-def engine_from_args(args, hf_config: dict):
+def engine_from_args(args, hf_config: dict, freeze: bool = False):
     """The random-weight model and warmed-up engine that the flags of
     add_model_args / add_engine_args / add_output_args ask for.
+
+    freeze: jpaged.engine.freeze_heap() once the engine is warmed up (the
+      scripts, run from the command line: main(argv=None)).
 
     Returns: (model, engine, info); info is the result JSON's "engine" entry:
       warmup_seconds, compiles_at_warmup (from engine.stats; with data
@@ -207,6 +210,9 @@ def engine_from_args(args, hf_config: dict):
                               args, "long_prefill_token_threshold", None),
                           decode_window_between_chunks=getattr(
                               args, "decode_window_between_chunks", None))
+    if freeze:
+        from jpaged.engine import freeze_heap
+        freeze_heap()
     runners = [e.runner for e in replicas(engine)]
     st = engine.stats  # (data parallelism: the replicas' counters added up)
     print(f"[{time.strftime('%H:%M:%S')}] engine ready: warm-up {st.warmup_seconds:.1f} s, "
