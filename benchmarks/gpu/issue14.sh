@@ -27,6 +27,9 @@
 #               and jax.profiler (device time per jitted function and kernel, in the JSON)
 #   topk        bench_kernels.py --topk: exact_top_k against lax.top_k (vocabularies, beam candidates)
 #   latency     bench_latency.py at 2-32 req/s: windows on and off (TTFT, TPOT)
+#   latency-arrivals  bench_latency.py at 2-32 req/s, at least 40 requests a rate: jpaged,
+#               jpaged-idlearrivals (every arrival holds windows back), jpaged-window1
+#   generate-nooverlap  the README main job with overlap_ragged_updates off
 #   throughput-w16  the 2 GiB run with windows of up to 16 steps
 #   serving     bench_serving.py over HTTP (needs the .whl wheels: starlette, uvicorn, ...)
 # BUDGET=<seconds> caps the whole call: a step gets at most what is left.
@@ -86,6 +89,14 @@ for s in "$@"; do
     latency) run latency 230 python3 scripts/bench_latency.py $COMMON --kv-cache-gib 2 \
         --workload $W --rates 2,8,16,32 --duration 6 --min-requests 20 --time-limit 150 \
         --systems jpaged,jpaged-window1 --out "$OUT/latency.json" ;;
+    latency-arrivals) run latency-arrivals 260 python3 scripts/bench_latency.py $COMMON \
+        --kv-cache-gib 2 --workload $W --rates 2,8,16,32 --duration 6 --min-requests 40 \
+        --time-limit 200 --systems jpaged,jpaged-idlearrivals,jpaged-window1 \
+        --out "$OUT/latency-arrivals.json" ;;
+    generate-nooverlap) run generate-nooverlap 150 python3 scripts/generate.py --random-weights \
+        --model smollm2-135m-shape --num-random-prompts 300 --random-prompt-len 128 \
+        --max-tokens 128 --ignore-eos --max-model-len 1024 --no-progress \
+        --no-overlap-ragged-updates --output "$OUT/generate-nooverlap.jsonl" ;;
     throughput-w16) run throughput-w16 150 python3 scripts/bench_throughput.py $COMMON \
         --kv-cache-gib 2 --workload $W --num-requests 1000 --systems jpaged \
         --max-decode-window 16 --out "$OUT/throughput-w16.json" ;;

@@ -33,7 +33,7 @@ from jpaged.sequence import SequenceStatus
 
 SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync", "jpaged-window1",
            "jpaged-nochunk", "jpaged-between0", "jpaged-between8", "jpaged-between16",
-           "jpaged-nooverlap")
+           "jpaged-nooverlap", "jpaged-idlearrivals")
 LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "orca-oracle": "Orca-Oracle", "jpaged-sync": "jpaged, async scheduling off",
           "jpaged-window1": "jpaged, one decode step per call",
@@ -42,6 +42,7 @@ LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "jpaged-between8": "jpaged, decode windows of 8 between chunks",
           "jpaged-between16": "jpaged, decode windows of 16 between chunks",
           "jpaged-nooverlap": "jpaged, overlap_ragged_updates off",
+          "jpaged-idlearrivals": "jpaged, arrivals into an idle engine hold windows back",
           "hf-generate": "HF generate (static)",
           "hf-generate-batch": "HF generate_batch (continuous)"}
 
@@ -264,7 +265,8 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     # "jpaged-nochunk": chunked prefill off (steps all prefill or all decode;
     # needs a budget >= max_model_len); the others: chunked as the engine was built;
     # "jpaged-between<K>": decode windows of K steps between a long prefill's chunks;
-    # "jpaged-nooverlap": a ragged step does not leave the step before it in flight
+    # "jpaged-nooverlap": a ragged step does not leave the step before it in flight;
+    # "jpaged-idlearrivals": jpaged (run_poisson counts every arrival: an experiment)
     chunked = engine.config.enable_chunked_prefill and system != "jpaged-nochunk"
     window = 1 if system == "jpaged-window1" else max(replicas(engine)[0].runner.window_sizes)
     if decode_window_between_chunks is None:
@@ -448,13 +450,25 @@ class HostProfile:
         pathlib.Path(self.path).write_text(text.getvalue())
 
 
-def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
+def run_poisson(engine, requests, arrivals, params, *, deadline=None,
+                count_idle_arrivals: bool = False) -> dict:
     """Requests arrive at `arrivals` (seconds) on a simulated clock that
     advances by each step's measured wall time and jumps over idle gaps.
 
     Normalized latency of a request = (finish - arrival) / output tokens.
     deadline: wall-clock time.perf_counter() value after which no more
     requests are admitted (the run is then marked truncated).
+    count_idle_arrivals: every arrival holds decode windows back for
+    decode_window_idle_s, one into an idle engine too (the engine counts
+    only arrivals into a running batch; system "jpaged-idlearrivals": an
+    experiment on that rule, one engine only).
+
+    Besides the percentiles, per finished request in id order: ttft_ms,
+    windows_before_first_token (step() calls between its arrival and its
+    first token that dispatched a decode window of more than one step: a
+    prompt waits behind such windows), calls_to_first_token (step() calls
+    from its arrival to the one that returned its first token), and
+    arrived_idle (the engine had nothing to do when it arrived).
     """
     n = len(requests)
     sim, i = 0.0, 0
@@ -466,6 +480,9 @@ def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
     # NOTE: first_token_time is time.monotonic(); each step's end maps it to the
     # simulated clock (the first token came back in that step)
     step_ends: list[tuple[float, float]] = []
+    windows: list[bool] = []  # per step() call: it dispatched a window of > 1 step
+    arrived_idle: dict[int, bool] = {}
+    arrived_at_step: dict[int, int] = {}
     while i < n or engine.has_unfinished_requests():
         if deadline is not None and i < n and time.perf_counter() > deadline:
             truncated = True
@@ -474,13 +491,22 @@ def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
         if not engine.has_unfinished_requests() and sim < arrivals[i]:
             sim = float(arrivals[i])
         while i < n and arrivals[i] <= sim:
+            arrived_idle[i] = not engine.has_unfinished_requests()
+            arrived_at_step[i] = len(step_ends)
             engine.add_request(str(i), None, params[i],
                                prompt_token_ids=requests[i].prompt_token_ids)
+            if count_idle_arrivals:
+                from jpaged.data_parallel import replicas
+                for e in replicas(engine):
+                    e._last_arrival = time.monotonic()
             i += 1
+        steps0, decode0 = engine.stats.num_steps, engine.stats.num_decode_steps
         t0 = time.perf_counter()
         done = engine.step()
         sim += time.perf_counter() - t0
         step_ends.append((time.monotonic(), sim))
+        windows.append(engine.stats.num_decode_steps - decode0 >
+                       engine.stats.num_steps - steps0)
         for o in done:
             if o.error is not None:
                 rejected += 1
@@ -494,13 +520,17 @@ def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
     norm = lat / np.array([requests[k].output_len for k in ok]) if ok else np.array([math.nan])
     tokens = sum(requests[k].output_len for k in ok)
     monos = [m for m, _ in step_ends]
-    ttft, tpot = [], []
+    ttft, tpot, waited, idle, calls = [], [], [], [], []
     for k in ok:
         if k not in first_token:
             continue
         j = min(np.searchsorted(monos, first_token[k]), len(step_ends) - 1)
         t_first = step_ends[j][1]
         ttft.append(t_first - arrivals[k])
+        # (the call it arrived before ran one, and the one in flight then counts too)
+        waited.append(int(sum(windows[max(0, arrived_at_step[k] - 1):j + 1])))
+        idle.append(arrived_idle[k])
+        calls.append(int(j + 1 - arrived_at_step[k]))
         if requests[k].output_len > 1:
             tpot.append((finish[k] - t_first) / (requests[k].output_len - 1))
 
@@ -514,6 +544,11 @@ def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
                 mean_latency=float(np.mean(lat)) if ok else math.nan,
                 ttft_p50_ms=1e3 * pct(ttft, 50), ttft_p99_ms=1e3 * pct(ttft, 99),
                 tpot_p50_ms=1e3 * pct(tpot, 50), tpot_p99_ms=1e3 * pct(tpot, 99),
+                ttft_ms=[round(1e3 * t, 3) for t in ttft], windows_before_first_token=waited,
+                arrived_idle=idle, calls_to_first_token=calls,
+                behind_window_share=float(np.mean([w > 0 for w in waited])) if waited else math.nan,
+                ttft_p50_behind_window_ms=1e3 * pct([t for t, w in zip(ttft, waited) if w], 50),
+                ttft_p50_no_window_ms=1e3 * pct([t for t, w in zip(ttft, waited) if not w], 50),
                 output_tokens_per_s=tokens / sim if sim else 0.0,
                 **engine_counters(engine))
 

@@ -136,11 +136,14 @@ def test_bench_latency(files):
     out = files / "latency.json"
     argv = ["--model", str(files / "tiny.json"), "--workload", str(files / "w.json"),
             "--rates", "20,200", "--duration", "0.4", "--min-requests", "6",
-            "--max-requests", "16", *ENGINE_ARGS, "--out", str(out)]
+            "--max-requests", "16", "--systems", "jpaged,jpaged-window1," + ",".join(ORCA),
+            *ENGINE_ARGS, "--out", str(out)]
     script("bench_latency").main(argv)
     res = json.loads(out.read_text())
     header_ok(res, argv)
-    assert set(res["systems"]) == {"jpaged", *ORCA}
+    assert set(res["systems"]) == {"jpaged", "jpaged-window1", *ORCA}
+    for pt in res["systems"]["jpaged-window1"]["points"]:  # one decode step per call
+        assert pt["windows_before_first_token"] == [0] * pt["num_finished"]
     # the default bound: 2 x jpaged's latency at the lowest rate
     first = res["systems"]["jpaged"]["points"][0]["mean_normalized_latency"]
     assert res["latency_bound"] == pytest.approx(2 * first)
@@ -150,6 +153,11 @@ def test_bench_latency(files):
         assert 1 <= len(s["points"]) <= 2
         for pt in s["points"]:
             assert pt["rate"] in (20, 200) and pt["num_finished"] == pt["num_requests"]
+            assert len(pt["ttft_ms"]) == len(pt["windows_before_first_token"]) == \
+                len(pt["arrived_idle"]) == pt["num_finished"]
+            assert min(pt["ttft_ms"]) > 0 and min(pt["windows_before_first_token"]) >= 0
+            assert min(pt["calls_to_first_token"]) >= 1
+            assert 0 <= pt["behind_window_share"] <= 1
             assert math.isfinite(pt["mean_normalized_latency"]) and pt["mean_normalized_latency"] > 0
             assert pt["p90_normalized_latency"] >= pt["p50_normalized_latency"] > 0
             assert pt["sim_seconds"] > 0
