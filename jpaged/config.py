@@ -175,11 +175,11 @@ class EngineConfig:
         window size from 1 up compiled at start-up. 1 turns windows off.
         Windows run only when they delay no new request's first token:
         while requests wait that the batch or the pool cannot take yet, or
-        once no request has arrived into the running batch for
-        decode_window_idle_s seconds (requests added to an idle engine, an
-        offline batch, do not count); otherwise (requests arriving into a
-        batch with room) a step decodes one token, so an arrival is
-        prefilled at the next step.
+        once no request has arrived for decode_window_idle_s seconds (an
+        offline batch does not count: LLM.generate clears the arrival
+        history once its batch is queued, LLMEngine.clear_arrivals);
+        otherwise (requests arriving into a batch with room) a step decodes
+        one token, so an arrival is prefilled at the next step.
       decode_window_idle_s: see max_decode_window, >= 0.
       enable_chunked_prefill: fill each step up to max_num_batched_tokens:
         every decoding sequence's next token first, then prompt chunks

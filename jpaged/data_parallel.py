@@ -144,6 +144,11 @@ class DataParallelEngine:
             if rids:
                 engine.abort_request(rids)
 
+    def clear_arrivals(self) -> None:
+        """LLMEngine.clear_arrivals on every replica."""
+        for engine in self.engines:
+            engine.clear_arrivals()
+
     def has_request(self, request_id: str) -> bool:
         """Whether the id names a request not yet handed back by step()."""
         return request_id in self._owner or any(

@@ -166,8 +166,8 @@ class LLMEngine:
         self._scheduled: SchedulerOutput | None = None
         self._updating: SequenceGroup | None = None
         self._in_schedule = False
-        # time.monotonic() of the last request added while others ran (an
-        # offline batch, added to an idle engine, does not hold windows back)
+        # time.monotonic() of the last request added (an offline batch, once
+        # queued, clears it: clear_arrivals)
         self._last_arrival = -float("inf")
         self._guard = InterruptGuard()
         self._wait = 0.0  # seconds of the current step spent waiting for the device
@@ -203,8 +203,7 @@ class LLMEngine:
                                                                   sampling_params))
         if sampling_params.use_beam_search:  # an id unique among running groups
             self._states[seq.seq_id].beam_group = seq.seq_id & 0x7FFFFFFF
-        if self.scheduler.running:  # an arrival into a running batch (not a batch's start)
-            self._last_arrival = time.monotonic()
+        self._last_arrival = time.monotonic()
         self._requests[request_id] = group
         self.scheduler.add_seq_group(group)
 
@@ -275,6 +274,13 @@ class LLMEngine:
         # a step none of whose groups is left: nothing reads its results
         self._inflight = [step for step in self._inflight
                           if not all(s.seq_group.is_finished() for s in step.scheduled)]
+
+    def clear_arrivals(self) -> None:
+        """Declares the requests queued so far an offline batch: no request
+        is expected to arrive while they run, so they hold no decode window
+        back (max_decode_window). LLM.generate calls it once its batch is
+        queued; a loop that adds a batch and steps it should too."""
+        self._last_arrival = -float("inf")
 
     def has_request(self, request_id: str) -> bool:
         """Whether the id names a request not yet handed back by step()."""

@@ -121,6 +121,7 @@ class LLM:
             for i in own:
                 self.engine.add_request(ids[i], items[i][0], sampling_params[i],
                                         prompt_token_ids=toks[i])
+            self.engine.clear_arrivals()  # an offline batch: decode windows at once
             outputs = self._run(own_ids, use_tqdm)
         except BaseException:
             self.engine.abort_request(own_ids)

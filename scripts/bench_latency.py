@@ -31,8 +31,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
     p.add_argument("--systems", default="jpaged,orca-max,orca-pow2,orca-oracle",
                    help="comma-separated: jpaged, orca-max, orca-pow2, orca-oracle, "
-                        "jpaged-sync, jpaged-window1, jpaged-nochunk (chunked prefill off), "
-                        "jpaged-idlearrivals (every arrival holds windows back: an experiment)")
+                        "jpaged-sync, jpaged-window1, jpaged-nochunk (chunked prefill off)")
     p.add_argument("--rates", default="4,8,16,32,48,64",
                    help="comma-separated request rates (requests/s), ascending")
     p.add_argument("--duration", type=float, default=10.0,
@@ -125,8 +124,7 @@ def main(argv=None):
         params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
                   for r in reqs]
         arrivals = poisson_arrivals(n, rate, seed=args.seed + i)
-        pt = run_poisson(engine, reqs, arrivals, params, deadline=deadline,
-                         count_idle_arrivals=system == "jpaged-idlearrivals")
+        pt = run_poisson(engine, reqs, arrivals, params, deadline=deadline)
         pt = dict(rate=rate, **pt)
         points.append(pt)
         result["systems"] = systems

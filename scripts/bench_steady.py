@@ -44,6 +44,7 @@ def main(argv=None):
     for i in range(args.num_seqs):
         engine.add_request(str(i), None, sp,
                            prompt_token_ids=rng.integers(0, vocab, args.context).tolist())
+    engine.clear_arrivals()  # an offline batch
     while any(s.get_output_len() == 0 for g in engine.scheduler.waiting + engine.scheduler.running
               for s in g.get_seqs()) and engine.has_unfinished_requests():
         engine.step()

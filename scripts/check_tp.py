@@ -131,6 +131,7 @@ def run_one(model, tp: int, prompts, args) -> dict:
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), None, sp, prompt_token_ids=p)
+    engine.clear_arrivals()  # an offline batch
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -306,6 +306,7 @@ def main(argv=None):
                     x.error = f"{x.where}: {e}"
             if x.error is not None:
                 finish(record(x))
+        eng.clear_arrivals()  # an offline batch: decode windows at once
         while eng.has_unfinished_requests():
             for out in eng.step():
                 pending.discard(out.request_id)

@@ -28,7 +28,7 @@
 #   topk        bench_kernels.py --topk: exact_top_k against lax.top_k (vocabularies, beam candidates)
 #   latency     bench_latency.py at 2-32 req/s: windows on and off (TTFT, TPOT)
 #   latency-arrivals  bench_latency.py at 2-32 req/s, at least 40 requests a rate: jpaged,
-#               jpaged-idlearrivals (every arrival holds windows back), jpaged-window1
+#               jpaged-window1 (at 9a2128d also jpaged-idlearrivals: the rule of 2026-12-04 (2))
 #   generate-nooverlap  the README main job with overlap_ragged_updates off
 #   throughput-w16  the 2 GiB run with windows of up to 16 steps
 #   serving     bench_serving.py over HTTP (needs the .whl wheels: starlette, uvicorn, ...)
@@ -91,7 +91,7 @@ for s in "$@"; do
         --systems jpaged,jpaged-window1 --out "$OUT/latency.json" ;;
     latency-arrivals) run latency-arrivals 260 python3 scripts/bench_latency.py $COMMON \
         --kv-cache-gib 2 --workload $W --rates 2,8,16,32 --duration 6 --min-requests 40 \
-        --time-limit 200 --systems jpaged,jpaged-idlearrivals,jpaged-window1 \
+        --time-limit 200 --systems jpaged,jpaged-window1 \
         --out "$OUT/latency-arrivals.json" ;;
     generate-nooverlap) run generate-nooverlap 150 python3 scripts/generate.py --random-weights \
         --model smollm2-135m-shape --num-random-prompts 300 --random-prompt-len 128 \

@@ -33,7 +33,7 @@ from jpaged.sequence import SequenceStatus
 
 SYSTEMS = ("jpaged", "orca-max", "orca-pow2", "orca-oracle", "jpaged-sync", "jpaged-window1",
            "jpaged-nochunk", "jpaged-between0", "jpaged-between8", "jpaged-between16",
-           "jpaged-nooverlap", "jpaged-idlearrivals")
+           "jpaged-nooverlap")
 LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "orca-oracle": "Orca-Oracle", "jpaged-sync": "jpaged, async scheduling off",
           "jpaged-window1": "jpaged, one decode step per call",
@@ -42,7 +42,6 @@ LABELS = {"jpaged": "jpaged", "orca-max": "Orca-Max", "orca-pow2": "Orca-Pow2",
           "jpaged-between8": "jpaged, decode windows of 8 between chunks",
           "jpaged-between16": "jpaged, decode windows of 16 between chunks",
           "jpaged-nooverlap": "jpaged, overlap_ragged_updates off",
-          "jpaged-idlearrivals": "jpaged, arrivals into an idle engine hold windows back",
           "hf-generate": "HF generate (static)",
           "hf-generate-batch": "HF generate_batch (continuous)"}
 
@@ -265,8 +264,7 @@ def use_system(engine, system: str, enable_prefix_caching: bool = False,
     # "jpaged-nochunk": chunked prefill off (steps all prefill or all decode;
     # needs a budget >= max_model_len); the others: chunked as the engine was built;
     # "jpaged-between<K>": decode windows of K steps between a long prefill's chunks;
-    # "jpaged-nooverlap": a ragged step does not leave the step before it in flight;
-    # "jpaged-idlearrivals": jpaged (run_poisson counts every arrival: an experiment)
+    # "jpaged-nooverlap": a ragged step does not leave the step before it in flight
     chunked = engine.config.enable_chunked_prefill and system != "jpaged-nochunk"
     window = 1 if system == "jpaged-window1" else max(replicas(engine)[0].runner.window_sizes)
     if decode_window_between_chunks is None:
@@ -375,6 +373,7 @@ def run_offline(engine, requests, params, *, sharing=False, progress=True, desc=
     ids = request_ids or [str(i) for i in range(len(requests))]
     for rid, r, sp in zip(ids, requests, params):
         engine.add_request(rid, None, sp, prompt_token_ids=r.prompt_token_ids)
+    engine.clear_arrivals()  # an offline batch
     probe = Probe(engine, sharing)
     outs = []
     bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
@@ -450,18 +449,13 @@ class HostProfile:
         pathlib.Path(self.path).write_text(text.getvalue())
 
 
-def run_poisson(engine, requests, arrivals, params, *, deadline=None,
-                count_idle_arrivals: bool = False) -> dict:
+def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
     """Requests arrive at `arrivals` (seconds) on a simulated clock that
     advances by each step's measured wall time and jumps over idle gaps.
 
     Normalized latency of a request = (finish - arrival) / output tokens.
     deadline: wall-clock time.perf_counter() value after which no more
     requests are admitted (the run is then marked truncated).
-    count_idle_arrivals: every arrival holds decode windows back for
-    decode_window_idle_s, one into an idle engine too (the engine counts
-    only arrivals into a running batch; system "jpaged-idlearrivals": an
-    experiment on that rule, one engine only).
 
     Besides the percentiles, per finished request in id order: ttft_ms,
     windows_before_first_token (step() calls between its arrival and its
@@ -495,10 +489,6 @@ def run_poisson(engine, requests, arrivals, params, *, deadline=None,
             arrived_at_step[i] = len(step_ends)
             engine.add_request(str(i), None, params[i],
                                prompt_token_ids=requests[i].prompt_token_ids)
-            if count_idle_arrivals:
-                from jpaged.data_parallel import replicas
-                for e in replicas(engine):
-                    e._last_arrival = time.monotonic()
             i += 1
         steps0, decode0 = engine.stats.num_steps, engine.stats.num_decode_steps
         t0 = time.perf_counter()

@@ -37,7 +37,8 @@ def gen():
     mod.load_model = lambda args: dataclasses.replace(real_load_model(args), tokenizer=tok)
     engines = {}
 
-    def load_llm(args, max_num_seqs):
+    def load_llm(args, max_num_seqs, freeze=False):
+        assert not freeze, "main(argv) freezes no heap (a test process builds engines)"
         # NOTE: every test passes the same engine flags (`_flags`), so one
         # engine is the engine each run would build, in the run's scheduling
         # mode (switched on the idle engine: LLMEngine.use_block_manager).

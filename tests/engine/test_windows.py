@@ -179,6 +179,20 @@ def test_windows_wait_while_requests_arrive_into_room(engines):
     before = eng.stats.snapshot()
     outs = llm.generate(prompt_token_ids=few, sampling_params=sp, use_tqdm=False)
     assert eng.stats.num_steps - before["num_steps"] <= 3  # a prefill, two windows
+    # a request arriving into an idle engine counts too (an online stream between
+    # quiet spells), unless its caller declares it an offline batch
+    for offline in (False, True):
+        eng.add_request("alone", None, sp, prompt_token_ids=few[2])
+        if offline:
+            eng.clear_arrivals()
+        before = eng.stats.snapshot()
+        alone = []
+        while eng.has_unfinished_requests():
+            alone += eng.step()
+        calls = eng.stats.num_steps - before["num_steps"]
+        decode = eng.stats.num_decode_steps - before["num_decode_steps"]
+        assert alone[0].outputs[0].token_ids == outs[2].outputs[0].token_ids
+        assert (decode > calls - 1) if offline else (decode == calls - 1)
     # requests arriving while others run: single steps until the arrivals stop
     eng.add_request("first", None, sp, prompt_token_ids=few[0])
     eng.step()  # its prefill: it runs now
