@@ -141,6 +141,7 @@ def test_bench_latency(files):
     script("bench_latency").main(argv)
     res = json.loads(out.read_text())
     header_ok(res, argv)
+    assert res["warmup_requests"] == 16  # (the workload's all: fewer than the default 32)
     assert set(res["systems"]) == {"jpaged", "jpaged-window1", *ORCA}
     for pt in res["systems"]["jpaged-window1"]["points"]:  # one decode step per call
         assert pt["windows_before_first_token"] == [0] * pt["num_finished"]
