@@ -459,7 +459,7 @@ class LLMEngine:
                          ragged=out.is_prefill)
 
     def _must_finish_inflight(self) -> bool:
-        """Whether the in-flight step's results are needed before the next
+        """Whether the in-flight steps' results are needed before the next
         schedule: it could preempt, or every running sequence ends with the
         in-flight tokens (a step run ahead would be all waste)."""
         if not self.scheduler.can_decode_without_preemption():

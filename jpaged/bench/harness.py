@@ -517,7 +517,7 @@ def run_poisson(engine, requests, arrivals, params, *, deadline=None) -> dict:
         j = min(np.searchsorted(monos, first_token[k]), len(step_ends) - 1)
         t_first = step_ends[j][1]
         ttft.append(t_first - arrivals[k])
-        # (the call it arrived before ran one, and the one in flight then counts too)
+        # (from the call before its arrival: the step that call dispatched still ran)
         waited.append(int(sum(windows[max(0, arrived_at_step[k] - 1):j + 1])))
         idle.append(arrived_idle[k])
         calls.append(int(j + 1 - arrived_at_step[k]))
