@@ -101,6 +101,18 @@ def drain(eng, done):
     return done
 
 
+def run_past_one_interrupt(eng, reqs):
+    """Adds reqs and steps until idle; an interrupt (one) is caught and the
+    engine stepped on. Returns {request_id: output}."""
+    add_all(eng, reqs)
+    done = {}
+    try:
+        drain(eng, done)
+    except KeyboardInterrupt:
+        drain(eng, done)
+    return done
+
+
 def run_clean(eng, reqs):
     add_all(eng, reqs)
     return {rid: summary(o) for rid, o in drain(eng, {}).items()}
@@ -237,12 +249,7 @@ def test_lost_kv_pool_is_rebuilt(engines, monkeypatch, exc, async_scheduling, ca
     ref = run_clean(eng, reqs)
     eng.stats.num_failed_steps = 0
     hook = LosePool(monkeypatch, eng.runner, call, 2, exc("injected"))
-    add_all(eng, reqs)
-    done = {}
-    try:
-        drain(eng, done)
-    except KeyboardInterrupt:
-        drain(eng, done)
+    done = run_past_one_interrupt(eng, reqs)
     assert hook.fired
     check_outcome(eng, reqs, ref, done, "model-call", fail_exc=issubclass(exc, Exception))
 
@@ -270,12 +277,7 @@ def test_failure_with_two_steps_in_flight(engines, monkeypatch, exc, point):
             raise exc("injected")
         return real(*args, **kwargs)
     monkeypatch.setattr(target, name, hook)
-    add_all(eng, reqs)
-    done = {}
-    try:
-        drain(eng, done)
-    except KeyboardInterrupt:
-        drain(eng, done)
+    done = run_past_one_interrupt(eng, reqs)
     assert fired, "no step left two in flight"
     check_outcome(eng, reqs, ref, done, point, fail_exc=issubclass(exc, Exception))
 
